@@ -1,0 +1,134 @@
+"""Metric hooks: observers of a run. They evaluate with ``strategy.predict`` and write into ``ctx.results``;
+they never touch the loss, the batch, the model or the optimizer. Any object with methods named after the five
+events (``on_run_start``, ``on_task_start``, ``on_batch_end``, ``on_task_end``, ``on_run_end``) is a hook; hooks
+with state implement ``state_dict`` / ``load_state_dict`` so that a resumed run continues their accumulators.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ctta.data import Dataset, iter_batches
+from ctta.io import atomic_write_json, provenance
+from ctta.metrics import summarize
+from ctta.stream import LabelSpace, Task
+
+
+@torch.no_grad()
+def evaluate(strategy, dataset: Dataset, space: LabelSpace, offset: int = 0, batch_size: int | None = None) -> dict:
+    """Top-1 accuracy of ``strategy.predict`` on ``dataset`` over ``space``; labels are shifted by ``offset``."""
+    correct, total = 0, 0
+    device = strategy.model.device
+    for images, labels, _ in iter_batches(dataset, batch_size or strategy.eval_batch_size):
+        pred = strategy.predict(images.to(device), space).argmax(-1).cpu()
+        correct += int((pred == labels + offset).sum())
+        total += len(labels)
+    if total == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    return {"accuracy": correct / total, "n": total}
+
+
+class AccuracyMatrix:
+    """After each task, evaluates every task of the stream (future ones included) in the stream's scope:
+    row ``t`` of ``R``. Writes ``accuracy_matrix``, ``test_sizes`` and ``metrics`` (see `ctta.metrics.summarize`)."""
+
+    def __init__(self) -> None:
+        self.R: list[list[float]] = []
+        self.sizes: list[int] = []
+
+    def on_task_end(self, ctx) -> None:
+        stream, t = ctx.stream, ctx.task_index
+        row, sizes = [], []
+        for j, task in enumerate(stream.tasks):
+            space, offset = stream.space_for(t, j)
+            r = evaluate(ctx.strategy, task.test, space, offset)
+            row.append(r["accuracy"])
+            sizes.append(r["n"])
+        self.R.append(row)
+        self.sizes = sizes
+        ctx.results["accuracy_matrix"] = self.R
+        ctx.results["test_sizes"] = sizes
+        done = len(self.R)  # square part so far: tasks 0..t trained and evaluated
+        ctx.results["metrics"] = summarize([r[:done] for r in self.R], sizes[:done], stream.scope)
+
+    def state_dict(self) -> dict:
+        return {"R": self.R, "sizes": self.sizes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.R, self.sizes = [list(r) for r in state["R"]], list(state["sizes"])
+
+
+class ZeroShotRetention:
+    """Held-out control tasks the stream never trains on, measured before the run and after every task:
+    ``ratio = acc_t / acc_0`` and ``drop = acc_0 - acc_t`` per control task, and their means."""
+
+    def __init__(self, controls: Sequence[Task]):
+        if not controls:
+            raise ValueError("ZeroShotRetention needs at least one control task")
+        self.controls = list(controls)
+        self.acc0: dict[str, float] = {}
+        self.history: dict[str, list[float]] = {c.name: [] for c in self.controls}
+
+    def _measure(self, ctx) -> dict[str, float]:
+        return {c.name: evaluate(ctx.strategy, c.test, c.space)["accuracy"] for c in self.controls}
+
+    def on_run_start(self, ctx) -> None:
+        if not self.acc0:
+            self.acc0 = self._measure(ctx)
+        self._write(ctx)
+
+    def on_task_end(self, ctx) -> None:
+        for name, acc in self._measure(ctx).items():
+            self.history[name].append(acc)
+        self._write(ctx)
+
+    def _write(self, ctx) -> None:
+        per = {}
+        for name, a0 in self.acc0.items():
+            accs = self.history[name]
+            per[name] = {"acc0": a0, "acc": accs, "ratio": [a / a0 if a0 > 0 else float("nan") for a in accs],
+                         "drop": [a0 - a for a in accs]}
+        out: dict[str, Any] = {"tasks": per}
+        if all(v["acc"] for v in per.values()):
+            out["mean_ratio"] = sum(v["ratio"][-1] for v in per.values()) / len(per)
+            out["mean_drop"] = sum(v["drop"][-1] for v in per.values()) / len(per)
+            out["mean_acc0"] = sum(v["acc0"] for v in per.values()) / len(per)
+            out["mean_acc"] = sum(v["acc"][-1] for v in per.values()) / len(per)
+        ctx.results["retention"] = out
+
+    def state_dict(self) -> dict:
+        return {"acc0": self.acc0, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.acc0, self.history = dict(state["acc0"]), {k: list(v) for k, v in state["history"].items()}
+
+
+class JsonResults:
+    """Writes ``results.json`` (atomically) after every task and at the end, with provenance; at the end also a
+    PNG of the accuracy matrix and per-step accuracy. Place it after the hooks whose results it writes."""
+
+    def __init__(self, filename: str = "results.json", plot: bool = True):
+        self.filename, self.plot = filename, plot
+
+    def _write(self, ctx, final: bool) -> None:
+        if ctx.out_dir is None:
+            return
+        doc = {"finished": final, "stream": {"name": ctx.stream.name, "scope": ctx.stream.scope,
+                                             "tasks": [t.name for t in ctx.stream.tasks]},
+               "strategy": type(ctx.strategy).__qualname__,
+               "provenance": provenance(ctx.model, seed=ctx.seed, config=ctx.config),
+               "tasks_done": ctx.task_index + 1, "skipped_steps": ctx.strategy.skipped_steps,
+               "results": ctx.results}
+        atomic_write_json(Path(ctx.out_dir) / self.filename, doc)
+        if final and self.plot and "accuracy_matrix" in ctx.results:
+            from ctta.plots import plot_results
+            plot_results(ctx.results, Path(ctx.out_dir) / Path(self.filename).with_suffix(".png").name,
+                         title=f"{type(ctx.strategy).__name__} on {ctx.stream.name}")
+
+    def on_task_end(self, ctx) -> None:
+        self._write(ctx, final=False)
+
+    def on_run_end(self, ctx) -> None:
+        self._write(ctx, final=True)

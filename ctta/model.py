@@ -1,0 +1,293 @@
+"""`Clip`: the one shared CLIP model every strategy updates.
+
+Wraps an open_clip network with its tokenizer and normalisation. Images enter as float tensors in [0, 1]
+(`ctta.data` convention) and are normalised here. Text heads (template-averaged class embeddings) are cached
+per prompt set while the text tower's weights are unchanged; the cache keys on the identity and in-place version
+counter of every text parameter, so an optimizer step, a ``load_state_dict`` or a LoRA merge invalidates it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ctta.data import check_images
+from ctta.stream import LabelSpace
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_ARCH = "micro-clip"
+BUILTIN_WEIGHTS = ASSETS / "micro-clip.safetensors"
+_TEXT_CHUNK = 256  # prompts per text-tower forward when building heads
+
+
+def resolve_quick_gelu(arch: str, pretrained: str | None) -> tuple[str, bool]:
+    """Return ``(arch, force_quick_gelu)`` that matches the activation the weights were trained with.
+
+    OpenAI's weights were trained with QuickGELU; open_clip's plain configs (``ViT-B-16``) use GELU and open_clip
+    only warns on the mismatch, which silently costs accuracy. We correct it (to the ``-quickgelu`` config, or by
+    forcing QuickGELU) and refuse the opposite mismatch, which cannot be corrected by the weights' owner.
+    """
+    if pretrained is None or _is_path(pretrained):
+        return arch, False
+    tag_qg = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+    cfg = open_clip.get_model_config(arch) or {}
+    model_qg = bool(cfg.get("quick_gelu", False))
+    if tag_qg and not model_qg:
+        alt = f"{arch}-quickgelu"
+        if alt in open_clip.list_models():
+            warnings.warn(f"weights {arch}/{pretrained} were trained with QuickGELU: using config {alt!r}")
+            return alt, False
+        warnings.warn(f"weights {arch}/{pretrained} were trained with QuickGELU: forcing QuickGELU")
+        return arch, True
+    if model_qg and not tag_qg and open_clip.get_pretrained_cfg(arch, pretrained):
+        raise ValueError(f"config {arch!r} uses QuickGELU but weights {pretrained!r} were trained with GELU; "
+                         f"use {arch.removesuffix('-quickgelu')!r}")
+    return arch, False
+
+
+def _is_path(p: str | Path) -> bool:
+    return isinstance(p, Path) or "/" in str(p) or str(p).endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def register_builtin() -> None:
+    """Make the embedded micro-CLIP config known to open_clip (idempotent)."""
+    if BUILTIN_ARCH not in open_clip.list_models():
+        open_clip.add_model_config(ASSETS / f"{BUILTIN_ARCH}.json")
+
+
+class Clip(nn.Module):
+    """An open_clip network plus tokenizer, normalisation and a text-head cache."""
+
+    def __init__(self, net: nn.Module, tokenizer: Callable, *, mean: Sequence[float], std: Sequence[float],
+                 source: dict | None = None):
+        super().__init__()
+        self.net = net
+        self.tokenizer = tokenizer
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        size = net.visual.image_size
+        self.image_size: int = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.source = dict(source or {})
+        self._text = net.text if hasattr(net, "text") else net  # standard CLIP keeps text parts on net itself
+        self._head_cache: dict[tuple, Tensor] = {}
+        self._head_key: tuple | None = None
+        self._tokens: dict[str, Tensor] = {}
+
+    # ----------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, arch: str, pretrained: str | Path | None, *, device: str | torch.device = "cpu",
+                        quick_gelu: bool | None = None) -> "Clip":
+        """Any open_clip architecture with a pretrained tag (downloaded by open_clip), a local checkpoint path,
+        or ``None`` for random weights. ``("micro-clip", "builtin")`` is the embedded default."""
+        if arch == BUILTIN_ARCH:
+            register_builtin()
+            if pretrained == "builtin":
+                if not BUILTIN_WEIGHTS.exists():
+                    raise FileNotFoundError(f"embedded weights missing at {BUILTIN_WEIGHTS}; rebuild them with "
+                                            "`python scripts/pretrain_micro.py`")
+                pretrained = BUILTIN_WEIGHTS
+        if pretrained is not None and _is_path(pretrained) and not Path(pretrained).exists():
+            raise FileNotFoundError(f"checkpoint {pretrained} does not exist")
+        arch2, force = resolve_quick_gelu(arch, None if pretrained is None else str(pretrained))
+        force = force or bool(quick_gelu)
+        with warnings.catch_warnings():  # our own guard above has already handled QuickGELU
+            warnings.filterwarnings("ignore", message=".*QuickGELU.*")
+            net = open_clip.create_model(arch2, pretrained=None if pretrained is None else str(pretrained),
+                                         device=device, force_quick_gelu=force)
+        source = {"arch": arch2, "pretrained": None if pretrained is None else str(pretrained),
+                  "quick_gelu": force or bool((open_clip.get_model_config(arch2) or {}).get("quick_gelu"))}
+        if pretrained is not None and _is_path(pretrained):
+            source["checkpoint_sha256"] = file_sha256(pretrained)
+        if pretrained is not None and not _is_path(pretrained):
+            pcfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
+        else:
+            pcfg = {}
+        mean = pcfg.get("mean", getattr(net.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+        std = pcfg.get("std", getattr(net.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+        return cls(net.eval(), open_clip.get_tokenizer(arch2), mean=mean, std=std, source=source).to(device)
+
+    @classmethod
+    def from_config(cls, config: dict, *, name: str = "custom", checkpoint: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> "Clip":
+        """Build from an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
+        missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(config)
+        if missing:
+            raise ValueError(f"open_clip model config lacks {sorted(missing)}")
+        open_clip.factory._MODEL_CONFIGS[name] = json.loads(json.dumps(config))  # the registry open_clip reads
+        return cls.from_pretrained(name, checkpoint, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def provenance(self) -> dict:
+        return dict(self.source)
+
+    # ----------------------------------------------------------------------------------------- image side
+    def normalize(self, images: Tensor) -> Tensor:
+        check_images(images)
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"images must be {self.image_size}x{self.image_size} for this model, got "
+                             f"{tuple(images.shape[-2:])}; resize them (Clip.preprocess does it for PIL images)")
+        return (images.to(self.device, torch.float32) - self.mean) / self.std
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """L2-normalised image features ``[B, D]`` of images in [0, 1]."""
+        return F.normalize(self.net.encode_image(self.normalize(images)).float(), dim=-1)
+
+    def preprocess(self, image) -> Tensor:
+        """A PIL image (or ``[3, H, W]`` tensor in [0, 1]) to the model's eval input: resize + centre crop."""
+        from torchvision.transforms import v2 as T
+        tf = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                        T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                        T.CenterCrop(self.image_size)])
+        if hasattr(image, "convert"):
+            image = image.convert("RGB")
+        return tf(image).clamp_(0, 1)
+
+    # ----------------------------------------------------------------------------------------- text side
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self._text.token_embedding
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Token ids ``[N, context_length]`` (memoised per string: prompts repeat across heads and steps)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._tokens]
+        if missing:
+            for t, row in zip(missing, self.tokenizer(missing)):
+                self._tokens[t] = row
+        return torch.stack([self._tokens[t] for t in texts]).to(self.device)
+
+    def eot_positions(self, tokens: Tensor) -> Tensor:
+        """Position of the pooled token of each row (the end-of-text token for CLIP's argmax pooling)."""
+        pool = getattr(self._text, "text_pool_type", getattr(self._text, "pool_type", "argmax"))
+        if pool == "argmax":
+            return tokens.argmax(dim=-1)
+        if pool == "eos":
+            eos = getattr(self._text, "text_eos_id", getattr(self._text, "eos_id", None))
+            return (tokens == eos).int().argmax(dim=-1)
+        raise NotImplementedError(f"text pooling {pool!r} is not supported by the trimmed text forward")
+
+    def text_forward(self, embeddings: Tensor, eot: Tensor) -> Tensor:
+        """Run the text transformer on token embeddings ``[N, L, W]`` (``L`` ≤ context length) and pool at
+        ``eot``. CLIP's text tower is causally masked, so positions after the end-of-text token cannot influence
+        the pooled feature: running on the first ``L`` positions is exact (padding trimmed). L2-normalised."""
+        t = self._text
+        if getattr(t, "cls_emb", None) is not None:
+            raise NotImplementedError("text towers with a CLS embedding (CoCa) are not supported")
+        L = embeddings.shape[1]
+        cast = t.transformer.get_cast_dtype()
+        x = embeddings.to(cast) + t.positional_embedding[:L].to(cast)
+        x = t.transformer(x, attn_mask=t.attn_mask[:L, :L])
+        x = t.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        proj = t.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)
+
+    def encode_text(self, texts: Sequence[str], *, trim: bool = True) -> Tensor:
+        """L2-normalised text features ``[N, D]`` (gradients flow if the text tower is trainable)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tokens = self.tokenize(texts)
+        eot = self.eot_positions(tokens)
+        if trim:
+            tokens = tokens[:, : int(eot.max()) + 1]
+        return self.text_forward(self.token_embedding(tokens), eot)
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.net.named_parameters() if not n.startswith("visual.") and "logit_" not in n]
+
+    def _text_version(self) -> tuple:
+        return tuple((id(p), p._version) for p in self.text_parameters())
+
+    def invalidate_text_cache(self) -> None:
+        self._head_cache.clear()
+
+    @torch.no_grad()
+    def text_head(self, space: LabelSpace) -> Tensor:
+        """Class embeddings ``[C, D]``: per class, the normalised mean of its normalised template embeddings.
+        Cached per (class name, templates) while the text tower's weights are unchanged."""
+        key = self._text_version()
+        if key != self._head_key:
+            self._head_cache.clear()
+            self._head_key = key
+        keys = list(zip(space.classnames, space.class_templates))
+        todo = [k for k in dict.fromkeys(keys) if k not in self._head_cache]
+        if todo:
+            prompts = [t.replace("{}", c) for c, temps in todo for t in temps]
+            was_training = self.net.training
+            self.net.eval()
+            feats = torch.cat([self.encode_text(prompts[i:i + _TEXT_CHUNK])
+                               for i in range(0, len(prompts), _TEXT_CHUNK)])
+            self.net.train(was_training)
+            i = 0
+            for k in todo:
+                n = len(k[1])
+                self._head_cache[k] = F.normalize(feats[i:i + n].mean(0), dim=-1)
+                i += n
+        return torch.stack([self._head_cache[k] for k in keys])
+
+    # ----------------------------------------------------------------------------------------- scoring
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.net.logit_scale.exp()
+
+    def logits(self, image_features: Tensor, head: Tensor) -> Tensor:
+        """``exp(logit_scale) · image_features @ head.T`` (+ logit_bias for SigLIP-style models)."""
+        out = self.logit_scale * image_features @ head.t()
+        bias = getattr(self.net, "logit_bias", None)
+        return out + bias if bias is not None else out
+
+    # ----------------------------------------------------------------------------------------- training state
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def unfreeze(self, select: Callable[[str, nn.Parameter], bool] | str | Iterable[str] = "") -> list[nn.Parameter]:
+        """Make parameters trainable: all (``""``), those whose name starts with a prefix (or one of several),
+        or those for which ``select(name, param)`` is true. ``logit_scale`` stays frozen unless named."""
+        if callable(select):
+            pred = select
+        else:
+            prefixes = (select,) if isinstance(select, str) else tuple(select)
+            pred = lambda n, p: n.startswith(prefixes) and (  # noqa: E731
+                "logit_" not in n or any("logit_" in q for q in prefixes))
+        chosen = []
+        for n, p in self.net.named_parameters():
+            if pred(n, p):
+                p.requires_grad_(True)
+                chosen.append(p)
+        if not chosen:
+            raise ValueError(f"unfreeze selected no parameters (select={select!r})")
+        return chosen
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """A detached copy of every trainable parameter (never aliases the live weights)."""
+        return {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Copy a snapshot back in place (the snapshot stays untouched, so it can be restored again)."""
+        params = dict(self.net.named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"snapshot has parameters the model lacks: {unknown[:5]}")
+        for n, v in state.items():
+            params[n].copy_(v)

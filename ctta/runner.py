@@ -1,0 +1,139 @@
+"""`run()`: the task-stream loop, readable top to bottom.
+
+Per task: seed → hooks.on_task_start → strategy.begin_task (revealed boundaries only) → strategy.learn over the
+task's training batches → strategy.end_task → hooks.on_task_end (evaluation) → checkpoint. Re-running with the same
+``out_dir`` resumes after the last finished task; because every task re-seeds from ``seed + task index``, a resumed
+run ends with exactly the results of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ctta.data import iter_batches
+from ctta.io import atomic_torch_save, safe_torch_load
+from ctta.model import Clip
+from ctta.strategy import Strategy
+from ctta.stream import Task, TaskStream
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunContext:
+    """What hooks see. Hooks read it and write only into ``results``."""
+
+    model: Clip
+    strategy: Strategy
+    stream: TaskStream
+    out_dir: Path | None = None
+    seed: int = 0
+    config: Any = None
+    results: dict[str, Any] = field(default_factory=dict)
+    task_index: int = -1
+    task: Task | None = None
+    resumed: bool = False
+    last_stats: dict[str, float] = field(default_factory=dict)
+
+
+def call(hooks: Sequence[Any], event: str, ctx: RunContext) -> None:
+    """Duck-typed dispatch: every hook with a method named ``event`` is called, in order."""
+    for h in hooks:
+        fn = getattr(h, event, None)
+        if fn is not None:
+            fn(ctx)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
+        out_dir: str | Path | None = None, seed: int = 0, config: Any = None, progress: bool | None = None) -> dict:
+    """Run a task stream through a strategy; returns the results dict the hooks filled."""
+    ctx = RunContext(model, strategy, stream, Path(out_dir) if out_dir else None, seed, config)
+    seed_everything(seed)
+    strategy.setup(model)
+    start = _resume(ctx, hooks) if ctx.out_dir else 0
+    ctx.task_index = start - 1
+    call(hooks, "on_run_start", ctx)
+    for t in range(start, len(stream)):
+        task = stream.tasks[t]
+        ctx.task_index, ctx.task = t, task
+        seed_everything(seed + 1000 * (t + 1))
+        space, offset = stream.train_space(t)
+        call(hooks, "on_task_start", ctx)
+        if task.boundary:
+            strategy.begin_task(task, space)
+        if strategy.learns and task.train is not None and len(task.train) > 0:
+            _train(ctx, hooks, task, space, offset, progress)
+        strategy.end_task(task, space)
+        call(hooks, "on_task_end", ctx)
+        if ctx.out_dir:
+            _save(ctx, hooks, next_task=t + 1)
+    call(hooks, "on_run_end", ctx)
+    return ctx.results
+
+
+def _train(ctx: RunContext, hooks, task: Task, space, offset: int, progress: bool | None) -> None:
+    """Feed the task's training data: ``strategy.iterations`` steps if set (cycling), else ``epochs`` passes."""
+    s = ctx.strategy
+    gen = torch.Generator().manual_seed(ctx.seed + 7919 * (ctx.task_index + 1))
+    n_batches = -(-len(task.train) // s.batch_size)
+    total = s.iterations if s.iterations is not None else s.epochs * n_batches
+    bar = tqdm(total=total, desc=f"train {task.name}", disable=not progress if progress is not None else None,
+               leave=False)
+    done = 0
+    while done < total:
+        for images, labels, _ in iter_batches(task.train, s.batch_size, shuffle=True, generator=gen):
+            ctx.last_stats = s.learn(images.to(ctx.model.device), labels.to(ctx.model.device) + offset, space)
+            call(hooks, "on_batch_end", ctx)
+            done += 1
+            bar.update(1)
+            if done >= total:
+                break
+    bar.close()
+
+
+def _fingerprint(ctx: RunContext) -> dict:
+    return {"stream": ctx.stream.name, "tasks": [t.name for t in ctx.stream.tasks],
+            "strategy": type(ctx.strategy).__qualname__, "seed": ctx.seed}
+
+
+def _save(ctx: RunContext, hooks, next_task: int) -> None:
+    atomic_torch_save(ctx.out_dir / CHECKPOINT, {
+        "next_task": next_task,
+        "fingerprint": _fingerprint(ctx),
+        "model": ctx.model.net.state_dict(),
+        "strategy": ctx.strategy.state_dict(),
+        "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+        "results": ctx.results,
+    })
+
+
+def _resume(ctx: RunContext, hooks) -> int:
+    path = ctx.out_dir / CHECKPOINT
+    if not path.exists():
+        return 0
+    ck = safe_torch_load(path, map_location=ctx.model.device)
+    if ck["fingerprint"] != _fingerprint(ctx):
+        raise ValueError(f"{path} belongs to a different run ({ck['fingerprint']}); "
+                         f"this run is {_fingerprint(ctx)}. Use another output directory.")
+    if len(ck["hooks"]) != len(hooks):
+        raise ValueError(f"{path} was written with {len(ck['hooks'])} hooks, this run has {len(hooks)}")
+    ctx.model.net.load_state_dict(ck["model"])
+    ctx.strategy.load_state_dict(ck["strategy"])
+    for h, state in zip(hooks, ck["hooks"]):
+        if state is not None:
+            h.load_state_dict(state)
+    ctx.results.update(ck["results"])
+    ctx.resumed = True
+    return int(ck["next_task"])

@@ -1,0 +1,71 @@
+"""Naive fine-tuning: the lower bound every continual method is measured against.
+
+Trains the whole CLIP (or chosen parameter groups) with cross-entropy on the current task, AdamW and a cosine
+schedule with warm-up, as ZSCL's "Continual FT" baseline (Thunderbeee/ZSCL ``mtil/src/models/finetune.py``):
+logits ``exp(logit_scale)·f(x)·g(prompts)^T`` over the training label space (all seen classes in a
+class-incremental stream), prompts from each class's first template, the text tower trained too when selected.
+The optimizer and schedule are rebuilt at each task, as the reference does.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctta.model import Clip
+from ctta.optim import cosine_with_warmup, steps_per_task
+from ctta.stream import LabelSpace, Task
+from ctta.strategy import Strategy
+
+
+def class_prompts(space: LabelSpace) -> list[str]:
+    """One training prompt per class: its first template (ZSCL trains with ``templates[0]``)."""
+    return [space.class_templates[i][0].replace("{}", c) for i, c in enumerate(space.classnames)]
+
+
+class Finetune(Strategy):
+    """Full or partial fine-tuning with cross-entropy. ``params``: parameter-name prefixes to train
+    (``""`` = everything but ``logit_scale``; e.g. ``["visual."]`` for the image tower only)."""
+
+    def __init__(self, params: str | Iterable[str] = "", *, lr: float = 1e-5, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup: int = 0, label_smoothing: float = 0.0,
+                 batch_size: int = 64, epochs: int = 1, iterations: int | None = None, grad_clip: float | None = None,
+                 amp: bool = False):
+        super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
+        self.params = params if isinstance(params, str) else tuple(params)
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup, self.label_smoothing = warmup, label_smoothing
+        self._trainable: list[torch.nn.Parameter] = []
+
+    def setup(self, model: Clip) -> None:
+        super().setup(model)
+        self._trainable = model.unfreeze(self.params)
+        self._text_trainable = any(p.requires_grad for p in model.text_parameters())
+        self._build_optimizer(1)
+
+    def _build_optimizer(self, total_steps: int) -> None:
+        self.optimizer = torch.optim.AdamW(self._trainable, lr=self.lr, betas=self.betas,
+                                           weight_decay=self.weight_decay)
+        self.scheduler = cosine_with_warmup(self.optimizer, total_steps, self.warmup)
+
+    def begin_task(self, task: Task, space: LabelSpace) -> None:
+        n = len(task.train) if task.train is not None else 0
+        self._build_optimizer(max(1, steps_per_task(n, self.batch_size, self.epochs, self.iterations)))
+
+    def class_features(self, space: LabelSpace) -> Tensor:
+        m = self._model()
+        if self._text_trainable:
+            return m.encode_text(class_prompts(space))  # with grad: the text tower learns too
+        return m.text_head(space)
+
+    def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
+        m = self._model()
+        m.train()
+        with self.autocast():
+            logits = m.logits(m.encode_image(images), self.class_features(space))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        self.step(loss)
+        m.eval()
+        return {"loss": float(loss.detach())}

@@ -1,0 +1,31 @@
+"""Zero-shot CLIP: the Continual-CLIP baseline.
+
+Paper: Thengane et al., "CLIP model is an Efficient Continual Learner" (2022); reference code
+vgthengane/Continual-CLIP. Frozen CLIP, no training; at each step the text classifier holds every class of the
+evaluation space (all seen classes in class-incremental streams). With ``templates`` given, they replace the label
+space's own (e.g. Continual-CLIP's "a bad photo of a {}." for CIFAR-100, or a template ensemble: the class embedding
+is then the normalised mean of the normalised template embeddings, as in CLIP).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ctta.stream import LabelSpace
+from ctta.strategy import Strategy
+
+
+class ZeroShot(Strategy):
+    learns = False
+
+    def __init__(self, templates: Sequence[str] | None = None, *, eval_batch_size: int = 256):
+        super().__init__(eval_batch_size=eval_batch_size)
+        self.templates = tuple(templates) if templates is not None else None
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, space: LabelSpace) -> Tensor:
+        if self.templates is not None:
+            space = space.with_templates(self.templates)
+        return super().predict(images, space)

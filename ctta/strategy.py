@@ -1,0 +1,129 @@
+"""The `Strategy` base class: every learning decision lives in a strategy.
+
+The runner calls, per task: ``begin_task`` (only when the boundary is revealed), ``learn`` on batches of the
+task's training data, ``end_task``; hooks evaluate with ``predict``, which has no side effects. Sample streams call
+``adapt`` (no labels ever reach it). Subclasses override what they need; the defaults are a frozen zero-shot CLIP.
+
+All parameter updates go through `step`, the one place where backward, gradient clipping, the optimizer and the
+scheduler run, so that a non-finite loss or gradient is skipped and counted without touching the model.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ctta.model import Clip
+from ctta.stream import LabelSpace, Task
+
+
+class Strategy:
+    """Base strategy: frozen CLIP, predictions by cosine similarity to the class text head."""
+
+    learns: bool = True  # does the runner feed this strategy training data?
+
+    def __init__(self, *, batch_size: int = 64, epochs: int = 1, iterations: int | None = None,
+                 eval_batch_size: int = 256, grad_clip: float | None = None, amp: bool = False):
+        if batch_size <= 0 or epochs < 0 or (iterations is not None and iterations < 0):
+            raise ValueError(f"bad schedule: batch_size={batch_size}, epochs={epochs}, iterations={iterations}")
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.iterations = iterations  # if set: exactly this many steps per task, cycling the data
+        self.eval_batch_size = eval_batch_size
+        self.grad_clip = grad_clip
+        self.amp = amp  # bf16 autocast on CUDA (no loss scaling needed); ignored on CPU
+        self.model: Clip | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.skipped_steps = 0
+        self.steps = 0
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+    def setup(self, model: Clip) -> None:
+        """Attach to the model: freeze, inject adapters, build the optimizer."""
+        self.model = model
+        model.freeze()
+
+    def begin_task(self, task: Task, space: LabelSpace) -> None:
+        """A revealed task boundary; ``space`` is the label space the task is trained over."""
+
+    def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
+        """One supervised step on a batch whose labels index ``space``."""
+        raise NotImplementedError(f"{type(self).__name__} does not learn from labelled data")
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, space: LabelSpace) -> Tensor:
+        """Logits ``[B, len(space)]``; pure (no state changes)."""
+        m = self._model()
+        was = m.training
+        m.eval()
+        out = m.logits(m.encode_image(images), m.text_head(space))
+        m.train(was)
+        return out
+
+    def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:
+        """Unlabelled test-time step: returns logits and may update the strategy. Default: predict only."""
+        return self.predict(images, space)
+
+    def end_task(self, task: Task, space: LabelSpace) -> None:
+        """After training a task (merge adapters, fuse weights, store statistics...)."""
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the strategy owns (the model's weights are saved by the runner)."""
+        return {
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "skipped_steps": self.skipped_steps,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.steps = int(state.get("steps", 0))
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _model(self) -> Clip:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}.setup(model) has not been called")
+        return self.model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        m = self._model()
+        if self.amp and m.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, loss: Tensor) -> bool:
+        """Backward + optimizer step. A non-finite loss or gradient norm skips the update (counted in
+        ``skipped_steps``) and leaves parameters and optimizer state untouched. Returns whether it stepped."""
+        opt = self.optimizer
+        if opt is None:
+            raise RuntimeError(f"{type(self).__name__} has no optimizer; build one in setup()")
+        if not torch.isfinite(loss.detach()).all():
+            opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return False
+        loss.backward()
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(norm):
+                opt.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                return False
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grads_with_norm_(
+                    [p for g in opt.param_groups for p in g["params"] if p.grad is not None], self.grad_clip, norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        return True
