@@ -43,13 +43,18 @@ def last_accuracy(step_accuracies: Sequence[float]) -> float:
     return float(np.asarray(step_accuracies, dtype=np.float64)[-1])
 
 
-def forgetting(R) -> float:
-    """Chaudhry et al. 2018 (continuum ``forgetting``): mean over the first T-1 tasks of the largest drop from any
-    earlier row (from the task's own row on) to the last row. 0 for a single task."""
+def forgetting(R, *, continuum_quirk: bool = False) -> float:
+    """Chaudhry et al. 2018, eq. 3: mean over the first T-1 tasks of the largest drop from any earlier row (from the
+    task's own row to row T-2) to the last row. 0 for a single task.
+
+    ``continuum_quirk=True`` reproduces continuum's code (commit 265a985, ``metrics.forgetting``), which skips task
+    T-2 and row T-2 but still divides by T-1 — use it only to compare with logs produced by that code."""
     R = _matrix(R)
     T = R.shape[0]
     if T == 1:
         return 0.0
+    if continuum_quirk:
+        return float(sum((R[j : T - 2, j]).max() - R[T - 1, j] for j in range(T - 2)) / (T - 1))
     return float(np.mean([(R[j : T - 1, j] - R[T - 1, j]).max() for j in range(T - 1)]))
 
 
@@ -62,14 +67,18 @@ def bwt(R) -> float:
     return float(np.mean([R[T - 1, j] - R[j, j] for j in range(T - 1)]))
 
 
-def bwt_all_pairs(R) -> float:
-    """Continuum's ``backward_transfer`` (Díaz-Rodríguez et al. 2018), the "bwt" field of RAPF / MoE-Adapters logs:
-    the mean of ``R[i][j] - R[j][j]`` over all pairs ``j < i``. Not GEM's BWT."""
+def bwt_all_pairs(R, *, continuum_quirk: bool = False) -> float:
+    """The all-pairs backward transfer of Díaz-Rodríguez et al. 2018 used by continuum's ``backward_transfer`` (the
+    "bwt" field of RAPF / MoE-Adapters logs): ``2/(T(T-1)) Σ_{j<i} (R[i][j] - R[j][j])``. Not GEM's BWT.
+
+    ``continuum_quirk=True`` reproduces continuum's code (commit 265a985), whose inner loop stops at ``j < i-1``
+    (the pair (i, i-1) is skipped) while the divisor stays ``T(T-1)/2``."""
     R = _matrix(R)
     T = R.shape[0]
     if T == 1:
         return 0.0
-    return float(sum(R[i, j] - R[j, j] for i in range(1, T) for j in range(i)) * 2 / (T * (T - 1)))
+    stop = 1 if continuum_quirk else 0
+    return float(sum(R[i, j] - R[j, j] for i in range(1, T) for j in range(i - stop)) * 2 / (T * (T - 1)))
 
 
 def forward_transfer(R) -> float:

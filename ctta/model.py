@@ -36,9 +36,10 @@ def resolve_quick_gelu(arch: str, pretrained: str | None) -> tuple[str, bool]:
     """
     if pretrained is None or _is_path(pretrained):
         return arch, False
-    tag_qg = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
-    cfg = open_clip.get_model_config(arch) or {}
-    model_qg = bool(cfg.get("quick_gelu", False))
+    tag_cfg = (open_clip.get_pretrained_cfg(arch, pretrained)
+               or open_clip.get_pretrained_cfg(arch.removesuffix("-quickgelu"), pretrained))
+    tag_qg = bool(tag_cfg.get("quick_gelu", False))
+    model_qg = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
     if tag_qg and not model_qg:
         alt = f"{arch}-quickgelu"
         if alt in open_clip.list_models():
@@ -46,7 +47,7 @@ def resolve_quick_gelu(arch: str, pretrained: str | None) -> tuple[str, bool]:
             return alt, False
         warnings.warn(f"weights {arch}/{pretrained} were trained with QuickGELU: forcing QuickGELU")
         return arch, True
-    if model_qg and not tag_qg and open_clip.get_pretrained_cfg(arch, pretrained):
+    if model_qg and not tag_qg and tag_cfg:
         raise ValueError(f"config {arch!r} uses QuickGELU but weights {pretrained!r} were trained with GELU; "
                          f"use {arch.removesuffix('-quickgelu')!r}")
     return arch, False
@@ -87,6 +88,7 @@ class Clip(nn.Module):
         self._head_cache: dict[tuple, Tensor] = {}
         self._head_key: tuple | None = None
         self._tokens: dict[str, Tensor] = {}
+        self.freeze()  # nothing trains until a strategy says so
 
     # ----------------------------------------------------------------------------------------- construction
     @classmethod

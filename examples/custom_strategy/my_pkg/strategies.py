@@ -1,0 +1,23 @@
+"""A user's own strategy, plugged in without touching ctta: train only the image tower's LayerNorms."""
+import torch
+import torch.nn.functional as F
+
+from ctta import Strategy
+
+
+class NormTuning(Strategy):
+    def __init__(self, lr: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.lr = lr
+
+    def setup(self, model):
+        super().setup(model)  # freezes everything
+        params = model.unfreeze(lambda name, p: name.startswith("visual.") and ".ln_" in name)
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr)
+
+    def learn(self, images, labels, space):
+        m = self.model
+        logits = m.logits(m.encode_image(images), m.text_head(space))  # text tower frozen: cached head
+        loss = F.cross_entropy(logits, labels)
+        self.step(loss)  # guarded backward/step: a NaN loss is skipped and counted
+        return {"loss": loss.item()}

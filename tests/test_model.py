@@ -1,0 +1,112 @@
+"""`Clip`: trimmed text forward, text-head cache, snapshots, the QuickGELU guard, input validation, loading."""
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ctta import Clip, LabelSpace
+from ctta.model import resolve_quick_gelu
+from tests.conftest import TINY_CONFIG, make_tiny_clip
+
+
+def test_trimmed_text_forward_equals_full_context(tiny_clip):
+    texts = ["a photo of a dog.", "a cat", "an outline of a small red star on a striped background"]
+    full = F.normalize(tiny_clip.net.encode_text(tiny_clip.tokenize(texts)).float(), dim=-1)
+    torch.testing.assert_close(tiny_clip.encode_text(texts), full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tiny_clip.encode_text(texts, trim=False), full, atol=1e-6, rtol=1e-5)
+
+
+def test_text_head_is_template_average(tiny_clip):
+    space = LabelSpace(["dog", "cat"], ["a {}.", "a photo of a {}."])
+    per = tiny_clip.encode_text(["a dog.", "a photo of a dog.", "a cat.", "a photo of a cat."]).view(2, 2, -1)
+    torch.testing.assert_close(tiny_clip.text_head(space), F.normalize(per.mean(1), dim=-1))
+
+
+def test_text_head_cache_invalidated_after_text_update(tiny_clip):
+    space = LabelSpace(["dog", "cat"])
+    h1 = tiny_clip.text_head(space)
+    assert tiny_clip.text_head(space) is not h1 and torch.equal(tiny_clip.text_head(space), h1)  # cached rows
+    calls = []
+    orig = tiny_clip.text_forward
+    tiny_clip.text_forward = lambda *a: calls.append(1) or orig(*a)
+    tiny_clip.text_head(space)
+    assert not calls  # served from cache
+    # an optimizer step on the text tower must invalidate it
+    params = tiny_clip.unfreeze("transformer.")
+    opt = torch.optim.SGD(params, lr=1.0)
+    tiny_clip.encode_text(["a dog"]).sum().backward()
+    opt.step()
+    h2 = tiny_clip.text_head(space)
+    assert calls and not torch.allclose(h1, h2)
+    # a visual update does not invalidate it
+    calls.clear()
+    with torch.no_grad():
+        tiny_clip.net.visual.conv1.weight.add_(1.0)
+    tiny_clip.text_head(space)
+    assert not calls
+
+
+def test_snapshot_restore_never_aliases(tiny_clip):
+    tiny_clip.unfreeze("visual.")
+    anchor = tiny_clip.trainable_state()
+    x = torch.rand(3, 3, 16, 16)
+    before = tiny_clip.encode_image(x)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in tiny_clip.net.visual.parameters():
+                p.add_(0.1)
+        assert not torch.allclose(tiny_clip.encode_image(x), before)
+        tiny_clip.load_trainable_state(anchor)
+        torch.testing.assert_close(tiny_clip.encode_image(x), before, atol=0, rtol=0)
+    # the anchor's tensors are not the live parameters
+    live = dict(tiny_clip.net.named_parameters())
+    assert all(v.data_ptr() != live[k].data_ptr() for k, v in anchor.items())
+    with pytest.raises(KeyError, match="lacks"):
+        tiny_clip.load_trainable_state({"nope": torch.zeros(1)})
+
+
+def test_quick_gelu_guard():
+    # OpenAI weights were trained with QuickGELU: the plain config is corrected, never silently used
+    with pytest.warns(UserWarning, match="QuickGELU"):
+        assert resolve_quick_gelu("ViT-B-16", "openai") == ("ViT-B-16-quickgelu", False)
+    # a QuickGELU config with GELU-trained weights is refused
+    with pytest.raises(ValueError, match="trained with GELU"):
+        resolve_quick_gelu("ViT-B-16-quickgelu", "laion2b_s34b_b88k")
+    assert resolve_quick_gelu("ViT-B-16", "laion2b_s34b_b88k") == ("ViT-B-16", False)
+    assert resolve_quick_gelu("ViT-B-16", None) == ("ViT-B-16", False)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (torch.rand(3, 16, 16), ValueError, "rank 3"),
+    (torch.rand(2, 1, 16, 16), ValueError, "3 channels"),
+    ((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), TypeError, "uint8"),
+    (torch.full((2, 3, 16, 16), float("nan")), ValueError, "non-finite"),
+    (torch.rand(0, 3, 16, 16), ValueError, "empty"),
+    (torch.rand(1, 3, 20, 20), ValueError, "16x16"),
+])
+def test_bad_images_get_clear_errors(tiny_clip, bad, err, match):
+    with pytest.raises(err, match=match):
+        tiny_clip.encode_image(bad)
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    src = make_tiny_clip(seed=3)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in src.net.state_dict().items()}, str(path))
+    loaded = Clip.from_config(TINY_CONFIG, name="tiny-test", checkpoint=path)
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.encode_image(x), src.encode_image(x))
+    assert loaded.provenance()["checkpoint_sha256"] and loaded.provenance()["pretrained"] == str(path)
+    with pytest.raises(FileNotFoundError):
+        Clip.from_config(TINY_CONFIG, name="tiny-test", checkpoint=tmp_path / "missing.safetensors")
+
+
+def test_unfreeze_selection(tiny_clip):
+    ps = tiny_clip.unfreeze("visual.")
+    assert ps and all(p.requires_grad for p in ps)
+    assert not tiny_clip.net.logit_scale.requires_grad
+    tiny_clip.freeze()
+    tiny_clip.unfreeze("")
+    assert not tiny_clip.net.logit_scale.requires_grad
+    with pytest.raises(ValueError, match="selected no parameters"):
+        tiny_clip.unfreeze("nonexistent.")
