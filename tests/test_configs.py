@@ -89,17 +89,18 @@ def test_unknown_choice_is_a_clear_error():
         _compose(["strategy=does_not_exist"])
 
 
-def _cli(args: list[str], tmp_path: Path, extra_path: str = "") -> subprocess.CompletedProcess:
+def _cli(overrides: list[str], tmp_path: Path, extra_path: str = "", flags: tuple[str, ...] = ()):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), extra_path])), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), f"out_dir={tmp_path}",
+    # hydra's flags (-cd ...) go before the overrides
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), *flags, f"out_dir={tmp_path}",
                            "stream.n_tasks=2", "stream.train_per_class=2", "stream.test_per_class=2",
-                           "hooks.retention.controls.n=20", "progress=false", *args],
+                           "hooks.retention.controls.n=20", "progress=false", *overrides],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
 
 def test_cli_runs_end_to_end_and_user_strategy_plugs_in(tmp_path):
     example = ROOT / "examples" / "custom_strategy"
-    r = _cli(["-cd", str(example / "my_configs"), "strategy=norm_tuning"], tmp_path, str(example))
+    r = _cli(["strategy=norm_tuning"], tmp_path, str(example), flags=("-cd", str(example / "my_configs")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "NormTuning on world-cil2" in r.stdout and "zero-shot retention" in r.stdout
     assert (tmp_path / "results.json").exists() and (tmp_path / "checkpoint.pt").exists()

@@ -1,0 +1,120 @@
+"""CIFAR-100 class-incremental recipes (Continual-CLIP, RAPF, MoE-Adapters protocol).
+
+Reads the python pickles ``<root>/cifar-100-python/{train,test,meta}`` (dict keys ``b'data'`` uint8 ``[N, 3072]``
+channel-major, ``b'fine_labels'``; meta ``b'fine_label_names'``). Class names are CIFAR's raw names with underscores
+kept ("aquarium_fish"), as Continual-CLIP and RAPF use them. The protocol splits the 100 classes in a fixed order —
+the seed-1993 order (87, 0, 52, 58, ...) by default, or RAPF's own order file (``order="rapf"``) — into B0-IncN or
+Bx-IncN tasks, evaluated over all seen classes (continuum's sample-weighted accuracy).
+
+Images are 32x32; ``image_size`` resizes them (bicubic) for the model — 224 for ViT-B/16, 32 for the micro-CLIP.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ctta.stream import LabelSpace, TaskStream, class_incremental, class_order
+from streams.images import TensorImages
+from streams.manifest import DatasetError, Level, load_meta, manifests, verify
+
+
+def cifar_root(root: str | Path) -> Path:
+    """Accept either the folder holding ``cifar-100-python/`` or that folder itself."""
+    root = Path(root).expanduser()
+    return root.parent if root.name == "cifar-100-python" else root
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetError(f"missing {path}; download {manifests()['cifar100'].source} and extract it under "
+                           f"{path.parent.parent}")
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _key(d: dict, name: str, path: Path):
+    for k in (name.encode(), name):
+        if k in d:
+            return d[k]
+    raise DatasetError(f"{path} lacks key {name!r} (found {sorted(map(str, d))[:6]}); is it a CIFAR-100 python pickle?")
+
+
+def read_cifar100(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uint8 images [N, 3, 32, 32], fine labels [N])`` of the ``"train"`` or ``"test"`` pickle."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    path = cifar_root(root) / "cifar-100-python" / split
+    d = _unpickle(path)
+    data = np.asarray(_key(d, "data", path), dtype=np.uint8)
+    labels = np.asarray(_key(d, "fine_labels", path), dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DatasetError(f"{path}: data {data.shape} / labels {labels.shape} are not CIFAR's [N, 3072] / [N]")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+def cifar100_classnames(root: str | Path | None = None) -> list[str]:
+    """The 100 fine label names: from ``meta`` on disk when ``root`` is given (and checked against the release's
+    list), else the stored list."""
+    stored = load_meta("cifar100")["classnames"]
+    if root is None:
+        return list(stored)
+    path = cifar_root(root) / "cifar-100-python" / "meta"
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(_unpickle(path), "fine_label_names", path)]
+    if names != stored:
+        raise DatasetError(f"{path}: fine_label_names differ from CIFAR-100's ({names[:3]}... vs {stored[:3]}...)")
+    return names
+
+
+def resolve_templates(templates: str | Sequence[str], table: dict[str, list[str]]) -> list[str]:
+    """A template list, or the name of one in ``table``."""
+    if isinstance(templates, str) and "{}" not in templates:
+        if templates not in table:
+            raise ValueError(f"unknown template set {templates!r}; known: {sorted(table)} (or pass a list)")
+        return list(table[templates])
+    return [templates] if isinstance(templates, str) else list(templates)
+
+
+def resolve_order(order: str | int | Sequence[int] | None, table: dict[str, list[int]], n: int) -> list[int]:
+    """A class order: a name in ``table``, an int seed (numpy RandomState permutation), ``None`` / "natural", or
+    a list."""
+    if order is None or order == "natural":
+        return list(range(n))
+    if isinstance(order, str):
+        if order not in table:
+            raise ValueError(f"unknown class order {order!r}; known: {sorted(table)}, 'natural', an int seed or a list")
+        return list(table[order])
+    if isinstance(order, int):
+        return class_order(n, order)
+    out = [int(c) for c in order]
+    if sorted(out) != list(range(n)):
+        raise ValueError(f"class order must be a permutation of range({n})")
+    return out
+
+
+def cifar100_space(templates: str | Sequence[str] = "continual_clip", root: str | Path | None = None) -> LabelSpace:
+    meta = load_meta("cifar100")
+    return LabelSpace(cifar100_classnames(root), resolve_templates(templates, meta["templates"]), name="cifar100")
+
+
+def cifar100_cil(data_root: str | Path = "data", *, increment: int = 10, initial: int = 0,
+                 order: str | int | Sequence[int] | None = "seed1993",
+                 templates: str | Sequence[str] = "continual_clip",
+                 image_size: int = 224, verify_level: Level = "checksum", name: str | None = None) -> TaskStream:
+    """CIFAR-100 B{initial}-Inc{increment} in the given class order (see the module docstring).
+
+    ``templates``: ``"continual_clip"`` ("a bad photo of a {}."), ``"rapf"`` ("a good photo of a {}."),
+    ``"cifar_ensemble"`` (CLIP's 18) or a list. ``order``: ``"seed1993"``, ``"rapf"``, ``"natural"``, a seed, a list.
+    """
+    root = cifar_root(data_root)
+    verify(manifests()["cifar100"], root, verify_level)
+    meta = load_meta("cifar100")
+    space = cifar100_space(templates, root)
+    train = TensorImages(*read_cifar100(root, "train"), image_size=image_size)
+    test = TensorImages(*read_cifar100(root, "test"), image_size=image_size)
+    return class_incremental(space, train, test, increment=increment, initial=initial,
+                             order=resolve_order(order, meta["orders"], 100),
+                             name=name or f"cifar100-b{initial}inc{increment}")

@@ -1,0 +1,192 @@
+"""MTIL (ZSCL, ICCV 2023) and X-TAIL (RAIL, NeurIPS 2024) over the standard torchvision on-disk layouts.
+
+Datasets are read with torchvision's own classes (``download=False``) from ``data_root``, exactly as ZSCL's
+``src/datasets/collections.py`` does: Aircraft train/test, DTD partition 1, Flowers102 train/test, Food101, Pets
+trainval/test, Cars, MNIST, CIFAR-100 (our pickle reader), and **Caltech101, EuroSAT, SUN397 split 80/20 with
+``random_split(..., generator=torch.Generator().manual_seed(42))``** (`fixed_split`). Class names: ZSCL's custom lists
+for Caltech101, EuroSAT and Flowers, torchvision's names with "_" → " " for the others (so MTIL's CIFAR-100 says
+"aquarium fish", unlike Continual-CLIP). Each label space carries the dataset's whole template list (ZSCL trains with
+``templates[0]`` and evaluates with the ensemble; strategies pick).
+
+MTIL is task-incremental at test time (scope ``"own"``); X-TAIL classifies over the union of all domains' classes
+(scope ``"all"``) and reads CoOp's split files (`streams.coop`). Few-shot variants sample ``shots`` images per class
+with a seeded generator — the protocol's sample count, not the reference code's exact RNG draw (documented
+deviation).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ctta.stream import LabelSpace, Task, TaskStream
+from streams.cifar import cifar100_classnames, read_cifar100
+from streams.images import IndexSubset, TensorImages, WrappedImages
+from streams.manifest import DatasetError, load_meta
+
+SPLIT_SEED = 42  # ZSCL ClassificationDataset.split_dataset
+
+
+def fixed_split(n: int, ratio: float = 0.8, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """The train / test positions of ``torch.utils.data.random_split(ds, [int(ratio*n), n - int(ratio*n)],
+    generator=torch.Generator().manual_seed(seed))`` — same permutation, same cut."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = int(ratio * n)
+    return perm[:k], perm[k:]
+
+
+def few_shot(targets: torch.Tensor, shots: int, seed: int = 0) -> list[int]:
+    """``shots`` positions per class (all of a class if it has fewer), seeded; sorted."""
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(targets).tolist():
+        idx = torch.nonzero(targets == c).flatten()
+        keep += idx[torch.randperm(len(idx), generator=g)[:shots]].tolist()
+    return sorted(keep)
+
+
+def targets_of(ds: Any) -> torch.Tensor:
+    """Labels of a torchvision dataset without decoding images (each class keeps them under a different name)."""
+    for attr in ("targets", "_labels", "y"):
+        t = getattr(ds, attr, None)
+        if t is not None:
+            return torch.as_tensor(list(t), dtype=torch.long)
+    samples = getattr(ds, "_samples", None) or getattr(ds, "samples", None)
+    if samples is not None:
+        return torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
+    raise TypeError(f"cannot read the labels of {type(ds).__name__} without loading images")
+
+
+def _tv(cls_name: str, root: Path, **kw) -> Any:
+    import torchvision.datasets as tvd
+    try:
+        return getattr(tvd, cls_name)(str(root), download=False, **kw)
+    except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted..."
+        raise DatasetError(f"{cls_name} not found under {root} in torchvision's layout ({e}); download it (e.g. "
+                           f"torchvision.datasets.{cls_name}(root, download=True)) or place the release files there"
+                           ) from None
+
+
+def _load(name: str, root: Path, image_size: int) -> tuple[list[str], Any, Any]:
+    """``(torchvision-derived class names, train, test)`` of one MTIL dataset."""
+    if name == "cifar100":
+        names = cifar100_classnames(root)
+        return names, TensorImages(*read_cifar100(root, "train"), image_size), TensorImages(
+            *read_cifar100(root, "test"), image_size)
+    spec = load_meta("mtil")["datasets"][name]
+    cls = spec["torchvision"]
+    if "random 80/20" in spec["split"]:
+        full = _tv(cls, root)
+        wrapped = WrappedImages(full, targets_of(full), image_size)
+        tr, te = fixed_split(len(wrapped))
+        names = getattr(full, "classes", None) or getattr(full, "categories", None)
+        return list(names), IndexSubset(wrapped, tr), IndexSubset(wrapped, te)
+    if cls == "MNIST":
+        kw = ({"train": True}, {"train": False})
+    elif cls == "OxfordIIITPet":
+        kw = ({"split": "trainval"}, {"split": "test"})
+    else:
+        kw = ({"split": "train"}, {"split": "test"})
+    tr, te = _tv(cls, root, **kw[0]), _tv(cls, root, **kw[1])
+    return list(tr.classes), WrappedImages(tr, targets_of(tr), image_size), WrappedImages(te, targets_of(te),
+                                                                                         image_size)
+
+
+def mtil_space(name: str, torchvision_names: Sequence[str]) -> LabelSpace:
+    spec = load_meta("mtil")["datasets"][name]
+    custom = spec.get("classnames")
+    if custom is not None and len(custom) != len(torchvision_names):
+        raise DatasetError(f"{name}: found {len(torchvision_names)} classes on disk, ZSCL's list has {len(custom)}")
+    names = custom if custom is not None else [n.replace("_", " ") for n in torchvision_names]
+    if len(names) != spec["classes"]:
+        raise DatasetError(f"{name}: found {len(names)} classes on disk, the release has {spec['classes']}")
+    return LabelSpace(names, spec["templates"], name=name)
+
+
+def distinct_names(tasks: list[Task]) -> list[Task]:
+    """Make class names unique across tasks, for streams evaluated over the union (X-TAIL): a name already used by
+    an earlier class gets trailing spaces. CLIP's tokenizer drops whitespace, so prompts tokenize exactly as the
+    reference code's (which simply concatenates the lists, e.g. Caltech101's and Flowers' "sunflower")."""
+    seen: set[str] = set()
+    out = []
+    for t in tasks:
+        names = []
+        for n in t.space.classnames:
+            while n in seen:
+                n += " "
+            seen.add(n)
+            names.append(n)
+        if list(t.space.classnames) != names:
+            space = LabelSpace.concat([LabelSpace([m], temps, name=t.space.name)
+                                       for m, temps in zip(names, t.space.class_templates)], name=t.space.name)
+            t = Task(name=t.name, space=space, test=t.test, train=t.train, boundary=t.boundary)
+        out.append(t)
+    return out
+
+
+def _order(order: str | Sequence[str], table: dict[str, list[str]]) -> list[str]:
+    if isinstance(order, str):
+        if order not in table:
+            raise ValueError(f"unknown order {order!r}; known: {sorted(table)} or a list of dataset names")
+        return list(table[order])
+    known = load_meta("mtil")["datasets"]
+    bad = [d for d in order if d not in known]
+    if bad:
+        raise ValueError(f"unknown MTIL datasets {bad}; known: {sorted(known)}")
+    return list(order)
+
+
+def _tasks(datasets: Sequence[str], data_root: str | Path, image_size: int, shots: int | None, seed: int,
+           first_template: bool) -> list[Task]:
+    tasks = []
+    for k, name in enumerate(datasets):
+        tv_names, train, test = _load(name, Path(data_root), image_size)
+        space = mtil_space(name, tv_names)
+        if first_template:
+            space = space.with_templates(space.class_templates[0][:1])
+        if shots is not None:
+            train = IndexSubset(train, few_shot(torch.as_tensor(train.targets), shots, seed + k))
+        tasks.append(Task(name=name, space=space, train=train, test=test))
+    return tasks
+
+
+def mtil_stream(data_root: str | Path = "data", *, order: str | Sequence[str] = "I", shots: int | None = None,
+                image_size: int = 224, seed: int = 0, name: str | None = None) -> TaskStream:
+    """MTIL: 11 datasets (Order ``"I"``, ``"II"`` or a list), each evaluated in its own label space. ``shots=5``
+    gives the few-shot MTIL of MoE-Adapters / DIKI / CoDyRA."""
+    ds = _order(order, load_meta("mtil")["orders"])
+    tasks = _tasks(ds, data_root, image_size, shots, seed, first_template=False)
+    return TaskStream(tasks, scope="own", name=name or f"mtil-{order if isinstance(order, str) else 'custom'}"
+                      + (f"-{shots}shot" if shots else ""))
+
+
+def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, image_size: int = 224, seed: int = 0,
+                 first_template: bool = True, splits: str = "coop", order: str | Sequence[str] = "xtail",
+                 name: str = "xtail") -> TaskStream:
+    """X-TAIL: the 10 domains (MTIL minus CIFAR-100), ``shots``-shot training, every test image classified over the
+    union of all domains' classes (scope ``"all"``), with each dataset's first template (CoDyRA).
+
+    ``splits="coop"`` (the reference): CoOp split files and their class names ("_" → " ", as CoOp's prompt learner),
+    MNIST from torchvision (CoOp has none); ``"torchvision"``: the MTIL readers and ZSCL's names.
+    """
+    ds = _order(order, {"xtail": load_meta("mtil")["xtail_order"]})
+    if splits == "torchvision":
+        return TaskStream(distinct_names(_tasks(ds, data_root, image_size, shots, seed, first_template)),
+                          scope="all", name=name)
+    if splits != "coop":
+        raise ValueError(f"splits must be 'coop' or 'torchvision', got {splits!r}")
+    from streams.coop import COOP, coop_dataset
+    tasks = []
+    for k, d in enumerate(ds):
+        if d not in COOP:  # MNIST
+            tasks += _tasks([d], data_root, image_size, shots, seed + k, first_template)
+            continue
+        names, parts = coop_dataset(d, data_root, image_size)
+        templates = load_meta("mtil")["datasets"][d]["templates"]
+        space = LabelSpace([n.replace("_", " ") for n in names], templates[:1] if first_template else templates,
+                           name=d)
+        train = parts["train"] if shots is None else IndexSubset(parts["train"], few_shot(
+            parts["train"].targets, shots, seed + k))
+        tasks.append(Task(name=d, space=space, train=train, test=parts["test"]))
+    return TaskStream(distinct_names(tasks), scope="all", name=name)

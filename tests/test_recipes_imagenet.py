@@ -1,0 +1,115 @@
+"""ImageNet variants (TPT label spaces) and ImageNet-100 split files, on tiny trees with the real folder names."""
+import pytest
+import torch
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+from PIL import Image
+
+from ctta.data import iter_batches
+from streams import imagenet as IN
+from streams.manifest import DatasetError, load_meta
+
+
+def make_tree(root, folders, filled):
+    """All class folders (as the release has them); images only in ``filled`` (pixel red value = position)."""
+    for f in folders:
+        (root / f).mkdir(parents=True, exist_ok=True)
+    for k, f in enumerate(filled):
+        Image.new("RGB", (10, 6), (k, 0, 0)).save(root / f / f"img_{k}.JPEG")
+    return root
+
+
+def test_stored_masks_match_tpt():
+    v = load_meta("imagenet_variants")
+    a, r = v["a_indices"], v["r_indices"]
+    assert len(a) == len(r) == 200 and a == sorted(a) and r == sorted(r)
+    assert a[:8] == [6, 11, 13, 15, 17, 22, 23, 27] and a[-4:] == [984, 986, 987, 988]  # TPT thousand_k_to_200
+    assert r[:5] == [1, 2, 4, 6, 8]
+    assert IN.v2_order()[:16] == [0, 1, 10, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 11, 110, 111]
+    wn = IN.imagenet_wnids()
+    assert len(wn) == 1000 and wn[0] == "n01440764" and wn == sorted(wn)
+    assert IN.variant_space("imagenet_a").classnames[:2] == ("stingray", "goldfinch")
+    assert IN.variant_space("imagenet_r").classnames[:2] == ("goldfish", "great white shark")
+    assert len(IN.imagenet_templates("openai")) == 80 and IN.imagenet_templates("openai")[0].count("{}") == 1
+
+
+def test_imagenet_a_labels_and_structure_check(tmp_path):
+    v = load_meta("imagenet_variants")
+    wn = IN.imagenet_wnids()
+    folders = [wn[i] for i in v["a_indices"]]
+    root = make_tree(tmp_path / "imagenet-a", folders, [folders[0], folders[5], folders[199]])
+    with pytest.raises(DatasetError, match="holds 3 images, the release has 7500.*\n.*imagenet-a.tar"):
+        IN.variant_dataset("imagenet_a", root, 16)
+    ds = IN.variant_dataset("imagenet_a", root, 16, verify_level="none")
+    x, y, _ = next(iter_batches(ds, 8))
+    assert y.tolist() == [0, 5, 199] and x.shape == (3, 3, 16, 16)
+    space = IN.variant_space("imagenet_a")
+    assert [space.classnames[k] for k in y] == [IMAGENET_CLASSNAMES[v["a_indices"][k]] for k in (0, 5, 199)]
+    (root / folders[3]).rmdir()
+    with pytest.raises(DatasetError, match="class folders differ"):
+        IN.variant_dataset("imagenet_a", root, 16, verify_level="structure")
+
+
+def test_imagenet_v2_lexicographic_folders(tmp_path):
+    root = make_tree(tmp_path / "v2", [str(i) for i in range(1000)], ["2", "10", "100"])
+    s = IN.tta_stream(["imagenet_v2"], roots={"imagenet_v2": str(root)}, image_size=8, verify_level="none")
+    t = s.tasks[0]
+    _, y, _ = next(iter_batches(t.test, 8))
+    # folder "10" sorts 3rd (label 2), "100" 4th (label 3), "2" after "199" (label 112)
+    assert sorted(y.tolist()) == [2, 3, 112]
+    assert t.space.classnames[2] == IMAGENET_CLASSNAMES[10] == "brambling"
+    assert t.space.classnames[112] == IMAGENET_CLASSNAMES[2]
+    assert s.scope == "own" and t.boundary
+
+
+def test_imagenet100_split_file(tmp_path):
+    wn = IN.imagenet_wnids()
+    lines_tr, lines_te = [], []
+    for label, w in enumerate(wn[:4]):
+        for j in range(2):
+            p = tmp_path / "imagenet" / "train" / w / f"{w}_{j}.JPEG"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (6, 6), (label, 0, 0)).save(p, format="PNG")  # lossless
+            lines_tr.append(f"train/{w}/{w}_{j}.JPEG {label}")
+        q = tmp_path / "imagenet" / "val" / w / "v.JPEG"
+        q.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 6), (label, 0, 0)).save(q)
+        lines_te.append(f"val/{w}/v.JPEG {label}")
+    (tmp_path / "train_100.txt").write_text("\n".join(lines_tr) + "\n")
+    (tmp_path / "val_100.txt").write_text("\n".join(lines_te) + "\n")
+    s = IN.imagenet100_cil(tmp_path / "train_100.txt", tmp_path / "val_100.txt", data_root=tmp_path,
+                           increment=2, order=[3, 1, 0, 2], image_size=8)
+    assert s.tasks[0].space.classnames == ("tiger shark", "goldfish")
+    assert (len(s.tasks[0].train), len(s.tasks[0].test)) == (4, 2)
+    x, y, _ = next(iter_batches(s.tasks[0].train, 8))
+    assert torch.equal((x[:, 0, 0, 0] * 255).round().long(), torch.tensor([3, 1])[y])
+    (tmp_path / "bad.txt").write_text(f"train/{wn[0]}/a.JPEG 0\ntrain/{wn[1]}/b.JPEG 0\n")
+    with pytest.raises(DatasetError, match="label 0 is used for both"):
+        IN.read_split_file(tmp_path / "bad.txt", tmp_path)
+    with pytest.raises(DatasetError, match="continuum v0.1 release"):
+        IN.read_split_file(tmp_path / "missing.txt", tmp_path)
+
+
+def test_imagenet100_default_order_is_rapf_order():
+    from ctta.stream import class_order
+    assert class_order(100, 1993)[:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]  # RAPF class_orders/imagenet100.yaml
+
+
+def test_duplicate_clip_names_tokenize_identically():
+    import open_clip
+    names = IN.imagenet_classnames()
+    assert len(set(names)) == 1000 and names[657] == "missile" and names[744].strip() == "missile"
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    space = IN.variant_space("imagenet", "openai")
+    assert torch.equal(tok(space.prompts(657)), tok(space.prompts(744)))
+    assert torch.equal(tok(space.prompts(836)), tok(space.prompts(837)))
+
+
+def test_imagenet_c_tree(tmp_path):
+    from streams.corrupted import imagenet_c_stream
+    wn = IN.imagenet_wnids()
+    make_tree(tmp_path / "fog" / "3", wn, [wn[1], wn[999]])
+    s = imagenet_c_stream(tmp_path, corruptions=["fog"], severity=3, image_size=8)
+    _, y, _ = next(iter_batches(s.tasks[0].test, 8))
+    assert y.tolist() == [1, 999] and s.tasks[0].space.classnames[1] == "goldfish" and not s.tasks[0].boundary
+    with pytest.raises(DatasetError, match="missing .*fog/5"):
+        imagenet_c_stream(tmp_path, corruptions=["fog"], severity=5)
