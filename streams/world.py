@@ -78,7 +78,7 @@ _CONTROLS = {
 }
 
 
-def control_tasks(names: Sequence[str] = ("shape", "size", "background"), *, n: int = 1000, seed: int = 0,
+def control_tasks(names: Sequence[str] = ("shape", "size", "colour"), *, n: int = 1000, seed: int = 0,
                   styles: Sequence[str] = PRETRAIN_STYLES) -> list[Task]:
     """Zero-shot retention controls: tasks a colour×shape CIL stream never trains on directly."""
     unknown = sorted(set(names) - set(_CONTROLS))

@@ -1,0 +1,177 @@
+"""Pre-train the embedded micro-CLIP contrastively on the synthetic world (rebuilds the shipped checkpoint).
+
+    python scripts/pretrain_micro.py --minutes 28 --out ctta/assets/micro-clip.safetensors
+
+Every step renders a fresh batch (never the ``HELD_OUT`` colour x shape combos, never the "textured"
+style, never a test-time corruption) with one random caption per image. Captions are partial ("a red
+shape", "a star on a noisy background"), so one caption is true of many images in a batch: the loss is a
+multi-positive InfoNCE whose targets spread uniformly over every true (image, caption) pair.
+Half of each batch comes in groups of images that share one colour, so colour alone cannot tell them
+apart and the vision tower must learn shape (the bottleneck of a first prototype).
+AdamW, linear warm-up then cosine decay over the time budget (or over ``--steps``).
+Writes fp16 safetensors atomically plus ``<out stem>.meta.json``, then runs the zero-shot evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import open_clip  # noqa: E402
+
+import eval_micro  # noqa: E402
+from streams import synthetic as W  # noqa: E402
+
+TRAIN_STYLES = ("filled", "outline")  # "textured" is held out: the domain-incremental stream's new domain
+
+
+def make_batch(n: int, g: torch.Generator, hard_frac: float, group: int) -> W.Factors:
+    """n factors; a ``hard_frac`` share of them in groups of ``group`` images sharing one colour."""
+    n_groups = int(n * hard_frac) // group
+    parts = []
+    for c in torch.randint(len(W.COLOURS), (n_groups,), generator=g).tolist():
+        parts.append(W.sample_factors(group, g, colours=[W.COLOURS[c]], exclude_combos=W.HELD_OUT,
+                                      styles=TRAIN_STYLES))
+    parts.append(W.sample_factors(n - n_groups * group, g, exclude_combos=W.HELD_OUT, styles=TRAIN_STYLES))
+    return W.Factors.cat(parts)
+
+
+def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                        positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets uniform over all positives. positives: [images, texts] bool."""
+    logits = logit_scale * image_features @ text_features.T
+    pos = positives.float()
+    i2t = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+    t2i = -(pos.T / pos.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1)).sum(1).mean()
+    return (i2t + t2i) / 2
+
+
+def lr_at(progress: float, warmup: float, base: float) -> float:
+    if progress < warmup:
+        return base * progress / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def save(model: torch.nn.Module, out: Path, meta: dict) -> None:
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, out)
+    meta_path = out.with_suffix("").with_suffix(".meta.json")
+    tmp = meta_path.with_name(meta_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, meta_path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=28.0, help="training time budget (schedule follows it)")
+    ap.add_argument("--steps", type=int, default=0, help="fixed step count instead of a time budget")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--wd", type=float, default=0.1)
+    ap.add_argument("--warmup", type=float, default=0.04, help="warm-up fraction of the schedule")
+    ap.add_argument("--hard-frac", type=float, default=0.5, help="share of each batch in same-colour groups")
+    ap.add_argument("--group", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=str(ROOT / "ctta/assets/micro-clip.json"))
+    ap.add_argument("--out", default=str(ROOT / "ctta/assets/micro-clip.safetensors"))
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--eval-n", type=int, default=2000, help="images per set in the final evaluation")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; on a heavily shared CPU 1 thread can be faster than 2")
+    ap.add_argument("--save-every-min", type=float, default=5.0, help="interim checkpoint period")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    open_clip.add_model_config(args.config)
+    model = open_clip.create_model("micro-clip")
+    tokenizer = open_clip.get_tokenizer("micro-clip")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"micro-clip: {n_params / 1e6:.2f} M params (vision {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M)",
+          flush=True)
+    mean = torch.tensor(eval_micro.MEAN)[:, None, None]
+    std = torch.tensor(eval_micro.STD)[:, None, None]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    quick = eval_micro.eval_sets(500, seed=eval_micro.EVAL_SEED + 1)
+    budget = args.minutes * 60
+    t0, step, loss_avg, last_save = time.time(), 0, None, time.time()
+    model.train()
+    while True:
+        elapsed = time.time() - t0
+        progress = step / args.steps if args.steps else elapsed / budget
+        if progress >= 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(progress, args.warmup, args.lr)
+        f = make_batch(args.batch, g, args.hard_frac, args.group)
+        images = (W.render(f) - mean) / std
+        texts, mentions = W.describe(f, g)
+        positives = W.matches(mentions, f).T  # [images, texts]
+        img, txt, scale = model(images, tokenizer(texts))[:3]
+        loss = multi_positive_loss(img, txt, scale, positives)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        if step % args.log_every == 0:
+            print(f"step {step} t={time.time() - t0:.0f}s loss {loss_avg:.3f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"scale {model.logit_scale.exp().item():.1f} pos/img {positives.sum(1).float().mean():.1f}",
+                  flush=True)
+        if time.time() - last_save > args.save_every_min * 60:  # interim checkpoint, in case of a crash
+            save(model, Path(args.out), {"interim": True, "steps": step, "world_version": W.WORLD_VERSION})
+            last_save = time.time()
+        if step % args.eval_every == 0:
+            model.eval()
+            head = eval_micro.encode_texts(model, tokenizer, eval_micro.COMBO_PROMPTS)
+            shape_head = eval_micro.encode_texts(model, tokenizer, eval_micro.CONTROL_TASKS["shape"][0])
+            msg = []
+            for k in ("seen", "held_out"):
+                feats = eval_micro.encode_images(model, W.render(quick[k]))
+                msg.append(f"100way_{k} {eval_micro.accuracy(feats, head, quick[k].combo_index()):.1f} "
+                           f"shape_{k} {eval_micro.accuracy(feats, shape_head, quick[k].shape):.1f}")
+            print(f"  eval step {step}: " + " ".join(msg), flush=True)
+            model.train()
+    wall = time.time() - t0
+    model.eval()
+    meta = {"world_version": W.WORLD_VERSION, "steps": step, "batch": args.batch, "wall_time_s": round(wall, 1),
+            "seed": args.seed, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
+            "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
+            "train_styles": list(TRAIN_STYLES), "held_out_combos": sorted(map(list, W.HELD_OUT)),
+            "param_count": n_params, "config": json.loads(Path(args.config).read_text()),
+            "eval_normalisation": {"mean": list(eval_micro.MEAN), "std": list(eval_micro.STD)},
+            "torch": torch.__version__, "open_clip": open_clip.__version__}
+    out = Path(args.out)
+    save(model, out, meta)
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {step} steps, {wall / 60:.1f} min", flush=True)
+    res = eval_micro.evaluate(model, tokenizer, n=args.eval_n)
+    meta["eval_n"] = args.eval_n
+    meta["zeroshot"] = {k: round(v, 2) for k, v in res.items()}
+    save(model, out, meta)
+    print(eval_micro.markdown(res, meta), flush=True)
+
+
+if __name__ == "__main__":
+    main()
