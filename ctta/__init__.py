@@ -2,7 +2,10 @@
 from ctta.data import ImageTensorDataset, check_images
 from ctta.hooks import AccuracyMatrix, JsonResults, ZeroShotRetention, evaluate
 from ctta.model import Clip
+from ctta.online import OnlineAdapter, Prediction, wrap
+from ctta.online_hooks import Latency, Memory, OnlineAccuracy
 from ctta.runner import RunContext, run
+from ctta.samples import run_samples
 from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, Task, TaskStream, class_incremental, domain_incremental
 
@@ -10,4 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyMatrix", "Clip", "ImageTensorDataset", "JsonResults", "LabelSpace", "RunContext", "Strategy", "Task",
     "TaskStream", "ZeroShotRetention", "check_images", "class_incremental", "domain_incremental", "evaluate", "run",
+    "Latency", "Memory", "OnlineAccuracy", "OnlineAdapter", "Prediction", "run_samples", "wrap",
 ]

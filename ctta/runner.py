@@ -1,4 +1,4 @@
-"""`run()`: the task-stream loop, readable top to bottom.
+"""`run()`: the task-stream loop, readable top to bottom (sample streams: `ctta.samples.run_samples`).
 
 Per task: seed → hooks.on_task_start → strategy.begin_task (revealed boundaries only) → strategy.learn over the
 task's training batches → strategy.end_task → hooks.on_task_end (evaluation) → checkpoint. Re-running with the same
@@ -57,8 +57,16 @@ def seed_everything(seed: int) -> None:
 
 
 def run(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
-        out_dir: str | Path | None = None, seed: int = 0, config: Any = None, progress: bool | None = None) -> dict:
-    """Run a task stream through a strategy; returns the results dict the hooks filled."""
+        out_dir: str | Path | None = None, seed: int = 0, config: Any = None, progress: bool | None = None,
+        samples: dict | None = None) -> dict:
+    """Run a task stream through a strategy; returns the results dict the hooks filled.
+
+    A stream without any training data is a test-time sample stream: it runs through `ctta.samples.run_samples`
+    (``samples``: its keyword options, e.g. ``batch_size``, ``reset``, ``checkpoint_every``)."""
+    if all(t.train is None for t in stream.tasks):
+        from ctta.samples import run_samples  # imports this module
+        return run_samples(model, strategy, stream, hooks, out_dir=out_dir, seed=seed, config=config,
+                           progress=progress, **(samples or {}))
     ctx = RunContext(model, strategy, stream, Path(out_dir) if out_dir else None, seed, config)
     seed_everything(seed)
     strategy.setup(model)

@@ -22,7 +22,8 @@ def main(cfg: DictConfig) -> dict:
     stream = instantiate(cfg.stream)
     hooks = [instantiate(h) for h in cfg.hooks.values() if h is not None]
     results = ctta.run(model, strategy, stream, hooks, out_dir=cfg.out_dir, seed=cfg.seed,
-                       config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.progress)
+                       config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.progress,
+                       samples=OmegaConf.to_container(cfg.samples, resolve=True))
     print(f"{type(strategy).__name__} on {stream.name} -> {cfg.out_dir}")
     print(format_summary(results))
     return results

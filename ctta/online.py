@@ -1,0 +1,286 @@
+"""`OnlineAdapter`: a deployed CLIP that predicts and adapts on every call.
+
+    adapter = ctta.wrap(clip, Tent(), ["cat", "dog"], reset="never")
+    out = adapter(images)            # adapts, then returns logits, probabilities and class names
+    with adapter.paused():           # serve without adapting (strategy.predict, no state change)
+        out = adapter(images)
+    adapter.save("adapted.pt")       # strategy state + the model's trainable tensors, atomic, weights_only-loadable
+
+The adapter owns the reset anchor, the reset policy and the request lock (architecture.md, "State ownership").
+The anchor is a small snapshot taken once after ``strategy.setup``: the model's trainable tensors and the strategy's
+``state_dict()`` (optimizer moments, prompt context, buffers), cloned so it never aliases live state; restoring
+copies it back (cloning again), so two resets give identical outputs. A strategy with its own ``reset()`` method
+(TPT keeps its initial prompt) resets itself instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ctta.data import check_images
+from ctta.io import atomic_torch_save, safe_torch_load
+from ctta.model import Clip
+from ctta.strategy import Strategy
+from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
+
+ResetPolicy = Literal["never", "episodic"] | int
+FORMAT = 1
+
+
+def clone_tree(obj: Any) -> Any:
+    """Deep copy of the tensors in nested dicts / lists / tuples (other leaves are immutable or copied as is)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_tree(v) for v in obj)
+    return obj
+
+
+class Snapshot:
+    """Trainable tensors of the model + the strategy's state, detached copies (never the whole CLIP)."""
+
+    def __init__(self, model: Clip, strategy: Strategy):
+        self.model_state = model.trainable_state()  # already clones
+        self.strategy_state = clone_tree(strategy.state_dict())
+
+    def restore(self, model: Clip, strategy: Strategy) -> None:
+        model.load_trainable_state(self.model_state)  # in-place copy: the anchor stays untouched
+        # torch optimizers keep the loaded tensors by reference: hand them a copy, never the anchor itself
+        strategy.load_state_dict(clone_tree(self.strategy_state))
+
+
+@dataclass
+class Prediction:
+    """What one call returns. Tensors are detached, on the model's device."""
+
+    logits: Tensor        # [B, C]
+    probs: Tensor         # [B, C] softmax of logits
+    index: Tensor         # [B] predicted class indices into the label space used
+    classnames: list[str]  # [B] predicted class names
+    entropy: Tensor       # [B] prediction entropy (nats)
+    adapted: bool         # did the strategy adapt on this call (False while paused)
+    skipped: int          # updates skipped on this call because the loss or gradient was non-finite
+    reset: bool           # was the adapted state reset during this call (policy or drift signal)
+
+
+def as_clip(model: Clip | nn.Module, tokenizer: Callable | None = None) -> Clip:
+    """A `Clip` as is, or an open_clip CLIP module (``open_clip.create_model...``) wrapped with its normalisation
+    (``visual.image_mean/std``, OpenAI's otherwise) and ``tokenizer`` (default: CLIP's BPE at the model's context
+    length; pass ``open_clip.get_tokenizer(arch)`` for models with another tokenizer)."""
+    if isinstance(model, Clip):
+        return model
+    if not (isinstance(model, nn.Module) and hasattr(model, "encode_image") and hasattr(model, "visual")):
+        raise TypeError(f"expected a ctta.Clip or an open_clip CLIP model, got {type(model).__name__}")
+    import open_clip
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    if tokenizer is None:
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=getattr(model, "context_length", 77))
+    device = next(model.parameters()).device
+    return Clip(model.eval(), tokenizer, mean=mean, std=std, source={"arch": type(model).__name__}).to(device)
+
+
+def as_space(space: LabelSpace | Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> LabelSpace:
+    if isinstance(space, LabelSpace):
+        return space
+    if isinstance(space, str) or not isinstance(space, Sequence):
+        raise TypeError(f"space must be a LabelSpace or a list of class names, got {type(space).__name__}")
+    return LabelSpace(list(space), templates)
+
+
+class OnlineAdapter:
+    """Predict-and-adapt front of a deployed CLIP. Thread-safe: calls are serialised by one lock.
+
+    ``reset``: ``"never"`` (online: the state persists), ``"episodic"`` (back to the anchor before every call, as
+    TPT evaluates), or ``k`` (back to the anchor once ``k`` samples have been adapted on since the last reset).
+    ``drift``: optional ``callable(stats) -> bool`` called after every adapting call with ``entropy`` and
+    ``confidence`` (batch means), ``entropy_normalized`` (entropy / log C), ``samples``, ``samples_since_reset``,
+    ``skipped_steps``; returning True resets, so the next call starts from the anchor.
+    """
+
+    def __init__(self, model: Clip, strategy: Strategy, space: LabelSpace | Sequence[str], *,
+                 reset: ResetPolicy = "never", drift: Callable[[dict], bool] | None = None):
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"strategy must be a ctta.Strategy, got {type(strategy).__name__}")
+        if not (reset in ("never", "episodic") or (isinstance(reset, int) and not isinstance(reset, bool)
+                                                      and reset > 0)):
+            raise ValueError(f"reset must be 'never', 'episodic' or a positive sample count, got {reset!r}")
+        if drift is not None and not callable(drift):
+            raise TypeError("drift must be a callable(stats: dict) -> bool")
+        self.model = as_clip(model)
+        self.strategy = strategy
+        self.space = as_space(space)
+        self.reset_policy, self.drift = reset, drift
+        if strategy.model is not self.model:
+            strategy.setup(self.model)
+        self._anchor = Snapshot(self.model, strategy)
+        self._lock = threading.RLock()
+        self._paused = 0
+        self.calls = self.samples = self.resets = self._since_reset = 0
+
+    # ----------------------------------------------------------------------------------------- serving
+    def __call__(self, images: Any, classes: Sequence[str] | None = None) -> Prediction:
+        """Predict and adapt on a batch: a float tensor ``[B, 3, H, W]`` in [0, 1], a PIL image or a list of PIL
+        images (preprocessed with `Clip.preprocess`). ``classes`` restricts the prediction to some of the
+        adapter's class names."""
+        with self._lock:
+            x = self._prepare(images)
+            space = self._space(classes)
+            if self._paused:
+                return self._output(self.strategy.predict(x, space), space, adapted=False, skipped=0, reset=False)
+            did_reset = False
+            if self.reset_policy == "episodic" or (
+                    isinstance(self.reset_policy, int) and self._since_reset >= self.reset_policy):
+                self._reset()
+                did_reset = True
+            before = self.strategy.skipped_steps
+            logits = self.strategy.adapt(x, space)
+            self.calls += 1
+            self.samples += len(x)
+            self._since_reset += len(x)
+            out = self._output(logits, space, adapted=True, skipped=self.strategy.skipped_steps - before,
+                               reset=did_reset)
+            if self.drift is not None and self.drift(self._stats(out, len(space))):
+                self._reset()
+                out.reset = True
+            return out
+
+    def predict(self, images: Any, classes: Sequence[str] | None = None) -> Prediction:
+        """Predict without adapting (no state change)."""
+        with self.paused():
+            return self(images, classes)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator["OnlineAdapter"]:
+        """Serve without adapting inside the block (for every caller: the adapter is shared)."""
+        with self._lock:
+            self._paused += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._paused -= 1
+
+    def reset(self) -> None:
+        """Back to the anchor (the state right after ``strategy.setup``)."""
+        with self._lock:
+            self._reset()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Adaptation steps skipped because their loss or gradient was non-finite (model left unchanged)."""
+        return self.strategy.skipped_steps
+
+    # ----------------------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The adapted state: the model's trainable tensors, the strategy's state and the counters (copies)."""
+        with self._lock:
+            return {"format": FORMAT, "fingerprint": self._fingerprint(), "model": self.model.trainable_state(),
+                    "strategy": clone_tree(self.strategy.state_dict()),
+                    "counters": {"calls": self.calls, "samples": self.samples, "resets": self.resets,
+                                 "since_reset": self._since_reset}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            if state.get("format") != FORMAT:
+                raise ValueError(f"not an OnlineAdapter state (format {state.get('format')!r}, expected {FORMAT})")
+            mine, theirs = self._fingerprint(), state["fingerprint"]
+            for key in mine:
+                if mine[key] != theirs.get(key):
+                    raise ValueError(f"saved adapter state does not match this adapter: {key} was "
+                                     f"{_short(theirs.get(key))}, is {_short(mine[key])}")
+            self.model.load_trainable_state(state["model"])
+            self.strategy.load_state_dict(clone_tree(state["strategy"]))
+            c = state["counters"]
+            self.calls, self.samples, self.resets, self._since_reset = (
+                int(c["calls"]), int(c["samples"]), int(c["resets"]), int(c["since_reset"]))
+
+    def save(self, path: str | Path) -> Path:
+        """Write `state_dict` atomically (a reader never sees a partial file)."""
+        return atomic_torch_save(path, self.state_dict())
+
+    def load(self, path: str | Path) -> None:
+        """Load a file written by `save` (``weights_only=True``: no arbitrary unpickling)."""
+        self.load_state_dict(safe_torch_load(path, map_location=self.model.device))
+
+    # ----------------------------------------------------------------------------------------- internals
+    def _reset(self) -> None:
+        own = getattr(self.strategy, "reset", None)
+        if callable(own):
+            own()
+        else:
+            self._anchor.restore(self.model, self.strategy)
+        self.resets += 1
+        self._since_reset = 0
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"strategy": type(self.strategy).__qualname__, "classnames": list(self.space.classnames),
+                "trainable": {n: list(p.shape) for n, p in self.model.net.named_parameters() if p.requires_grad}}
+
+    def _prepare(self, images: Any) -> Tensor:
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError("images is an empty batch")
+            if not all(hasattr(im, "convert") for im in images):
+                raise TypeError("a list of images must hold PIL images; pass tensors as one [B, 3, H, W] tensor")
+            images = torch.stack([self.model.preprocess(im) for im in images])
+        elif hasattr(images, "convert"):  # one PIL image
+            images = self.model.preprocess(images)[None]
+        check_images(images)
+        size = self.model.image_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"images must be {size}x{size} for this model, got {tuple(images.shape[-2:])}; "
+                             f"resize them or pass PIL images (the adapter preprocesses those)")
+        return images.to(self.model.device)
+
+    def _space(self, classes: Sequence[str] | None) -> LabelSpace:
+        if classes is None:
+            return self.space
+        if isinstance(classes, str):
+            raise TypeError("classes must be a list of class names, not one string")
+        unknown = [c for c in classes if c not in self.space.classnames]
+        if unknown:
+            raise ValueError(f"unknown classes {unknown[:5]!r}: this adapter's label space is "
+                             f"{_short(list(self.space.classnames))}")
+        return self.space.subset([self.space.index(c) for c in classes])
+
+    def _output(self, logits: Tensor, space: LabelSpace, *, adapted: bool, skipped: int, reset: bool) -> Prediction:
+        if logits.dim() != 2 or logits.shape[1] != len(space):
+            raise RuntimeError(f"{type(self.strategy).__name__} returned logits of shape {tuple(logits.shape)}; "
+                               f"expected [B, {len(space)}]")
+        logits = logits.detach().float()
+        logp = logits.log_softmax(-1)
+        probs = logp.exp()
+        index = probs.argmax(-1)
+        return Prediction(logits, probs, index, [space.classnames[i] for i in index.tolist()],
+                          -(probs * logp).sum(-1), adapted, skipped, reset)
+
+    def _stats(self, out: Prediction, n_classes: int) -> dict[str, float]:
+        h = float(out.entropy.mean())
+        return {"entropy": h, "entropy_normalized": h / math.log(n_classes) if n_classes > 1 else 0.0,
+                "confidence": float(out.probs.max(-1).values.mean()), "samples": self.samples,
+                "samples_since_reset": self._since_reset, "skipped_steps": self.strategy.skipped_steps}
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def wrap(model: Clip | nn.Module, strategy: Strategy, space: LabelSpace | Sequence[str], *,
+         templates: Sequence[str] = DEFAULT_TEMPLATES, tokenizer: Callable | None = None,
+         reset: ResetPolicy = "never", drift: Callable[[dict], bool] | None = None) -> OnlineAdapter:
+    """Put ``strategy`` in front of a deployed model: a `Clip` or an open_clip CLIP module; ``space`` is a
+    `LabelSpace` or class names (prompted with ``templates``)."""
+    return OnlineAdapter(as_clip(model, tokenizer), strategy,
+                         space if isinstance(space, LabelSpace) else as_space(space, templates),
+                         reset=reset, drift=drift)

@@ -1,0 +1,310 @@
+"""OnlineAdapter: reset policies, pause, persistence, thread safety, input validation, non-finite guard; TENT."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from ctta import LabelSpace, Strategy
+from ctta.online import OnlineAdapter, clone_tree, wrap
+from ctta.strategies.tent import Tent, softmax_entropy
+from ctta.strategies.zeroshot import ZeroShot
+from tests.conftest import make_tiny_clip
+
+SPACE = LabelSpace([f"class {i}" for i in range(4)])
+
+
+def images(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def adapter(reset="never", drift=None, lr: float = 5e-2, seed: int = 0) -> OnlineAdapter:
+    return wrap(make_tiny_clip(seed), Tent(lr=lr), SPACE, reset=reset, drift=drift)
+
+
+def trainable(a: OnlineAdapter) -> dict:
+    return a.model.trainable_state()
+
+
+def same(d1: dict, d2: dict) -> bool:
+    return d1.keys() == d2.keys() and all(torch.equal(d1[k], d2[k]) for k in d1)
+
+
+# --------------------------------------------------------------------------------------------- TENT itself
+def test_tent_loss_is_mean_softmax_entropy_on_hand_values():
+    logits = torch.tensor([[0.0, 0.0], [math.log(1.0), math.log(3.0)]])
+    h2 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.5623
+    assert softmax_entropy(logits).tolist() == pytest.approx([math.log(2), h2])
+    assert float(Tent().loss(logits)) == pytest.approx((math.log(2) + h2) / 2)
+
+
+def test_tent_updates_only_image_tower_norms_and_returns_pre_update_logits():
+    clip = make_tiny_clip()
+    before = {n: p.detach().clone() for n, p in clip.net.named_parameters()}
+    tent = Tent(lr=1e-2)
+    tent.setup(clip)
+    x = images()
+    expected = tent.predict(x, SPACE)
+    out = tent.adapt(x, SPACE)
+    assert torch.allclose(out, expected, atol=1e-6)  # the reference returns the forward before the update
+    changed = {n for n, p in clip.net.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("visual.") and ("ln" in n or "norm" in n) for n in changed), changed
+    assert set(tent.param_names) >= changed
+    assert tent.optimizer.defaults["lr"] == 1e-2 and Tent().lr == 1e-3 and Tent().betas == (0.9, 0.999)
+    assert not torch.equal(tent.predict(x, SPACE), expected)
+
+
+# --------------------------------------------------------------------------------------------- reset policies
+def test_never_keeps_adapting_episodic_restarts_every_call():
+    x = images()
+    online, episodic = adapter("never"), adapter("episodic")
+    o1, o2 = online(x), online(x)
+    assert not torch.allclose(o1.logits, o2.logits)  # the state moved
+    e1, e2, e3 = episodic(x), episodic(x), episodic(x)
+    assert torch.equal(e1.logits, e2.logits) and torch.equal(e2.logits, e3.logits)
+    assert torch.equal(e1.logits, o1.logits)
+    assert episodic.resets == 3 and online.resets == 0 and e2.reset and not o2.reset
+
+
+def test_reset_every_k_samples():
+    a, b = images(1, 1), images(1, 2)
+    ad = adapter(2)
+    outs = [ad(x).logits for x in (a, b, a, b, a)]
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3]) and torch.equal(outs[0], outs[4])
+    assert not torch.allclose(outs[0], adapter(2)(b).logits)  # sanity: inputs differ
+    assert ad.resets == 2 and ad.samples == 5
+
+
+def test_drift_signal_receives_stats_and_triggers_reset():
+    seen = []
+
+    def drift(stats: dict) -> bool:
+        seen.append(stats)
+        return stats["samples"] == 4
+
+    ad, ref = adapter(drift=drift), adapter()
+    x = images()
+    p1 = ad(x)
+    assert seen[0]["entropy"] == pytest.approx(float(p1.entropy.mean()))
+    assert 0 < seen[0]["entropy_normalized"] <= 1 and 0.25 <= seen[0]["confidence"] <= 1
+    p2 = ad(x)
+    assert p2.reset and ad.resets == 1 and seen[1]["samples_since_reset"] == 4
+    assert torch.equal(ad(x).logits, ref(x).logits)  # the call after a drift reset starts from the anchor
+
+
+def test_reset_restores_small_snapshot_without_aliasing():
+    ad = adapter()
+    anchor0 = clone_tree(ad._anchor.model_state)
+    x = images()
+    first = ad(x).logits
+    for _ in range(2):
+        ad(x)
+        ad.reset()
+        assert same(trainable(ad), anchor0)
+        assert len(ad.strategy.optimizer.state) == 0  # Adam moments back to pristine
+        assert torch.equal(ad(x).logits, first)  # two resets give identical outputs
+    assert same(ad._anchor.model_state, anchor0)  # adapting after a restore never wrote into the anchor
+    snap = sum(v.numel() for v in ad._anchor.model_state.values())
+    assert 0 < snap < sum(p.numel() for p in ad.model.parameters()) / 50  # LayerNorm affines, not the CLIP
+
+
+def test_strategy_with_own_reset_is_asked_to_reset():
+    class Own(Tent):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def reset(self) -> None:
+            self.calls += 1
+
+    s = Own()
+    ad = wrap(make_tiny_clip(), s, SPACE, reset="episodic")
+    ad(images())
+    ad.reset()
+    assert s.calls == 2
+
+
+def test_bad_policy_is_rejected():
+    for bad in ("sometimes", 0, -3, True):
+        with pytest.raises(ValueError, match="reset must be"):
+            adapter(bad)
+    with pytest.raises(TypeError, match="drift"):
+        adapter(drift=3)
+
+
+# --------------------------------------------------------------------------------------------- pause
+def test_paused_serves_without_changing_state():
+    ad = adapter()
+    x = images()
+    ad(x)
+    before, opt = trainable(ad), clone_tree(ad.strategy.state_dict())
+    with ad.paused():
+        p = ad(x)
+        q = ad.predict(x)
+    assert not p.adapted and torch.equal(p.logits, q.logits)
+    assert same(trainable(ad), before) and ad.samples == 2 and ad.calls == 1
+    assert torch.equal(opt["optimizer"]["state"][0]["exp_avg"], ad.strategy.state_dict()["optimizer"]["state"][0]["exp_avg"])
+    assert ad(x).adapted and not same(trainable(ad), before)
+
+
+# --------------------------------------------------------------------------------------------- persistence
+def test_state_round_trip_through_a_weights_only_file(tmp_path):
+    x = images()
+    ad = adapter()
+    for k in range(3):
+        ad(images(2, k))
+    path = ad.save(tmp_path / "adapted.pt")
+    raw = torch.load(path, weights_only=True)  # no arbitrary unpickling needed
+    assert raw["counters"]["samples"] == 6 and not list(tmp_path.glob(".*tmp"))
+    fresh = adapter()
+    fresh.load(path)
+    assert same(trainable(fresh), trainable(ad)) and fresh.samples == 6
+    assert torch.equal(fresh(x).logits, ad(x).logits)  # same outputs, same next update (Adam state restored)
+    assert torch.equal(fresh(x).logits, ad(x).logits)
+    fresh.reset()  # the anchor is still the pristine model, not the loaded state
+    assert torch.equal(fresh(x).logits, adapter()(x).logits)
+
+
+def test_loading_a_foreign_state_names_the_mismatch():
+    state = adapter().state_dict()
+    other = wrap(make_tiny_clip(), Tent(), ["cat", "dog"])
+    with pytest.raises(ValueError, match="classnames"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="format"):
+        other.load_state_dict({"model": {}})
+
+
+# --------------------------------------------------------------------------------------------- threads
+class Racy(Strategy):
+    """Read-modify-write of a buffer with a pause in the middle: loses updates unless calls are serialised."""
+
+    learns = False
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        self.total = torch.zeros(())
+
+    def adapt(self, images, space):
+        seen = self.total.clone()
+        time.sleep(0.002)
+        self.total = seen + images.mean()
+        return torch.zeros(len(images), len(space))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "total": self.total}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.total = state["total"]
+
+
+def test_concurrent_callers_are_serialised():
+    ad = wrap(make_tiny_clip(), Racy(), SPACE)
+    batches = [images(1, k) for k in range(40)]
+    errors = []
+
+    def worker(chunk):
+        try:
+            for x in chunk:
+                assert ad(x).logits.shape == (1, 4)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(batches[i::8],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert ad.samples == 40 and ad.calls == 40
+    assert float(ad.strategy.total) == pytest.approx(float(sum(x.mean() for x in batches)), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.rand(3, 16, 16), ValueError, r"images\[None\]"),
+    (torch.rand(2, 1, 16, 16), ValueError, "3 channels"),
+    ((torch.rand(2, 3, 16, 16) * 255).to(torch.uint8), TypeError, "255"),
+    (torch.full((2, 3, 16, 16), float("nan")), ValueError, "non-finite"),
+    (torch.rand(0, 3, 16, 16), ValueError, "empty"),
+    (torch.rand(2, 3, 32, 32), ValueError, "16x16"),
+    ([], ValueError, "empty"),
+    ([torch.rand(3, 16, 16)], TypeError, "PIL"),
+    ("cat.jpg", TypeError, "torch.Tensor"),
+])
+def test_bad_inputs_raise_clear_errors_and_change_nothing(bad, error, match):
+    ad = adapter()
+    before = trainable(ad)
+    with pytest.raises(error, match=match):
+        ad(bad)
+    assert same(trainable(ad), before) and ad.samples == 0
+
+
+def test_label_space_validation():
+    ad = adapter()
+    with pytest.raises(ValueError, match="unknown classes"):
+        ad(images(), classes=["class 0", "zebra"])
+    with pytest.raises(TypeError, match="list of class names"):
+        ad(images(), classes="class 0")
+    with pytest.raises(TypeError, match="LabelSpace or a list"):
+        wrap(make_tiny_clip(), Tent(), "cat")
+    with pytest.raises(ValueError, match="duplicate"):
+        wrap(make_tiny_clip(), Tent(), ["cat", "cat"])
+    out = ad(images(), classes=["class 3", "class 1"])
+    assert out.logits.shape == (2, 2) and set(out.classnames) <= {"class 3", "class 1"}
+
+
+def test_pil_images_are_preprocessed():
+    ad = adapter()
+    pil = Image.fromarray((torch.rand(40, 30, 3) * 255).to(torch.uint8).numpy())
+    one, two = ad.predict(pil), ad.predict([pil, pil])
+    assert one.logits.shape == (1, 4) and two.logits.shape == (2, 4)
+    assert torch.allclose(two.logits[0], one.logits[0], atol=1e-5)
+    assert one.classnames[0] in SPACE.classnames and torch.allclose(one.probs.sum(-1), torch.ones(1))
+
+
+def test_wrap_accepts_a_plain_open_clip_model():
+    clip = make_tiny_clip()
+    x = images()
+    ref = wrap(clip, ZeroShot(), SPACE).predict(x).logits
+    plain = wrap(make_tiny_clip().net, ZeroShot(), SPACE).predict(x).logits
+    assert torch.allclose(plain, ref, atol=1e-5)
+    with pytest.raises(TypeError, match="open_clip"):
+        wrap(torch.nn.Linear(2, 2), Tent(), SPACE)
+
+
+# --------------------------------------------------------------------------------------------- non-finite guard
+class NaNTent(Tent):
+    def loss(self, logits):
+        return super().loss(logits) * float("nan")
+
+
+def test_non_finite_loss_leaves_model_unchanged_and_is_counted():
+    ad = wrap(make_tiny_clip(), NaNTent(lr=1e-2), SPACE)
+    before, opt = trainable(ad), clone_tree(ad.strategy.state_dict())
+    out = ad(images())
+    assert out.skipped == 1 and ad.skipped_steps == 1 and out.adapted
+    assert torch.isfinite(out.logits).all()
+    assert same(trainable(ad), before) and len(ad.strategy.optimizer.state) == len(opt["optimizer"]["state"]) == 0
+    ad(images())
+    assert ad.skipped_steps == 2 and ad.state_dict()["strategy"]["skipped_steps"] == 2
+
+
+# --------------------------------------------------------------------------------------------- any strategy: TPT
+def test_tpt_behind_the_adapter_persists_and_resets(tmp_path):
+    from ctta.strategies.tpt import TPT
+    x = images(1)
+    ad = wrap(make_tiny_clip(), TPT(n_views=7, reset_every=None), SPACE)
+    ctx0 = ad.strategy.prompts.ctx.detach().clone()
+    ad(x)
+    ad(images(1, 5))
+    assert not torch.equal(ad.strategy.prompts.ctx, ctx0)
+    fresh = wrap(make_tiny_clip(), TPT(n_views=7, reset_every=None), SPACE)
+    fresh.load(ad.save(tmp_path / "tpt.pt"))
+    assert torch.equal(fresh(x).logits, ad(x).logits)  # context, AdamW moments and view generator restored
+    ad.reset()  # TPT's own reset()
+    assert torch.equal(ad.strategy.prompts.ctx, ctx0) and ad.resets == 1
