@@ -1,0 +1,1 @@
+"""Reusable adapters injected into or wrapped around CLIP (prompt context, LoRA)."""
