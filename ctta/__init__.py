@@ -1,6 +1,6 @@
 """ctta: continual learning and test-time adaptation of CLIP models."""
 from ctta.data import ImageTensorDataset, check_images
-from ctta.hooks import AccuracyMatrix, JsonResults, ZeroShotRetention, evaluate
+from ctta.hooks import AccuracyMatrix, JsonResults, StrategySummary, ZeroShotRetention, evaluate
 from ctta.model import Clip
 from ctta.online import OnlineAdapter, Prediction, wrap
 from ctta.online_hooks import Latency, Memory, OnlineAccuracy
@@ -13,5 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyMatrix", "Clip", "ImageTensorDataset", "JsonResults", "LabelSpace", "RunContext", "Strategy", "Task",
     "TaskStream", "ZeroShotRetention", "check_images", "class_incremental", "domain_incremental", "evaluate", "run",
-    "Latency", "Memory", "OnlineAccuracy", "OnlineAdapter", "Prediction", "run_samples", "wrap",
+    "Latency", "Memory", "StrategySummary", "OnlineAccuracy", "OnlineAdapter", "Prediction", "run_samples", "wrap",
 ]

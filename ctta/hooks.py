@@ -105,6 +105,19 @@ class ZeroShotRetention:
         self.acc0, self.history = dict(state["acc0"]), {k: list(v) for k, v in state["history"].items()}
 
 
+class StrategySummary:
+    """Copies ``strategy.summary()`` (if the strategy has one: effective LoRA ranks, parameter drift, ...) into
+    ``ctx.results[key]`` after every task. The strategy keeps what it summarises in its own ``state_dict``."""
+
+    def __init__(self, key: str = "strategy"):
+        self.key = key
+
+    def on_task_end(self, ctx) -> None:
+        summary = getattr(ctx.strategy, "summary", None)
+        if summary is not None:
+            ctx.results[self.key] = summary()
+
+
 class JsonResults:
     """Writes ``results.json`` (atomically) after every task and at the end, with provenance; at the end also a
     PNG of the accuracy matrix and per-step accuracy. Place it after the hooks whose results it writes."""
