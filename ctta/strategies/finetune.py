@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
 from ctta.optim import cosine_with_warmup, steps_per_task
 from ctta.stream import LabelSpace, Task
@@ -27,14 +28,18 @@ def class_prompts(space: LabelSpace) -> list[str]:
 
 class Finetune(Strategy):
     """Full or partial fine-tuning with cross-entropy. ``params``: parameter-name prefixes to train
-    (``""`` = everything but ``logit_scale``; e.g. ``["visual."]`` for the image tower only)."""
+    (``""`` = everything but ``logit_scale``; e.g. ``["visual."]`` for the image tower only). ``wise_alpha``: after each
+    task, WiSE-FT interpolation with the zero-shot weights snapshotted at setup, ``θ ← (1−α)·θ_zs + α·θ``
+    (`ctta.merging.interpolate_`); ``None`` = off."""
 
     def __init__(self, params: str | Iterable[str] = "", *, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup: int = 0, label_smoothing: float = 0.0,
                  batch_size: int = 64, epochs: int = 1, iterations: int | None = None, grad_clip: float | None = None,
-                 amp: bool = False):
+                 amp: bool = False, wise_alpha: float | None = None):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
         self.params = params if isinstance(params, str) else tuple(params)
+        self.wise_alpha = check_alpha(wise_alpha)
+        self._anchor: dict[str, Tensor] | None = None
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup, self.label_smoothing = warmup, label_smoothing
         self._trainable: list[torch.nn.Parameter] = []
@@ -44,6 +49,8 @@ class Finetune(Strategy):
         self._trainable = model.unfreeze(self.params)
         self._text_trainable = any(p.requires_grad for p in model.text_parameters())
         self._build_optimizer(1)
+        if self.wise_alpha is not None:  # zero-shot anchor: the weights at setup (the runner resumes after setup)
+            self._anchor = model.trainable_state()
 
     def _build_optimizer(self, total_steps: int) -> None:
         self.optimizer = torch.optim.AdamW(self._trainable, lr=self.lr, betas=self.betas,
@@ -69,3 +76,7 @@ class Finetune(Strategy):
         self.step(loss)
         m.eval()
         return {"loss": float(loss.detach())}
+
+    def end_task(self, task: Task, space: LabelSpace) -> None:
+        if self._anchor is not None:
+            interpolate_(self._model(), self._anchor, self.wise_alpha)
