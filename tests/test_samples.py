@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ctta import Clip, JsonResults, LabelSpace, Strategy, Task, TaskStream
+from ctta import Clip, JsonResults, LabelSpace, Task, TaskStream
 from ctta.io import safe_torch_load
 from ctta.online_hooks import Latency, Memory, OnlineAccuracy
 from ctta.samples import CHECKPOINT, run_samples

@@ -333,10 +333,12 @@ def remove_lora(model: nn.Module) -> int:
 
 class MergeHistory:
     """Every low-rank update merged so far, per module: the concatenated factors ``B·diag(g)·scaling`` and ``A``
-    (the reference keeps them as ``old_lora_A/B``). Gives ``θ_t − θ_0 = Σ_t ΔW_t`` exactly without a copy of θ_0."""
+    (the reference keeps them as ``old_lora_A/B``). Gives ``θ_t − θ_0 = Σ_t ΔW_t`` exactly without a copy of θ_0.
+    Also keeps the per-task report (effective rank per module, drift) that LoRA strategies summarise."""
 
     def __init__(self) -> None:
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}
+        self.task_stats: list[dict] = []
 
     @torch.no_grad()
     def record(self, loras: Iterable[LoRA]) -> None:
@@ -348,12 +350,29 @@ class MergeHistory:
                 B, A = torch.cat([B0, B], 1), torch.cat([A0, A], 0)
             self.factors[lora.name] = (B, A)
 
+    def record_task(self, task: str, loras: Iterable[LoRA], ranks: dict[str, int], rank: int) -> None:
+        """Record a task's (pruned) updates before they are merged, with its effective ranks and the drift so far."""
+        self.record(loras)
+        self.task_stats.append({
+            "task": task, "effective_rank": ranks, "mean_effective_rank": sum(ranks.values()) / max(1, len(ranks)),
+            "active_fraction": sum(ranks.values()) / max(1, rank * len(ranks)), "drift": self.drift()})
+
     def drift(self) -> float:
         """``||θ_t − θ_0||_F`` over all adapted matrices (disjoint q/k/v row blocks add in squares)."""
         return math.sqrt(sum(float((B @ A).square().sum()) for B, A in self.factors.values()))
 
+    def summary(self) -> dict:
+        """Per-task effective ranks and drift, and the last task's headline numbers."""
+        out: dict = {"tasks": self.task_stats}
+        if self.task_stats:
+            last = self.task_stats[-1]
+            out.update(mean_effective_rank=last["mean_effective_rank"], drift=last["drift"])
+        return out
+
     def state_dict(self) -> dict:
-        return {k: (B.clone(), A.clone()) for k, (B, A) in self.factors.items()}
+        return {"factors": {k: (B.clone(), A.clone()) for k, (B, A) in self.factors.items()},
+                "task_stats": self.task_stats}
 
     def load_state_dict(self, state: dict) -> None:
-        self.factors = {k: (B.clone(), A.clone()) for k, (B, A) in state.items()}
+        self.factors = {k: (B.clone(), A.clone()) for k, (B, A) in state.get("factors", {}).items()}
+        self.task_stats = list(state.get("task_stats", []))

@@ -21,6 +21,11 @@ from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
 
+def class_features(model: Clip, space: LabelSpace, text_trainable: bool) -> Tensor:
+    """Class text features for training: through the (trainable) text tower with grad, else the cached head."""
+    return model.encode_text(class_prompts(space)) if text_trainable else model.text_head(space)
+
+
 def class_prompts(space: LabelSpace) -> list[str]:
     """One training prompt per class: its first template (ZSCL trains with ``templates[0]``)."""
     return [space.class_templates[i][0].replace("{}", c) for i, c in enumerate(space.classnames)]
@@ -61,17 +66,11 @@ class Finetune(Strategy):
         n = len(task.train) if task.train is not None else 0
         self._build_optimizer(max(1, steps_per_task(n, self.batch_size, self.epochs, self.iterations)))
 
-    def class_features(self, space: LabelSpace) -> Tensor:
-        m = self._model()
-        if self._text_trainable:
-            return m.encode_text(class_prompts(space))  # with grad: the text tower learns too
-        return m.text_head(space)
-
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
         m = self._model()
         m.train()
         with self.autocast():
-            logits = m.logits(m.encode_image(images), self.class_features(space))
+            logits = m.logits(m.encode_image(images), class_features(m, space, self._text_trainable))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         self.step(loss)
         m.eval()

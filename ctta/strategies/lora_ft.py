@@ -44,7 +44,6 @@ class LoRA(Strategy):
         self.logit_scale = logit_scale
         self.loras: list[LoRAModule] = []
         self.history = MergeHistory()
-        self.task_stats: list[dict[str, Any]] = []
         self._seen: Tensor | None = None
         self._cur_space: LabelSpace | None = None
         self._block: slice | None = None
@@ -92,26 +91,18 @@ class LoRA(Strategy):
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
         ranks = {lora.name: lora.rank for lora in self.loras}
-        self.history.record(self.loras)
+        self.history.record_task(task.name, self.loras, ranks, self.rank)
         merge_and_remove(self._model())
-        drift = self.history.drift()
-        self.task_stats.append({"task": task.name, "effective_rank": ranks,
-                                "mean_effective_rank": sum(ranks.values()) / max(1, len(ranks)),
-                                "active_fraction": 1.0, "drift": drift})
         self._inject()
         self.optimizer, self.scheduler, self._seen, self._block = None, None, None, None
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"tasks": self.task_stats}
-        if self.task_stats:
-            last = self.task_stats[-1]
-            out.update(mean_effective_rank=last["mean_effective_rank"], drift=last["drift"])
-        return out
+        """Per-task effective ranks and drift ‖θ_t − θ_0‖, and the last task's headline numbers."""
+        return self.history.summary()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history.state_dict(), "task_stats": self.task_stats}
+        return {**super().state_dict(), "history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.history.load_state_dict(state.get("history", {}))
-        self.task_stats = list(state.get("task_stats", []))

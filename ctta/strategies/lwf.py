@@ -42,7 +42,7 @@ from ctta.losses import distillation
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
 from ctta.optim import cosine_with_warmup, steps_per_task
-from ctta.strategies.finetune import class_prompts
+from ctta.strategies.finetune import class_features, class_prompts
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
@@ -86,6 +86,24 @@ def lwf_terms(model: Clip, student_image: Tensor, teacher_image: Tensor, teacher
     with torch.no_grad():
         t = model.logits(teacher_image, teacher_text)
     return distillation(t, s, T), distillation(t.t(), s.t(), T)
+
+
+def distill_learn(s: Strategy, images: Tensor, labels: Tensor, space: LabelSpace, teacher_text: Tensor
+                  ) -> dict[str, float]:
+    """One step of CE (label smoothing) + ZSCL's two distillation terms against ``teacher_text`` (LwF: the current
+    classes' prompts; VR-LwF: the replayed vocabulary), both encoded by the task's teacher."""
+    m = s._model()
+    m.train()
+    with s.autocast():
+        img = m.encode_image(images)
+        ce = F.cross_entropy(m.logits(img, class_features(m, space, s._text_trainable)).float(), labels,
+                             label_smoothing=s.label_smoothing)
+        l_img, l_txt = lwf_terms(m, img, s.teacher(images), teacher_text, s.temperature)
+        loss = ce + s.image_loss * l_img + s.text_loss * l_txt
+    s.step(loss)
+    m.eval()
+    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "distill_image": float(l_img.detach()),
+            "distill_text": float(l_txt.detach())}
 
 
 class LwF(Strategy):
@@ -138,28 +156,13 @@ class LwF(Strategy):
         self._ref_space = space
         self.reference_encodes += 1
 
-    def class_features(self, space: LabelSpace) -> Tensor:
-        m = self._model()
-        return m.encode_text(class_prompts(space)) if self._text_trainable else m.text_head(space)
-
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
         if self.teacher is None:  # hidden first boundary: the model as first seen is the teacher
             self._freeze_teacher(space)
         elif space != self._ref_space:
             raise ValueError(f"LwF teacher was built for label space {self._ref_space!r}, learn() got {space!r}; "
                              "a new label space needs a revealed task boundary (begin_task)")
-        m = self._model()
-        m.train()
-        with self.autocast():
-            img = m.encode_image(images)
-            ce = F.cross_entropy(m.logits(img, self.class_features(space)).float(), labels,
-                                 label_smoothing=self.label_smoothing)
-            l_img, l_txt = lwf_terms(m, img, self.teacher(images), self._ref, self.temperature)
-            loss = ce + self.image_loss * l_img + self.text_loss * l_txt
-        self.step(loss)
-        m.eval()
-        return {"loss": float(loss.detach()), "ce": float(ce.detach()), "distill_image": float(l_img.detach()),
-                "distill_text": float(l_txt.detach())}
+        return distill_learn(self, images, labels, space, self._ref)
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
         if self._anchor is not None:

@@ -97,7 +97,6 @@ class RankSelectiveLoRA(Strategy):
         self.logit_scale = logit_scale
         self.loras: list[LoRA] = []
         self.history = MergeHistory()
-        self.task_stats: list[dict[str, Any]] = []
         self._kappas: list[float] = []
         self._it = 0
         self._seen: Tensor | None = None
@@ -152,30 +151,20 @@ class RankSelectiveLoRA(Strategy):
     def end_task(self, task: Task, space: LabelSpace) -> None:
         m = self._model()
         ranks = {lora.name: lora.prune() for lora in self.loras}  # drop zero-gate ranks, then merge the rest
-        self.history.record(self.loras)
+        self.history.record_task(task.name, self.loras, ranks, self.rank)
         merge_and_remove(m)
-        self.task_stats.append(_stats(task.name, ranks, self.rank, self.history.drift()))
         self.loras = inject_lora(m, self.targets, self.layers, self.towers, self.rank, gated=True)
         self.optimizer, self.scheduler, self._seen, self._block = None, None, None, None
 
     # ----------------------------------------------------------------------------------------- reporting / state
     def summary(self) -> dict[str, Any]:
-        """Per-task effective ranks and drift, and the last task's headline numbers."""
-        out: dict[str, Any] = {"tasks": self.task_stats}
-        if self.task_stats:
-            last = self.task_stats[-1]
-            out.update(mean_effective_rank=last["mean_effective_rank"], drift=last["drift"])
-        return out
+        """Per-task effective ranks and drift ‖θ_t − θ_0‖, and the last task's headline numbers."""
+        return self.history.summary()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history.state_dict(), "task_stats": self.task_stats}
+        return {**super().state_dict(), "history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.history.load_state_dict(state.get("history", {}))
-        self.task_stats = list(state.get("task_stats", []))
 
-
-def _stats(task: str, ranks: dict[str, int], rank: int, drift: float) -> dict[str, Any]:
-    return {"task": task, "effective_rank": ranks, "mean_effective_rank": sum(ranks.values()) / max(1, len(ranks)),
-            "active_fraction": sum(ranks.values()) / max(1, rank * len(ranks)), "drift": drift}

@@ -39,14 +39,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
 from ctta.optim import cosine_with_warmup, steps_per_task
-from ctta.strategies.finetune import class_prompts
-from ctta.strategies.lwf import FrozenImageTower, encode_frozen, lwf_terms
+from ctta.strategies.lwf import FrozenImageTower, distill_learn, encode_frozen
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
@@ -168,25 +166,10 @@ class VRLwF(Strategy):
                              tokens)
 
     # ----------------------------------------------------------------------------------------- training
-    def class_features(self, space: LabelSpace) -> Tensor:
-        m = self._model()
-        return m.encode_text(class_prompts(space)) if self._text_trainable else m.text_head(space)
-
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
         if self.teacher is None:  # hidden first boundary: the model as first seen is the teacher
             self._freeze_teacher()
-        m = self._model()
-        m.train()
-        with self.autocast():
-            img = m.encode_image(images)
-            ce = F.cross_entropy(m.logits(img, self.class_features(space)).float(), labels,
-                                 label_smoothing=self.label_smoothing)
-            l_img, l_txt = lwf_terms(m, img, self.teacher(images), self._vocab_features, self.temperature)
-            loss = ce + self.image_loss * l_img + self.text_loss * l_txt
-        self.step(loss)
-        m.eval()
-        return {"loss": float(loss.detach()), "ce": float(ce.detach()), "distill_image": float(l_img.detach()),
-                "distill_text": float(l_txt.detach())}
+        return distill_learn(self, images, labels, space, self._vocab_features)
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
         if self._anchor is not None:
