@@ -23,8 +23,15 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return LambdaLR(optimizer, factor)
 
 
+def adamw_cosine(params, total_steps: int, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, warmup: int = 0) -> tuple[torch.optim.AdamW, LambdaLR]:
+    """The optimizer + schedule pair most fine-tuning strategies rebuild at each task (ZSCL, CoDyRA)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    return optimizer, cosine_with_warmup(optimizer, total_steps, warmup)
+
+
 def steps_per_task(n_samples: int, batch_size: int, epochs: int, iterations: int | None) -> int:
-    """The number of optimizer steps the runner will feed for a task (mirrors `ctta.runner._train`)."""
+    """The number of batches the runner feeds for a task: ``iterations`` if set, else ``epochs`` full passes."""
     if iterations is not None:
         return iterations
     return epochs * -(-n_samples // batch_size)

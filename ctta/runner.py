@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ctta.data import iter_batches
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
+from ctta.optim import steps_per_task
 from ctta.strategy import Strategy
 from ctta.stream import Task, TaskStream
 
@@ -95,8 +96,7 @@ def _train(ctx: RunContext, hooks, task: Task, space, offset: int, progress: boo
     """Feed the task's training data: ``strategy.iterations`` steps if set (cycling), else ``epochs`` passes."""
     s = ctx.strategy
     gen = torch.Generator().manual_seed(ctx.seed + 7919 * (ctx.task_index + 1))
-    n_batches = -(-len(task.train) // s.batch_size)
-    total = s.iterations if s.iterations is not None else s.epochs * n_batches
+    total = steps_per_task(len(task.train), s.batch_size, s.epochs, s.iterations)
     bar = tqdm(total=total, desc=f"train {task.name}", disable=not progress if progress is not None else None,
                leave=False)
     done = 0

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ctta.model import Clip
+from ctta.optim import steps_per_task
 from ctta.stream import LabelSpace, Task
 
 
@@ -89,6 +90,11 @@ class Strategy:
         self.steps = int(state.get("steps", 0))
 
     # ----------------------------------------------------------------------------------------- helpers
+    def task_steps(self, task: Task) -> int:
+        """How many times the runner will call ``learn`` for ``task`` (at least 1, for schedules)."""
+        n = len(task.train) if task.train is not None else 0
+        return max(1, steps_per_task(n, self.batch_size, self.epochs, self.iterations))
+
     def _model(self) -> Clip:
         if self.model is None:
             raise RuntimeError(f"{type(self).__name__}.setup(model) has not been called")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
-from ctta.optim import cosine_with_warmup, steps_per_task
+from ctta.optim import adamw_cosine
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
@@ -58,13 +58,11 @@ class Finetune(Strategy):
             self._anchor = model.trainable_state()
 
     def _build_optimizer(self, total_steps: int) -> None:
-        self.optimizer = torch.optim.AdamW(self._trainable, lr=self.lr, betas=self.betas,
-                                           weight_decay=self.weight_decay)
-        self.scheduler = cosine_with_warmup(self.optimizer, total_steps, self.warmup)
+        self.optimizer, self.scheduler = adamw_cosine(self._trainable, total_steps, lr=self.lr, betas=self.betas,
+                                                      weight_decay=self.weight_decay, warmup=self.warmup)
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        n = len(task.train) if task.train is not None else 0
-        self._build_optimizer(max(1, steps_per_task(n, self.batch_size, self.epochs, self.iterations)))
+        self._build_optimizer(self.task_steps(task))
 
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
         m = self._model()

@@ -22,7 +22,7 @@ from ctta.adapters.lora import TARGETS, TOWERS, MergeHistory, inject_lora, merge
 from ctta.adapters.lora import LoRA as LoRAModule
 from ctta.losses import seen_masked_clip_loss
 from ctta.model import Clip
-from ctta.optim import cosine_with_warmup, steps_per_task
+from ctta.optim import adamw_cosine, steps_per_task
 from ctta.strategies.finetune import class_prompts
 from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, Task
@@ -68,8 +68,8 @@ class LoRA(Strategy):
             m.train(was)
         total = max(1, steps_per_task(n_train, self.batch_size, self.epochs, self.iterations))
         params = [p for lora in self.loras for p in lora.parameters()]
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
-        self.scheduler = cosine_with_warmup(self.optimizer, total, self.warmup)
+        self.optimizer, self.scheduler = adamw_cosine(params, total, lr=self.lr, betas=self.betas,
+                                                      weight_decay=self.weight_decay, warmup=self.warmup)
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
         self._start(space, task.space, len(task.train) if task.train is not None else 0)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
-from ctta.optim import cosine_with_warmup, steps_per_task
+from ctta.optim import adamw_cosine
 from ctta.strategies.lwf import FrozenImageTower, distill_learn, encode_frozen
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
@@ -140,13 +140,11 @@ class VRLwF(Strategy):
         return random_vocabulary(self.n_sentences, length, vocab_size, sot, eot, self.vocab_seed)
 
     def _build_optimizer(self, total_steps: int) -> None:
-        self.optimizer = torch.optim.AdamW(self._trainable, lr=self.lr, betas=self.betas,
-                                           weight_decay=self.weight_decay)
-        self.scheduler = cosine_with_warmup(self.optimizer, total_steps, self.warmup)
+        self.optimizer, self.scheduler = adamw_cosine(self._trainable, total_steps, lr=self.lr, betas=self.betas,
+                                                      weight_decay=self.weight_decay, warmup=self.warmup)
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        n = len(task.train) if task.train is not None else 0
-        self._build_optimizer(max(1, steps_per_task(n, self.batch_size, self.epochs, self.iterations)))
+        self._build_optimizer(self.task_steps(task))
         self._freeze_teacher()
 
     def _freeze_teacher(self) -> None:
