@@ -26,6 +26,23 @@ def class_features(model: Clip, space: LabelSpace, text_trainable: bool) -> Tens
     return model.encode_text(class_prompts(space)) if text_trainable else model.text_head(space)
 
 
+def setup_finetuning(s: Strategy, model: Clip) -> None:
+    """Shared by Finetune, LwF and VR-LwF: unfreeze ``s.params``, note whether the text tower trains, build a
+    placeholder optimizer (rebuilt per task) and, for WiSE-FT, snapshot the zero-shot anchor. The runner loads a
+    resumed checkpoint after setup, so the anchor is always the zero-shot weights."""
+    s._trainable = model.unfreeze(s.params)
+    s._text_trainable = any(p.requires_grad for p in model.text_parameters())
+    build_optimizer(s, 1)
+    if s.wise_alpha is not None:
+        s._anchor = model.trainable_state()
+
+
+def build_optimizer(s: Strategy, total_steps: int) -> None:
+    """AdamW + cosine with warm-up over ``total_steps`` on ``s._trainable`` (rebuilt at each task, as ZSCL does)."""
+    s.optimizer, s.scheduler = adamw_cosine(s._trainable, total_steps, lr=s.lr, betas=s.betas,
+                                            weight_decay=s.weight_decay, warmup=s.warmup)
+
+
 def class_prompts(space: LabelSpace) -> list[str]:
     """One training prompt per class: its first template (ZSCL trains with ``templates[0]``)."""
     return [space.class_templates[i][0].replace("{}", c) for i, c in enumerate(space.classnames)]
@@ -51,18 +68,10 @@ class Finetune(Strategy):
 
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        self._trainable = model.unfreeze(self.params)
-        self._text_trainable = any(p.requires_grad for p in model.text_parameters())
-        self._build_optimizer(1)
-        if self.wise_alpha is not None:  # zero-shot anchor: the weights at setup (the runner resumes after setup)
-            self._anchor = model.trainable_state()
-
-    def _build_optimizer(self, total_steps: int) -> None:
-        self.optimizer, self.scheduler = adamw_cosine(self._trainable, total_steps, lr=self.lr, betas=self.betas,
-                                                      weight_decay=self.weight_decay, warmup=self.warmup)
+        setup_finetuning(self, model)
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self._build_optimizer(self.task_steps(task))
+        build_optimizer(self, self.task_steps(task))
 
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
         m = self._model()

@@ -41,8 +41,7 @@ from torch import Tensor, nn
 from ctta.losses import distillation
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
-from ctta.optim import adamw_cosine
-from ctta.strategies.finetune import class_features, class_prompts
+from ctta.strategies.finetune import build_optimizer, class_features, class_prompts, setup_finetuning
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
@@ -132,18 +131,10 @@ class LwF(Strategy):
 
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        self._trainable = model.unfreeze(self.params)
-        self._text_trainable = any(p.requires_grad for p in model.text_parameters())
-        self._build_optimizer(1)
-        if self.wise_alpha is not None:  # zero-shot anchor (the runner loads a resumed checkpoint after setup)
-            self._anchor = model.trainable_state()
-
-    def _build_optimizer(self, total_steps: int) -> None:
-        self.optimizer, self.scheduler = adamw_cosine(self._trainable, total_steps, lr=self.lr, betas=self.betas,
-                                                      weight_decay=self.weight_decay, warmup=self.warmup)
+        setup_finetuning(self, model)
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self._build_optimizer(self.task_steps(task))
+        build_optimizer(self, self.task_steps(task))
         self._freeze_teacher(space)
 
     def _freeze_teacher(self, space: LabelSpace) -> None:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
-from ctta.optim import adamw_cosine
+from ctta.strategies.finetune import build_optimizer, setup_finetuning
 from ctta.strategies.lwf import FrozenImageTower, distill_learn, encode_frozen
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
@@ -118,11 +118,7 @@ class VRLwF(Strategy):
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        self._trainable = model.unfreeze(self.params)
-        self._text_trainable = any(p.requires_grad for p in model.text_parameters())
-        self._build_optimizer(1)
-        if self.wise_alpha is not None:  # zero-shot anchor (the runner loads a resumed checkpoint after setup)
-            self._anchor = model.trainable_state()
+        setup_finetuning(self, model)
         if self.words is None:
             self.tokens = self._draw_vocabulary(model)
 
@@ -139,12 +135,8 @@ class VRLwF(Strategy):
         vocab_size = model.token_embedding.num_embeddings
         return random_vocabulary(self.n_sentences, length, vocab_size, sot, eot, self.vocab_seed)
 
-    def _build_optimizer(self, total_steps: int) -> None:
-        self.optimizer, self.scheduler = adamw_cosine(self._trainable, total_steps, lr=self.lr, betas=self.betas,
-                                                      weight_decay=self.weight_decay, warmup=self.warmup)
-
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self._build_optimizer(self.task_steps(task))
+        build_optimizer(self, self.task_steps(task))
         self._freeze_teacher()
 
     def _freeze_teacher(self) -> None:
