@@ -117,8 +117,12 @@ def iter_batches(
         torch.randperm(n, generator=generator) if shuffle else torch.arange(n))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        if hasattr(dataset, "get_batch"):
-            x, y = dataset.get_batch(idx)
-        else:
-            x, y = _collate([dataset[int(i)] for i in idx])
+        x, y = load_batch(dataset, idx)
         yield x, y, idx
+
+
+def load_batch(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` at ``indices`` (the dataset's batched ``get_batch`` when it has one)."""
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(indices)
+    return _collate([dataset[int(i)] for i in indices])

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ctta import distributed
+
 _PACKAGES = ("ctta", "torch", "torchvision", "open_clip_torch", "kornia", "numpy", "hydra-core", "avalanche-lib")
 
 
@@ -99,6 +101,7 @@ def provenance(model=None, *, seed: int | None = None, config: Any = None) -> di
         "git_commit": git_commit(),
         "seed": seed,
         "config": config,
+        "distributed": distributed.describe(),
     }
     if model is not None:
         info["model"] = model.provenance()

@@ -153,7 +153,8 @@ class Memory:
                 "min_mb": float(a.min()), "max_mb": float(a.max()), "points": int(a.size)}
 
     def summary(self) -> dict:
-        out: dict = {"peak_rss_mb": peak_rss_mb()}
+        # ru_maxrss is updated lazily by the kernel, so a fresh /proc reading can exceed it: take the larger
+        out: dict = {"peak_rss_mb": max([peak_rss_mb(), *self.rss])}
         if self.rss:
             out["rss"] = self._ends(self.rss)
         if self._device is not None and self._device.type == "cuda":

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ctta.data import iter_batches
+from ctta import distributed
+from ctta.data import load_batch
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
 from ctta.optim import steps_per_task
@@ -69,6 +70,7 @@ def run(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any
         return run_samples(model, strategy, stream, hooks, out_dir=out_dir, seed=seed, config=config,
                            progress=progress, **(samples or {}))
     ctx = RunContext(model, strategy, stream, Path(out_dir) if out_dir else None, seed, config)
+    hooks = _main_rank_hooks(hooks, ctx)
     seed_everything(seed)
     strategy.setup(model)
     start = _resume(ctx, hooks) if ctx.out_dir else 0
@@ -86,22 +88,37 @@ def run(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any
             _train(ctx, hooks, task, space, offset, progress)
         strategy.end_task(task, space)
         call(hooks, "on_task_end", ctx)
-        if ctx.out_dir:
+        if ctx.out_dir and distributed.is_main():
             _save(ctx, hooks, next_task=t + 1)
     call(hooks, "on_run_end", ctx)
+    distributed.barrier("end of run")
     return ctx.results
 
 
+def _main_rank_hooks(hooks: Sequence[Any], ctx: RunContext) -> Sequence[Any]:
+    """Under torchrun: check every rank built the same run, and keep the hooks (evaluation, files) on rank 0."""
+    distributed.check_same({**_fingerprint(ctx), "classes": [t.space.classnames for t in ctx.stream.tasks]},
+                           "stream, class order and strategy")
+    return hooks if distributed.is_main() else ()
+
+
 def _train(ctx: RunContext, hooks, task: Task, space, offset: int, progress: bool | None) -> None:
-    """Feed the task's training data: ``strategy.iterations`` steps if set (cycling), else ``epochs`` passes."""
+    """Feed the task's training data: ``strategy.iterations`` steps if set (cycling), else ``epochs`` passes.
+
+    Under torchrun every rank draws the same global batches and loads only its shard of each (the strategy's
+    ``step`` all-reduces the gradients weighted by ``grad_weight``, the shard's share of the batch)."""
     s = ctx.strategy
     gen = torch.Generator().manual_seed(ctx.seed + 7919 * (ctx.task_index + 1))
-    total = steps_per_task(len(task.train), s.batch_size, s.epochs, s.iterations)
-    bar = tqdm(total=total, desc=f"train {task.name}", disable=not progress if progress is not None else None,
-               leave=False)
+    n = len(task.train)
+    total = steps_per_task(n, s.batch_size, s.epochs, s.iterations)
+    bar = tqdm(total=total, desc=f"train {task.name}", leave=False, disable=_no_bar(progress))
     done = 0
     while done < total:
-        for images, labels, _ in iter_batches(task.train, s.batch_size, shuffle=True, generator=gen):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, s.batch_size):
+            batch = order[start:start + s.batch_size]
+            rows, s.grad_weight = distributed.batch_shard(len(batch))
+            images, labels = load_batch(task.train, batch[rows])
             ctx.last_stats = s.learn(images.to(ctx.model.device), labels.to(ctx.model.device) + offset, space)
             call(hooks, "on_batch_end", ctx)
             done += 1
@@ -109,6 +126,13 @@ def _train(ctx: RunContext, hooks, task: Task, space, offset: int, progress: boo
             if done >= total:
                 break
     bar.close()
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None (auto: only on a terminal) unless ``progress`` says; always off off rank 0."""
+    if not distributed.is_main():
+        return True
+    return None if progress is None else not progress
 
 
 def _fingerprint(ctx: RunContext) -> dict:
@@ -128,15 +152,21 @@ def _save(ctx: RunContext, hooks, next_task: int) -> None:
 
 
 def _resume(ctx: RunContext, hooks) -> int:
+    """Load the checkpoint, if any (under torchrun rank 0 reads it and sends it to the others)."""
     path = ctx.out_dir / CHECKPOINT
-    if not path.exists():
+    ck = None
+    if distributed.is_main() and path.exists():
+        ck = safe_torch_load(path, map_location=ctx.model.device)
+        if ck["fingerprint"] != _fingerprint(ctx):
+            ck = ValueError(f"{path} belongs to a different run ({ck['fingerprint']}); "
+                            f"this run is {_fingerprint(ctx)}. Use another output directory.")
+        elif len(ck["hooks"]) != len(hooks):
+            ck = ValueError(f"{path} was written with {len(ck['hooks'])} hooks, this run has {len(hooks)}")
+    ck = distributed.broadcast_object(ck, "checkpoint")
+    if isinstance(ck, Exception):
+        raise ck
+    if ck is None:
         return 0
-    ck = safe_torch_load(path, map_location=ctx.model.device)
-    if ck["fingerprint"] != _fingerprint(ctx):
-        raise ValueError(f"{path} belongs to a different run ({ck['fingerprint']}); "
-                         f"this run is {_fingerprint(ctx)}. Use another output directory.")
-    if len(ck["hooks"]) != len(hooks):
-        raise ValueError(f"{path} was written with {len(ck['hooks'])} hooks, this run has {len(hooks)}")
     ctx.model.net.load_state_dict(ck["model"])
     ctx.strategy.load_state_dict(ck["strategy"])
     for h, state in zip(hooks, ck["hooks"]):

@@ -12,6 +12,7 @@ last checkpoint and ends with the same metrics as an uninterrupted run (for a de
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ctta.data import iter_batches
+from ctta import distributed
+from ctta.data import load_batch
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
 from ctta.online import OnlineAdapter, ResetPolicy
@@ -32,6 +34,7 @@ from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, TaskStream
 
 CHECKPOINT = "samples_checkpoint.pt"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,18 +54,51 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
                 batch_size: int = 1, reset: ResetPolicy = "never", reset_on_shift: bool = True,
                 drift: Callable[[dict], bool] | None = None, out_dir: str | Path | None = None,
                 checkpoint_every: int | None = 1000, seed: int = 0, config: Any = None,
-                progress: bool | None = None) -> dict:
-    """Run a sample stream through a test-time strategy; returns the results dict the hooks filled."""
-    if batch_size <= 0 or (checkpoint_every is not None and checkpoint_every <= 0):
-        raise ValueError(f"batch_size and checkpoint_every must be positive, got {batch_size}, {checkpoint_every}")
+                progress: bool | None = None, round_batches: int = 32) -> dict:
+    """Run a sample stream through a test-time strategy; returns the results dict the hooks filled.
+
+    Episodic streams (``reset="episodic"`` or a strategy that resets itself every sample, like TPT) re-seed every
+    episode (`Strategy.reseed`) from its position, and under torchrun deal episodes round-robin to the ranks in
+    rounds of ``round_batches`` per rank, gathering their logits to rank 0, which scores them in stream order: the
+    per-sample predictions and metrics equal the single-process run's. An online stream depends on its order, so
+    it runs on rank 0 alone (the other ranks return ``{}`` at once and say so)."""
+    if batch_size <= 0 or round_batches <= 0 or (checkpoint_every is not None and checkpoint_every <= 0):
+        raise ValueError(f"batch_size, round_batches and checkpoint_every must be positive, got {batch_size}, "
+                         f"{round_batches}, {checkpoint_every}")
+    episodic = reset == "episodic" or strategy.episodic
+    if distributed.is_distributed() and not episodic:
+        if not distributed.is_main():
+            log.warning("rank %d: the sample stream is online (its state carries over between samples), so it "
+                        "runs on rank 0 alone; this rank has nothing to do", distributed.rank())
+            return {}
+        with distributed.local():
+            return _run(model, strategy, stream, hooks, batch_size, reset, reset_on_shift, drift, out_dir,
+                        checkpoint_every, seed, config, progress, round_batches, episodic, single=True)
+    return _run(model, strategy, stream, hooks, batch_size, reset, reset_on_shift, drift, out_dir,
+                checkpoint_every, seed, config, progress, round_batches, episodic, single=False)
+
+
+def episode_seed(seed: int, task: int, batch: int) -> int:
+    """The seed of episode ``batch`` of task ``task``: a function of the position only (any rank, any order)."""
+    return ((seed * 1_000_003 + task) * 1_000_003 + batch) % 2**63
+
+
+def _run(model, strategy, stream, hooks, batch_size, reset, reset_on_shift, drift, out_dir, checkpoint_every, seed,
+         config, progress, round_batches, episodic, single) -> dict:
     ctx = SampleContext(model, strategy, stream, Path(out_dir) if out_dir else None, seed, config)
+    if not single:
+        distributed.check_same(_fingerprint_of(stream, strategy, seed, batch_size, reset), "sample stream")
+    main = single or distributed.is_main()
+    hooks = hooks if main else ()
+    ranks, me = (1, 0) if single else (distributed.world_size(), distributed.rank())
+    per_rank = round_batches if ranks > 1 else 1  # one process scores (and may checkpoint) after every batch
     seed_everything(seed)
     ctx.adapter = adapter = OnlineAdapter(model, strategy, stream.train_space(0)[0], reset=reset, drift=drift)
-    start_task, start_offset = _resume(ctx, hooks, batch_size) if ctx.out_dir else (0, 0)
+    start_task, start_offset = _resume(ctx, hooks, batch_size, single) if ctx.out_dir else (0, 0)
     call(hooks, "on_run_start", ctx)
     last_save = ctx.position
     bar = tqdm(total=sum(len(t.test) for t in stream.tasks), initial=ctx.position, desc=f"adapt {stream.name}",
-               disable=not progress if progress is not None else None, leave=False)
+               disable=True if not main else (not progress if progress is not None else None), leave=False)
     for t in range(start_task, len(stream)):
         task = stream.tasks[t]
         space, offset = stream.train_space(t)
@@ -76,17 +112,30 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
                     adapter.reset()
                 strategy.begin_task(task, space)
         ctx.task_position = first
-        for images, labels, _ in iter_batches(task.test, batch_size, indices=torch.arange(first, len(task.test))):
-            t0 = time.perf_counter()
-            ctx.logits = adapter(images).logits  # images only: labels never reach the strategy
-            if model.device.type == "cuda":
-                torch.cuda.synchronize(model.device)
-            ctx.seconds = time.perf_counter() - t0
-            ctx.labels = labels + offset
-            ctx.position += len(labels)
-            ctx.task_position += len(labels)
-            call(hooks, "on_batch_end", ctx)
-            bar.update(len(labels))
+        starts = list(range(first, len(task.test), batch_size))
+        for r0 in range(0, len(starts), per_rank * ranks):
+            # this rank's episodes of the round (all of them in one process), then everyone's, in stream order
+            mine = []
+            for b in range(r0 + me, min(r0 + per_rank * ranks, len(starts)), ranks):
+                idx = torch.arange(starts[b], min(starts[b] + batch_size, len(task.test)))
+                images, labels = load_batch(task.test, idx)
+                if episodic:
+                    strategy.reseed(episode_seed(seed, t, starts[b] // batch_size))
+                t0 = time.perf_counter()
+                with distributed.local():  # each rank adapts alone
+                    logits = adapter(images).logits  # images only: labels never reach the strategy
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                mine.append((b, logits.detach().cpu() if ranks > 1 else logits, labels, time.perf_counter() - t0))
+            gathered = [mine] if ranks == 1 else distributed.gather_objects(mine, "episode outputs")
+            if not main:
+                continue
+            for b, logits, labels, seconds in sorted((x for part in gathered for x in part), key=lambda x: x[0]):
+                ctx.logits, ctx.labels, ctx.seconds = logits, labels + offset, seconds
+                ctx.position += len(labels)
+                ctx.task_position += len(labels)
+                call(hooks, "on_batch_end", ctx)
+                bar.update(len(labels))
             if ctx.out_dir and checkpoint_every and ctx.position - last_save >= checkpoint_every:
                 _save(ctx, hooks, batch_size, t, ctx.task_position)
                 last_save = ctx.position
@@ -94,9 +143,11 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
             strategy.end_task(task, space)
         call(hooks, "on_task_end", ctx)
     bar.close()
-    if ctx.out_dir:
+    if ctx.out_dir and main:
         _save(ctx, hooks, batch_size, len(stream), 0)
     call(hooks, "on_run_end", ctx)
+    if not single:
+        distributed.barrier("end of sample stream")
     return ctx.results
 
 
@@ -120,10 +171,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
+def _fingerprint_of(stream: TaskStream, strategy: Strategy, seed: int, batch_size: int, reset: Any) -> dict:
+    return {"stream": stream.name, "tasks": [[t.name, len(t.test)] for t in stream.tasks],
+            "strategy": type(strategy).__qualname__, "seed": seed, "batch_size": batch_size, "reset": str(reset)}
+
+
 def _fingerprint(ctx: SampleContext, batch_size: int) -> dict:
-    return {"stream": ctx.stream.name, "tasks": [[t.name, len(t.test)] for t in ctx.stream.tasks],
-            "strategy": type(ctx.strategy).__qualname__, "seed": ctx.seed, "batch_size": batch_size,
-            "reset": str(ctx.adapter.reset_policy)}
+    return _fingerprint_of(ctx.stream, ctx.strategy, ctx.seed, batch_size, ctx.adapter.reset_policy)
 
 
 def _save(ctx: SampleContext, hooks, batch_size: int, task: int, offset: int) -> None:
@@ -137,17 +191,24 @@ def _save(ctx: SampleContext, hooks, batch_size: int, task: int, offset: int) ->
     })
 
 
-def _resume(ctx: SampleContext, hooks, batch_size: int) -> tuple[int, int]:
+def _resume(ctx: SampleContext, hooks, batch_size: int, single: bool = True) -> tuple[int, int]:
+    """Load the checkpoint, if any (with episodes sharded under torchrun, rank 0 reads it and sends it on)."""
     path = ctx.out_dir / CHECKPOINT
-    if not path.exists():
+    ck = None
+    if (single or distributed.is_main()) and path.exists():
+        ck = safe_torch_load(path, map_location=ctx.model.device)
+        if ck["fingerprint"] != _fingerprint(ctx, batch_size):
+            ck = ValueError(f"{path} belongs to a different run ({ck['fingerprint']}); "
+                            f"this run is {_fingerprint(ctx, batch_size)}. Use another output directory.")
+        elif len(ck["hooks"]) != len(hooks):
+            ck = ValueError(f"{path} was written with {len(ck['hooks'])} hooks, this run has {len(hooks)}")
+    if not single:
+        ck = distributed.broadcast_object(ck, "checkpoint")
+    if isinstance(ck, Exception):
+        raise ck
+    if ck is None:
         return 0, 0
-    ck = safe_torch_load(path, map_location=ctx.model.device)
     ctx.adapter.space = ctx.stream.train_space(min(int(ck["task"]), len(ctx.stream) - 1))[0]
-    if ck["fingerprint"] != _fingerprint(ctx, batch_size):
-        raise ValueError(f"{path} belongs to a different run ({ck['fingerprint']}); "
-                         f"this run is {_fingerprint(ctx, batch_size)}. Use another output directory.")
-    if len(ck["hooks"]) != len(hooks):
-        raise ValueError(f"{path} was written with {len(ck['hooks'])} hooks, this run has {len(hooks)}")
     ctx.adapter.load_state_dict(ck["adapter"])
     for h, state in zip(hooks, ck["hooks"]):
         if state is not None:

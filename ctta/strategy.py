@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ctta import distributed
 from ctta.model import Clip
 from ctta.optim import steps_per_task
 from ctta.stream import LabelSpace, Task
@@ -24,6 +25,9 @@ class Strategy:
     """Base strategy: frozen CLIP, predictions by cosine similarity to the class text head."""
 
     learns: bool = True  # does the runner feed this strategy training data?
+    # This rank's share of the global batch under torchrun (set by the runner before each ``learn``): `step`
+    # weights the gradient all-reduce by it. Always 1 in a single process.
+    grad_weight: float = 1.0
 
     def __init__(self, *, batch_size: int = 64, epochs: int = 1, iterations: int | None = None,
                  eval_batch_size: int = 256, grad_clip: float | None = None, amp: bool = False):
@@ -71,6 +75,19 @@ class Strategy:
     def end_task(self, task: Task, space: LabelSpace) -> None:
         """After training a task (merge adapters, fuse weights, store statistics...)."""
 
+    @property
+    def episodic(self) -> bool:
+        """Does the strategy reset itself before every test sample (TPT's default)? Episodic sample streams are
+        sharded across ranks under torchrun; the adapter's ``reset="episodic"`` policy makes any strategy so."""
+        return False
+
+    def reseed(self, seed: int) -> None:
+        """Seed the random draws of the next episode. Episodic sample streams call it before every episode with a
+        seed derived from the episode's position in the stream, so that its result does not depend on the order
+        of episodes or on which rank runs it. Default: the global torch generator (a strategy that draws from its
+        own generator re-seeds that too)."""
+        torch.manual_seed(seed)
+
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything the strategy owns (the model's weights are saved by the runner)."""
@@ -112,11 +129,16 @@ class Strategy:
         opt = self.optimizer
         if opt is None:
             raise RuntimeError(f"{type(self).__name__} has no optimizer; build one in setup()")
-        if not torch.isfinite(loss.detach()).all():
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if finite:
+            loss.backward()
+        if distributed.is_distributed():  # under torchrun: the global batch's gradient on every rank
+            params = [p for g in opt.param_groups for p in g["params"]]
+            finite = distributed.all_reduce_gradients(params, self.grad_weight, finite)
+        if not finite:
             opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return False
-        loss.backward()
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-WORLD_VERSION = "1"  # bump whenever rendering or sampling changes the pixels for a given seed
+WORLD_VERSION = "2"  # bump whenever rendering or sampling changes the pixels for a given seed
 RESOLUTION = 32
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart",
@@ -159,7 +159,12 @@ def sample_factors(n: int, generator: torch.Generator, *,
     radius = torch.tensor(_RADIUS)[size] * scale
     center = (u(n, 2, lo=-1.0, hi=1.0) * (0.95 - radius).clamp(min=0.0)[:, None])  # keep it in frame
     # Background: two dark, weakly tinted tones, so every object colour (white included) stands out.
-    grey = u(n, 2, 1, lo=0.04, hi=0.38)
+    # One tone is darker than 0.18 and the other lighter than 0.30 (in random order): the gap keeps
+    # gradient / stripes / noise visible (world version 1 let both tones coincide, which made those
+    # backgrounds look plain and the background control task unlearnable).
+    tones = torch.stack([u(n, lo=0.03, hi=0.18), u(n, lo=0.30, hi=0.45)], 1)
+    swap = torch.rand(n, generator=generator) < 0.5
+    grey = torch.where(swap[:, None], tones.flip(1), tones)[:, :, None]
     bg_colours = (grey + u(n, 2, 3, lo=-0.05, hi=0.05)).clamp(0, 1)
     texture = torch.stack([u(n, hi=math.pi), u(n, lo=3.0, hi=5.0)], 1)
     f = Factors(shape=pairs[:, 1], colour=pairs[:, 0], size=size, background=background, style=style,

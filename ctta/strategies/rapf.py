@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctta import distributed
 from ctta.cache import FeatureCache, encode_raw
 from ctta.data import iter_batches
 from ctta.model import Clip
@@ -83,12 +84,24 @@ def hinge_loss(h: Tensor, t_pos: Tensor, t_neg: Tensor, margin: float = 0.1) -> 
     return F.relu(-(h * t_pos).sum(-1) + (h * t_neg).sum(-1) + margin).mean()
 
 
+def class_moments(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(count, Σx, Σxxᵀ)`` of one class's features ``[N, D]`` in float64: sums, so that ranks' shards add up."""
+    x = features.double()
+    return torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device), x.sum(0), x.T @ x
+
+
+def statistics_from_moments(count: Tensor, total: Tensor, outer: Tensor, ridge: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Mean ``[D]`` and unbiased covariance ``+ ridge·I`` from `class_moments` (a single sample: ``ridge·I``)."""
+    n = float(count)
+    mean = total / n
+    eye = torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)
+    cov = (outer - n * torch.outer(mean, mean)) / (n - 1) if n > 1 else torch.zeros_like(eye)
+    return mean, (cov + cov.T) / 2 + ridge * eye
+
+
 def class_statistics(features: Tensor, ridge: float = 1e-4) -> tuple[Tensor, Tensor]:
     """Mean ``[D]`` and unbiased covariance ``+ ridge·I`` ``[D, D]`` of one class's features ``[N, D]`` (float64)."""
-    x = features.double()
-    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    cov = torch.cov(x.T) if x.shape[0] > 1 else torch.zeros_like(eye)
-    return x.mean(0), cov + ridge * eye
+    return statistics_from_moments(*class_moments(features), ridge=ridge)
 
 
 def shrink_covariance(cov: Tensor) -> Tensor:
@@ -241,14 +254,25 @@ class RAPF(Strategy):
         self._space = None
 
     def _store_statistics(self, task: Task) -> None:
+        """Per-class mean and covariance of the task's training features. Under torchrun each rank encodes its
+        shard and the per-class sums are all-reduced, so every rank stores the statistics of the whole task."""
+        dev = self._model().device
+        rows = torch.tensor_split(torch.arange(len(task.train)), distributed.world_size())[distributed.rank()]
         feats, labels = [], []
-        for images, y, _ in iter_batches(task.train, self.eval_batch_size):
-            feats.append(self.image_features(images.to(self._model().device)))
-            labels.append(y.to(feats[-1].device))
-        x, y = torch.cat(feats), torch.cat(labels)
-        for c in y.unique().tolist():
-            mean, cov = class_statistics(x[y == c], self.ridge)
-            self.stats[task.space.classnames[c]] = (mean.float(), cov.float())
+        for images, y, _ in iter_batches(task.train, self.eval_batch_size, indices=rows):
+            feats.append(self.image_features(images.to(dev)))
+            labels.append(y.to(dev))
+        dim = self.adapter.in_features
+        x = torch.cat(feats) if feats else torch.zeros(0, dim, device=dev)
+        y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dev)
+        for c in range(len(task.space)):  # every rank walks every class: the all-reduces line up
+            count, total, outer = class_moments(x[y == c])
+            if distributed.is_distributed():
+                flat = distributed.all_reduce_sum_(torch.cat([count[None], total, outer.flatten()]), "RAPF statistics")
+                count, total, outer = flat[0], flat[1:dim + 1], flat[dim + 1:].view(dim, dim)
+            if count > 0:
+                mean, cov = statistics_from_moments(count, total, outer, self.ridge)
+                self.stats[task.space.classnames[c]] = (mean.float(), cov.float())
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

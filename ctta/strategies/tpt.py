@@ -95,6 +95,14 @@ class TPT(Strategy):
     def begin_task(self, task: Task, space: LabelSpace) -> None:
         """Nothing: resets follow ``reset_every`` (or an `OnlineAdapter`'s policy calling `reset`)."""
 
+    @property
+    def episodic(self) -> bool:
+        return self.reset_every == 1
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        self.generator.manual_seed(seed)  # the views' crops and flips
+
     # ----------------------------------------------------------------------------------------- prediction
     def class_features(self, space: LabelSpace) -> Tensor:
         """Prompt-conditioned class features with the current context (no grad; cached while it is unchanged)."""
