@@ -225,12 +225,6 @@ def broadcast_object(obj: Any, what: str = "broadcast") -> Any:
     return box[0]
 
 
-def barrier(what: str = "barrier") -> None:
-    if is_distributed():
-        with _collective(what):
-            dist.barrier()
-
-
 def check_same(value: Any, what: str) -> None:
     """Raise on every rank unless all ranks hold an equal ``value`` (class orders, stream fingerprints...)."""
     if not is_distributed():

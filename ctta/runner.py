@@ -90,8 +90,7 @@ def run(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any
         call(hooks, "on_task_end", ctx)
         if ctx.out_dir and distributed.is_main():
             _save(ctx, hooks, next_task=t + 1)
-    call(hooks, "on_run_end", ctx)
-    distributed.barrier("end of run")
+    call(hooks, "on_run_end", ctx)  # no closing barrier: the other ranks need not wait for rank 0's evaluation
     return ctx.results
 
 

@@ -146,8 +146,6 @@ def _run(model, strategy, stream, hooks, batch_size, reset, reset_on_shift, drif
     if ctx.out_dir and main:
         _save(ctx, hooks, batch_size, len(stream), 0)
     call(hooks, "on_run_end", ctx)
-    if not single:
-        distributed.barrier("end of sample stream")
     return ctx.results
 
 

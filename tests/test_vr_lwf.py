@@ -250,3 +250,17 @@ def test_wise_alpha_in_lwf_strategies(cls, tiny_stream):
     for (n, p), (_, q) in zip(model.net.named_parameters(), zero.net.named_parameters()):
         assert torch.equal(p.detach(), q.detach()), n
     assert s.steps == 6
+
+
+def test_lwf_terms_with_a_pinned_distillation_scale(tiny_clip):
+    g = torch.Generator().manual_seed(1)
+    fs, ft = (torch.nn.functional.normalize(torch.randn(3, 32, generator=g), dim=-1) for _ in range(2))
+    text = torch.nn.functional.normalize(torch.randn(4, 32, generator=g), dim=-1)
+    l_img, l_txt = lwf_terms(tiny_clip, fs, ft, text, 2.0, scale=100.0)
+    s, t = (100.0 * fs @ text.t()).tolist(), (100.0 * ft @ text.t()).tolist()
+    assert l_img.item() == pytest.approx(hand_distillation(t, s, 2.0), rel=1e-5)
+    st, tt = [list(c) for c in zip(*s)], [list(c) for c in zip(*t)]
+    assert l_txt.item() == pytest.approx(hand_distillation(tt, st, 2.0), rel=1e-5)
+    assert tiny_clip.logit_scale.item() != pytest.approx(100.0)  # the pin is what made the difference
+    with pytest.raises(ValueError, match="distill_scale"):
+        LwF(distill_scale=0.0)

@@ -26,6 +26,10 @@ Deliberate deviations (all exact-or-cheaper, none changes the objective's expect
 - ZSCL runs its LwF and LwF-VR baselines with ``--fair``: each task's training set is expanded with a 100-class
   ImageNet subset (50 images a class, their class names added to the head), to match ZSCL's ImageNet reference
   data. That is a property of the benchmark, not the method; we train on the task's data only.
+- ``distill_scale=100.0`` (default) pins the distillation logits' scale at the value ZSCL trains with: its code
+  reads CLIP's ``logit_scale.exp()``, 100 for the OpenAI weights. A model with a smaller learned scale (the
+  micro-CLIP: ~20) would otherwise distil through a much flatter softmax (at T = 2, nearly uniform over similar
+  texts) than the recipe was tuned for. ``None`` uses the model's scale. The cross-entropy keeps the model's scale.
 - ``wise_alpha`` (off by default, as in ZSCL's LwF) adds WiSE-FT interpolation with the zero-shot weights after
   every task (`ctta.merging.interpolate_`).
 """
@@ -78,13 +82,22 @@ def encode_frozen(model: Clip, encode, items, chunk: int = _CHUNK) -> Tensor:
 
 
 def lwf_terms(model: Clip, student_image: Tensor, teacher_image: Tensor, teacher_text: Tensor,
-              T: float) -> tuple[Tensor, Tensor]:
+              T: float, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """ZSCL's two distillation terms with the teacher's text features on both sides: image→text (rows = images)
-    and text→image (rows = texts, the transposed logits)."""
-    s = model.logits(student_image, teacher_text)
+    and text→image (rows = texts, the transposed logits). Logits are ``scale · f·gᵀ`` (``None``: the model's
+    ``exp(logit_scale)``, which is what ZSCL reads: 100 for the OpenAI weights)."""
+    def logits(image: Tensor) -> Tensor:
+        return model.logits(image, teacher_text) if scale is None else scale * image @ teacher_text.t()
+    s = logits(student_image)
     with torch.no_grad():
-        t = model.logits(teacher_image, teacher_text)
+        t = logits(teacher_image)
     return distillation(t, s, T), distillation(t.t(), s.t(), T)
+
+
+def check_distillation(temperature: float, image_loss: float, text_loss: float, scale: float | None) -> None:
+    if temperature <= 0 or image_loss < 0 or text_loss < 0 or (scale is not None and scale <= 0):
+        raise ValueError(f"need temperature > 0, non-negative loss weights and a positive distill_scale, got "
+                         f"T={temperature}, image_loss={image_loss}, text_loss={text_loss}, distill_scale={scale}")
 
 
 def distill_learn(s: Strategy, images: Tensor, labels: Tensor, space: LabelSpace, teacher_text: Tensor
@@ -97,7 +110,7 @@ def distill_learn(s: Strategy, images: Tensor, labels: Tensor, space: LabelSpace
         img = m.encode_image(images)
         ce = F.cross_entropy(m.logits(img, class_features(m, space, s._text_trainable)).float(), labels,
                              label_smoothing=s.label_smoothing)
-        l_img, l_txt = lwf_terms(m, img, s.teacher(images), teacher_text, s.temperature)
+        l_img, l_txt = lwf_terms(m, img, s.teacher(images), teacher_text, s.temperature, s.distill_scale)
         loss = ce + s.image_loss * l_img + s.text_loss * l_txt
     s.step(loss)
     m.eval()
@@ -111,12 +124,11 @@ class LwF(Strategy):
     def __init__(self, params: str | Iterable[str] = "", *, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup: int = 100, label_smoothing: float = 0.2,
                  temperature: float = 2.0, image_loss: float = 1.0, text_loss: float = 1.0,
-                 wise_alpha: float | None = None, batch_size: int = 64, epochs: int = 1,
-                 iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
+                 distill_scale: float | None = 100.0, wise_alpha: float | None = None, batch_size: int = 64,
+                 epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        if temperature <= 0 or image_loss < 0 or text_loss < 0:
-            raise ValueError(f"need temperature > 0 and non-negative loss weights, got T={temperature}, "
-                             f"image_loss={image_loss}, text_loss={text_loss}")
+        check_distillation(temperature, image_loss, text_loss, distill_scale)
+        self.distill_scale = None if distill_scale is None else float(distill_scale)
         self.params = params if isinstance(params, str) else tuple(params)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup, self.label_smoothing = warmup, label_smoothing

@@ -24,6 +24,8 @@ Deviations (deliberate):
   κ_max by 500/iterations to keep the reference's Σκ ≈ 0.65 (`kappa_schedule` gives the exact values).
 - ``logit_scale=None`` uses the model's ``exp(logit_scale)`` as the reference does (100 for OpenAI weights).
 - Without ``begin_task`` (hidden boundary) the whole training space is treated as the current task.
+- Under torchrun (the reference is single-GPU) the text-to-image term softmaxes over each rank's share of the
+  batch, as DDP training of CLIP without feature gathering does; the image-to-text term is exact.
 """
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ Deliberate choices and deviations (all exact-result neutral unless said):
   classes at least once"), which its hard-coded 2/4/5/10 per batch meets on its datasets (e.g. CIFAR-100: 50
   batches × 2 ≥ 90 old classes) but a small dataset does not (the built-in world: 5 batches × 2 = 10 of 90).
 - Hard pairs use the label space's template-averaged text head (one template = the reference's single prompt).
+- Under torchrun (the reference is single-GPU): statistics are reduced from every rank's shard (equal to one
+  process); the replayed pseudo-features are drawn identically on every rank and enter each rank's loss, so replay
+  weighs a little more against the real samples than in one process with the same global batch.
 """
 from __future__ import annotations
 

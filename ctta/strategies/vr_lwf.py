@@ -24,6 +24,9 @@ Deliberate deviations (exact or cheaper unless said):
 - ZSCL runs its LwF and LwF-VR baselines with ``--fair``: each task's training set is expanded with a 100-class
   ImageNet subset (50 images a class, their class names added to the head), to match ZSCL's ImageNet reference
   data. That is a property of the benchmark, not the method; we train on the task's data only.
+- ``distill_scale=100.0`` (default) pins the distillation logits' scale at ZSCL's (CLIP's ``logit_scale.exp()``,
+  100 for the OpenAI weights); see `ctta.strategies.lwf`. With the micro-CLIP's learned ~20 the teacher's softmax
+  over 1000 similar pseudo-sentences at T = 2 is nearly uniform and the distillation barely pulls.
 - Optional: a user word list (file, one entry a line, or a list of strings) replaces the random vocabulary, as
   WildCLIP's ``VRLwR`` does with domain anchors; ``wise_alpha`` adds WiSE-FT interpolation with the zero-shot
   weights after every task (`ctta.merging.interpolate_`). Both are off by default.
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
 from ctta.strategies.finetune import build_optimizer, setup_finetuning
-from ctta.strategies.lwf import FrozenImageTower, distill_learn, encode_frozen
+from ctta.strategies.lwf import FrozenImageTower, check_distillation, distill_learn, encode_frozen
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
@@ -93,12 +96,12 @@ class VRLwF(Strategy):
                  n_sentences: int = 1000, length: int = 10, vocab_seed: int = 0, lr: float = 1e-5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup: int = 100,
                  label_smoothing: float = 0.2, temperature: float = 2.0, image_loss: float = 1.0,
-                 text_loss: float = 1.0, wise_alpha: float | None = None, batch_size: int = 64, epochs: int = 1,
-                 iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
+                 text_loss: float = 1.0, distill_scale: float | None = 100.0, wise_alpha: float | None = None,
+                 batch_size: int = 64, epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None,
+                 amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        if temperature <= 0 or image_loss < 0 or text_loss < 0:
-            raise ValueError(f"need temperature > 0 and non-negative loss weights, got T={temperature}, "
-                             f"image_loss={image_loss}, text_loss={text_loss}")
+        check_distillation(temperature, image_loss, text_loss, distill_scale)
+        self.distill_scale = None if distill_scale is None else float(distill_scale)
         if n_sentences <= 0 or length <= 0:
             raise ValueError(f"n_sentences and length must be positive, got {n_sentences}, {length}")
         self.params = params if isinstance(params, str) else tuple(params)
