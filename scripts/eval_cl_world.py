@@ -54,11 +54,11 @@ def build(method: str, a: argparse.Namespace):
     if method == "wise_ft":
         return Finetune(**sched, wise_alpha=a.wise_alpha)
     if method == "lwf":
-        return LwF(**sched, temperature=a.temperature)
+        return LwF(**sched, temperature=a.temperature, distill_scale=a.distill_scale)
     if method == "vr_lwf":
-        return VRLwF(**sched, temperature=a.temperature, n_sentences=a.n_sentences, length=a.length)
+        return VRLwF(**sched, temperature=a.temperature, distill_scale=a.distill_scale, n_sentences=a.n_sentences, length=a.length)
     if method == "vr_lwf_words":
-        return VRLwF(**sched, temperature=a.temperature, vocabulary=world_words())
+        return VRLwF(**sched, temperature=a.temperature, distill_scale=a.distill_scale, vocabulary=world_words())
     raise ValueError(f"unknown method {method!r}; choose from {METHODS + EXTRA}")
 
 
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--label-smoothing", type=float, default=0.2)
     p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--distill-scale", type=lambda v: None if v == "model" else float(v), default=100.0,
+                   help="LwF/VR-LwF distillation logit scale ('model' = the model's own exp(logit_scale))")
     p.add_argument("--n-sentences", type=int, default=1000)
     p.add_argument("--length", type=int, default=10)
     p.add_argument("--wise-alpha", type=float, default=0.5)
