@@ -221,3 +221,27 @@ def test_a_dead_rank_fails_the_others_with_a_clear_error(tmp_path):
     seconds, msg = text.split("\n", 1)
     assert msg.startswith("DistributedError") and "another rank has probably died" in msg, msg
     assert float(seconds) < 60  # failed within the collective timeout (20 s) plus start-up, not a hang
+
+
+def test_run_script_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 scripts/run.py ...` (gloo on the CPU) ends with the one-process accuracy matrix,
+    and rank 0 alone writes the run folder."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["strategy=finetune", "stream=world_cil5", "stream.train_per_class=4", "stream.test_per_class=2",
+            "strategy.epochs=1", "strategy.lr=3e-4", "hooks=minimal", "progress=false", "threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # the `torchrun` entry point, venv or not
+    two = subprocess.run([*torchrun, "--standalone", "--nproc_per_node=2", "scripts/run.py", *args,
+                          f"out_dir={tmp_path / 'two'}"], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "scripts/run.py", *args, f"out_dir={tmp_path / 'one'}"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / k / "results.json").read_text()) for k in ("one", "two"))
+    assert a["results"]["accuracy_matrix"] == b["results"]["accuracy_matrix"]
+    assert b["provenance"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert "(2 ranks)" in two.stdout and two.stdout.count("accuracy (%)") == 1  # one summary, from rank 0
