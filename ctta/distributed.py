@@ -197,7 +197,7 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter], weight: float, fi
         offset = 0
         for i in idx:
             p = params[i]
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset:offset + p.numel()].view_as(p)  # views of one buffer: no second copy
             offset += p.numel()
     for i, p in enumerate(params):
         if has[i] == 0:
