@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from ctta import AccuracyMatrix, Clip, ZeroShotRetention, run  # noqa: E402
 from ctta.io import atomic_write_json, provenance  # noqa: E402
+from ctta.report import cl_row, cl_table  # noqa: E402
 from ctta.strategies.finetune import Finetune  # noqa: E402
 from ctta.strategies.lwf import LwF  # noqa: E402
 from ctta.strategies.vr_lwf import VRLwF  # noqa: E402
@@ -62,26 +63,6 @@ def build(method: str, a: argparse.Namespace):
     raise ValueError(f"unknown method {method!r}; choose from {METHODS + EXTRA}")
 
 
-def summary(res: dict) -> dict:
-    m, r = res["metrics"], res["retention"]
-    return {"average": m["average"], "last": m["last"], "forgetting": m["forgetting"], "bwt": m["bwt"],
-            "retention_ratio": r["mean_ratio"], "retention_drop": r["mean_drop"], "control_acc0": r["mean_acc0"],
-            "control_acc": r["mean_acc"],
-            "per_control": {k.split("/")[-1]: (v["acc0"], v["acc"][-1]) for k, v in r["tasks"].items()}}
-
-
-def table(rows: dict[str, dict]) -> str:
-    names = " / ".join(next(iter(rows.values()))["per_control"]) if rows else ""
-    out = ["| method | average | last | forgetting | retention ratio | retention drop (pts) | "
-           f"controls {names} (after) | wall (s) |",
-           "|---|---|---|---|---|---|---|---|"]
-    for name, s in rows.items():
-        ctl = " / ".join(f"{100 * v[1]:.1f}" for v in s["per_control"].values())
-        out.append(f"| {name} | {100 * s['average']:.1f} | {100 * s['last']:.1f} | {100 * s['forgetting']:.1f} | "
-                   f"{s['retention_ratio']:.3f} | {100 * s['retention_drop']:.1f} | {ctl} | {s['wall_s']:.0f} |")
-    return "\n".join(out)
-
-
 def merge(paths: list[str], out: str) -> dict:
     docs = [json.loads(Path(f).read_text()) for f in paths]
     keys = ("params", "iterations", "batch_size", "lr", "warmup", "label_smoothing", "train_per_class", "test_per_class",
@@ -96,7 +77,7 @@ def merge(paths: list[str], out: str) -> dict:
     doc = {"settings": {**docs[0]["settings"], "methods": ",".join(rows), "merged_from": paths}, "summary": rows,
            "results": raw, "total_wall_s": sum(d["total_wall_s"] for d in docs), "provenance": docs[0]["provenance"]}
     atomic_write_json(out, doc)
-    print(f"{table(rows)}\n\nwritten to {out}")
+    print(f"{cl_table(rows)}\n\nwritten to {out}")
     return doc
 
 
@@ -145,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         res = run(model, strategy, stream, [AccuracyMatrix(), ZeroShotRetention(controls)], seed=a.seed,
                   progress=False)
-        s = summary(res)
+        s = cl_row(res)
         s["wall_s"] = time.perf_counter() - t
         s["skipped_steps"] = strategy.skipped_steps
         rows[method], raw[method] = s, res
@@ -155,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"settings": vars(a), "summary": rows, "results": raw, "total_wall_s": time.perf_counter() - t0,
            "provenance": provenance(model, seed=a.seed, config=vars(a))}
     atomic_write_json(a.out, doc)
-    print(f"\n{table(rows)}\n\nwritten to {a.out} (total {doc['total_wall_s']:.0f} s)")
+    print(f"\n{cl_table(rows)}\n\nwritten to {a.out} (total {doc['total_wall_s']:.0f} s)")
     return doc
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from ctta import AccuracyMatrix, Clip, ZeroShotRetention, run  # noqa: E402
 from ctta.hooks import StrategySummary  # noqa: E402
 from ctta.io import atomic_write_json, provenance  # noqa: E402
+from ctta.report import cl_row, cl_table  # noqa: E402
 from ctta.strategies.lora_ft import LoRA  # noqa: E402
 from ctta.strategies.rank_lora import RankSelectiveLoRA, kappa_schedule  # noqa: E402
 from ctta.strategies.zeroshot import ZeroShot  # noqa: E402
@@ -61,11 +62,7 @@ class Progress:
 
 
 def summarize(res: dict, strategy) -> dict:
-    m, r = res["metrics"], res["retention"]
-    out = {"average": m["average"], "last": m["last"], "forgetting": m["forgetting"],
-           "retention_ratio": r["mean_ratio"], "retention_drop": r["mean_drop"], "control_acc0": r["mean_acc0"],
-           "control_acc": r["mean_acc"],
-           "per_control": {k.split("/")[-1]: (v["acc0"], v["acc"][-1]) for k, v in r["tasks"].items()}}
+    out = cl_row(res)
     tasks = res.get("strategy", {}).get("tasks", [])
     if tasks:
         out["effective_rank"] = sum(t["mean_effective_rank"] for t in tasks) / len(tasks)  # mean over tasks
@@ -76,19 +73,8 @@ def summarize(res: dict, strategy) -> dict:
     return out
 
 
-def table(rows: dict[str, dict]) -> str:
-    out = ["| method | average | last | forgetting | retention ratio | retention drop (pts) | "
-           f"controls {' / '.join(next(iter(rows.values()))['per_control'])} (after) | mean eff. rank | "
-           "‖θ_T−θ_0‖ | wall (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s in rows.items():
-        ctl = " / ".join(f"{100 * v[1]:.1f}" for v in s["per_control"].values())
-        rank = f"{s['effective_rank']:.2f}" if "effective_rank" in s else "–"
-        drift = f"{s['drift']:.3f}" if "drift" in s else "0"
-        out.append(f"| {name} | {100 * s['average']:.1f} | {100 * s['last']:.1f} | {100 * s['forgetting']:.1f} | "
-                   f"{s['retention_ratio']:.3f} | {100 * s['retention_drop']:.1f} | {ctl} | {rank} | {drift} | "
-                   f"{s['wall_s']:.0f} |")
-    return "\n".join(out)
+LORA_COLUMNS = (("mean eff. rank", lambda s: f"{s['effective_rank']:.2f}" if "effective_rank" in s else "–"),
+                ("‖θ_T−θ_0‖", lambda s: f"{s['drift']:.3f}" if "drift" in s else "0"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"settings": vars(a), "summary": rows, "results": raw, "total_wall_s": time.perf_counter() - t0,
            "provenance": provenance(model, seed=a.seed, config=vars(a))}
     atomic_write_json(a.out, doc)
-    print(f"\n{table(rows)}\n\nwritten to {a.out} (total {doc['total_wall_s']:.0f} s)")
+    print(f"\n{cl_table(rows, LORA_COLUMNS)}\n\nwritten to {a.out} (total {doc['total_wall_s']:.0f} s)")
     return doc
 
 
