@@ -171,6 +171,7 @@ def _resume(ctx: RunContext, hooks) -> int:
     for h, state in zip(hooks, ck["hooks"]):
         if state is not None:
             h.load_state_dict(state)
-    ctx.results.update(ck["results"])
+    if distributed.is_main():  # results belong to the hooks, which live on rank 0
+        ctx.results.update(ck["results"])
     ctx.resumed = True
     return int(ck["next_task"])

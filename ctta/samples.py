@@ -211,7 +211,8 @@ def _resume(ctx: SampleContext, hooks, batch_size: int, single: bool = True) -> 
     for h, state in zip(hooks, ck["hooks"]):
         if state is not None:
             h.load_state_dict(state)
-    ctx.results.update(ck["results"])
+    if single or distributed.is_main():  # results belong to the hooks, which live on rank 0
+        ctx.results.update(ck["results"])
     set_rng_state(ck["rng"])
     ctx.position, ctx.resumed = int(ck["position"]), True
     return int(ck["task"]), int(ck["offset"])

@@ -26,7 +26,7 @@ SPACE = LabelSpace([f"class {i}" for i in range(4)])
 # --------------------------------------------------------------------------------------------- scenarios
 def cil_stream():
     space = LabelSpace([f"class {i}" for i in range(6)])
-    # 22 training images per task of 2 classes: global batches of 8, 8, 6 (uneven shards: 4/4, 4/4, 3/3)
+    # 14-16 training images per task of 2 classes: global batches of 8 and 6-8 (uneven shards such as 4/3)
     return class_incremental(space, make_dataset(44, 6, seed=1), make_dataset(30, 6, seed=2), increment=2, seed=1)
 
 
@@ -56,6 +56,12 @@ def scenarios(out: Path) -> dict:
     r = run(model, ft, cil_stream(), [AccuracyMatrix(), JsonResults()], out_dir=out / f"ft_rank{distributed.rank()}")
     res["finetune_weights"] = {k: v.clone() for k, v in model.trainable_state().items()}
     res["finetune_results"] = r.get("accuracy_matrix")
+    # a re-run resumes from the finished checkpoint (read by rank 0, sent to the others): same weights, no training
+    model2 = make_tiny_clip(1)
+    ft2 = Finetune("visual", lr=1e-3, batch_size=8, epochs=2, grad_clip=1.0)
+    r2 = run(model2, ft2, cil_stream(), [AccuracyMatrix(), JsonResults()], out_dir=out / f"ft_rank{distributed.rank()}")
+    res["resumed_equal"] = all(torch.equal(v, model.trainable_state()[k]) for k, v in model2.trainable_state().items())
+    res["resumed_results"], res["resumed_steps"] = r2.get("accuracy_matrix"), ft2.steps
     # RAPF: the class statistics of the frozen encoder, reduced across ranks
     rapf = RAPF(epochs=1, batch_size=8, cache=False, replay_classes=1)
     run(make_tiny_clip(0), rapf, cil_stream())
@@ -194,6 +200,9 @@ def test_two_processes_match_one(tmp_path):
             assert torch.allclose(got, v, atol=2e-5), k
     assert ranks[0]["finetune_results"] == single["finetune_results"]
     assert ranks[1]["finetune_results"] is None  # hooks run on rank 0 only
+    for r in (*ranks, single):  # resumed from rank 0's checkpoint on every rank
+        assert r["resumed_equal"] and r["resumed_steps"] == 2 * 2 * 3  # 2 batches x 2 epochs x 3 tasks, restored
+    assert ranks[0]["resumed_results"] == single["finetune_results"] and ranks[1]["resumed_results"] is None
     assert (tmp_path / "ft_rank0" / "results.json").exists() and (tmp_path / "ft_rank0" / "checkpoint.pt").exists()
     assert not (tmp_path / "ft_rank1").exists()  # only rank 0 writes
 
