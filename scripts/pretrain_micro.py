@@ -37,15 +37,46 @@ from streams import synthetic as W  # noqa: E402
 TRAIN_STYLES = ("filled", "outline")  # "textured" is held out: the domain-incremental stream's new domain
 
 
-def make_batch(n: int, g: torch.Generator, hard_frac: float, group: int) -> W.Factors:
-    """n factors; a ``hard_frac`` share of them in groups of ``group`` images sharing one colour."""
+def make_batch(n: int, g: torch.Generator, hard_frac: float, group: int, combo_frac: float = 0.0) -> W.Factors:
+    """n factors; a ``hard_frac`` share of them in groups of ``group`` images sharing one colour, and a
+    ``combo_frac`` share in groups sharing colour and shape (so that size, background and style must tell them
+    apart)."""
     n_groups = int(n * hard_frac) // group
+    n_combo = int(n * combo_frac) // group
     parts = []
     for c in torch.randint(len(W.COLOURS), (n_groups,), generator=g).tolist():
         parts.append(W.sample_factors(group, g, colours=[W.COLOURS[c]], exclude_combos=W.HELD_OUT,
                                       styles=TRAIN_STYLES))
-    parts.append(W.sample_factors(n - n_groups * group, g, exclude_combos=W.HELD_OUT, styles=TRAIN_STYLES))
+    if n_combo:  # (no draw at all otherwise: the shipped recipe's random stream is unchanged)
+        seen = sorted(set((c, s) for c in W.COLOURS for s in W.SHAPES) - W.HELD_OUT)
+        for k in torch.randint(len(seen), (n_combo,), generator=g).tolist():
+            parts.append(W.sample_factors(group, g, combos=[seen[k]], styles=TRAIN_STYLES))
+    rest = n - (n_groups + n_combo) * group
+    if rest < 0:
+        raise ValueError(f"hard_frac + combo_frac > 1 (batch {n}, group {group})")
+    parts.append(W.sample_factors(rest, g, exclude_combos=W.HELD_OUT, styles=TRAIN_STYLES))
     return W.Factors.cat(parts)
+
+
+def grey_batch(images: torch.Tensor, f: W.Factors, g: torch.Generator, frac: float, mention_p) -> tuple:
+    """Captions (and positives) for a batch of which a ``frac`` share is rendered in greyscale; grey images are
+    never captioned with a colour and never match a caption that names one (shape learned apart from colour)."""
+    texts, mentions = W.describe(f, g, mention_p)
+    grey = torch.rand(len(f), generator=g) < frac if frac > 0 else torch.zeros(len(f), dtype=torch.bool)
+    if grey.any():
+        idx = grey.nonzero().flatten()
+        p = list(mention_p or W._MENTION_P)
+        p[W.MENTIONED.index("colour")] = 0.0
+        t_grey, m_grey = W.describe(f[idx], g, p)
+        for j, i in enumerate(idx.tolist()):
+            texts[i] = t_grey[j]
+        mentions[idx] = m_grey
+        lum = (images[idx] * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+        images = images.clone()
+        images[idx] = lum.expand(-1, 3, -1, -1)
+    positives = W.matches(mentions, f).T  # [images, texts]
+    positives[grey[:, None] & (mentions[:, W.MENTIONED.index("colour")] >= 0)[None, :]] = False
+    return images, texts, positives
 
 
 def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -85,6 +116,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=0.04, help="warm-up fraction of the schedule")
     ap.add_argument("--hard-frac", type=float, default=0.5, help="share of each batch in same-colour groups")
     ap.add_argument("--group", type=int, default=16)
+    ap.add_argument("--combo-frac", type=float, default=0.0, help="share in groups sharing colour and shape")
+    ap.add_argument("--grey-frac", type=float, default=0.0, help="share rendered in greyscale, never colour-captioned")
+    ap.add_argument("--mention-p", type=float, nargs=5, default=None, metavar="P",
+                    help=f"probability of naming each of {W.MENTIONED} in a caption (default {W._MENTION_P})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default=str(ROOT / "ctta/assets/micro-clip.json"))
     ap.add_argument("--out", default=str(ROOT / "ctta/assets/micro-clip.safetensors"))
@@ -122,10 +157,9 @@ def main() -> None:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, args.warmup, args.lr)
-        f = make_batch(args.batch, g, args.hard_frac, args.group)
-        images = (W.render(f) - mean) / std
-        texts, mentions = W.describe(f, g)
-        positives = W.matches(mentions, f).T  # [images, texts]
+        f = make_batch(args.batch, g, args.hard_frac, args.group, args.combo_frac)
+        images, texts, positives = grey_batch(W.render(f), f, g, args.grey_frac, args.mention_p)
+        images = (images - mean) / std
         img, txt, scale = model(images, tokenizer(texts))[:3]
         loss = multi_positive_loss(img, txt, scale, positives)
         opt.zero_grad(set_to_none=True)
@@ -159,6 +193,7 @@ def main() -> None:
     meta = {"world_version": W.WORLD_VERSION, "steps": step, "batch": args.batch, "wall_time_s": round(wall, 1),
             "seed": args.seed, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
             "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
+            "combo_frac": args.combo_frac, "grey_frac": args.grey_frac, "mention_p": args.mention_p,
             "train_styles": list(TRAIN_STYLES), "held_out_combos": sorted(map(list, W.HELD_OUT)),
             "param_count": n_params, "config": json.loads(Path(args.config).read_text()),
             "eval_normalisation": {"mean": list(eval_micro.MEAN), "std": list(eval_micro.STD)},

@@ -332,8 +332,10 @@ def phrase(shape: int | None = None, colour: int | None = None, size: int | None
     return text
 
 
-def describe(factors: Factors, generator: torch.Generator) -> tuple[list[str], Tensor]:
-    """Random template captions and what they name.
+def describe(factors: Factors, generator: torch.Generator,
+             mention_p: Sequence[float] | None = None) -> tuple[list[str], Tensor]:
+    """Random template captions and what they name (``mention_p``: the probability of naming each factor of
+    ``MENTIONED``; default ``_MENTION_P``).
 
     Returns ``(texts, mentions)`` where ``mentions`` is a [N, 5] long tensor (CPU) holding, for the
     factors in ``MENTIONED`` order, the index a caption names or -1 where it leaves the factor unnamed.
@@ -343,7 +345,10 @@ def describe(factors: Factors, generator: torch.Generator) -> tuple[list[str], T
     n = len(factors)
     values = torch.stack([factors.shape, factors.colour, factors.size, factors.background,
                           factors.style], 1).cpu()
-    named = torch.rand(n, 5, generator=g).cpu() < torch.tensor(_MENTION_P)
+    p = torch.tensor(_MENTION_P if mention_p is None else tuple(mention_p), dtype=torch.float32)
+    if p.shape != (5,) or not ((p >= 0) & (p <= 1)).all():
+        raise ValueError(f"mention_p must hold 5 probabilities (for {MENTIONED}), got {mention_p!r}")
+    named = torch.rand(n, 5, generator=g).cpu() < p
     none = ~named.any(1)
     named[none, 0] = True  # always say something
     mentions = torch.where(named, values, torch.full_like(values, -1))

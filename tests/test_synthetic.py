@@ -119,3 +119,15 @@ def test_corrupt_bad_arguments():
         corrupt(x, "fog", 3)
     with pytest.raises(ValueError, match="severity"):
         corrupt(x, "contrast", 6)
+
+
+def test_describe_mention_probabilities():
+    from streams.synthetic import MENTIONED, SHAPES, describe, sample_factors
+    g = torch.Generator().manual_seed(0)
+    f = sample_factors(50, g)
+    texts, mentions = describe(f, g, mention_p=(1.0, 0.0, 0.0, 0.0, 0.0))  # shape only
+    assert (mentions[:, 0] == f.shape).all() and (mentions[:, 1:] == -1).all()
+    assert all(SHAPES[int(s)] in t for s, t in zip(f.shape, texts))
+    with pytest.raises(ValueError, match="5 probabilities"):
+        describe(f, g, mention_p=(1.0, 0.5))
+    assert len(MENTIONED) == 5
