@@ -216,13 +216,25 @@ def gather_objects(obj: Any, what: str = "gather") -> list[Any] | None:
 
 
 def broadcast_object(obj: Any, what: str = "broadcast") -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank. Send CPU tensors (a pickled CUDA tensor lands on rank 0's GPU in every
+    process) and move them with `to_device` on arrival."""
     if not is_distributed():
         return obj
     box = [obj if is_main() else None]
     with _collective(what):
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """The tensors of nested dicts / lists / tuples moved to ``device`` (other leaves as they are)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 def check_same(value: Any, what: str) -> None:

@@ -155,7 +155,7 @@ def _resume(ctx: RunContext, hooks) -> int:
     path = ctx.out_dir / CHECKPOINT
     ck = None
     if distributed.is_main() and path.exists():
-        ck = safe_torch_load(path, map_location=ctx.model.device)
+        ck = safe_torch_load(path, map_location="cpu" if distributed.is_distributed() else ctx.model.device)
         if ck["fingerprint"] != _fingerprint(ctx):
             ck = ValueError(f"{path} belongs to a different run ({ck['fingerprint']}); "
                             f"this run is {_fingerprint(ctx)}. Use another output directory.")
@@ -167,7 +167,7 @@ def _resume(ctx: RunContext, hooks) -> int:
     if ck is None:
         return 0
     ctx.model.net.load_state_dict(ck["model"])
-    ctx.strategy.load_state_dict(ck["strategy"])
+    ctx.strategy.load_state_dict(distributed.to_device(ck["strategy"], ctx.model.device))
     for h, state in zip(hooks, ck["hooks"]):
         if state is not None:
             h.load_state_dict(state)

@@ -194,7 +194,7 @@ def _resume(ctx: SampleContext, hooks, batch_size: int, single: bool = True) -> 
     path = ctx.out_dir / CHECKPOINT
     ck = None
     if (single or distributed.is_main()) and path.exists():
-        ck = safe_torch_load(path, map_location=ctx.model.device)
+        ck = safe_torch_load(path, map_location=ctx.model.device if single else "cpu")
         if ck["fingerprint"] != _fingerprint(ctx, batch_size):
             ck = ValueError(f"{path} belongs to a different run ({ck['fingerprint']}); "
                             f"this run is {_fingerprint(ctx, batch_size)}. Use another output directory.")
@@ -207,7 +207,7 @@ def _resume(ctx: SampleContext, hooks, batch_size: int, single: bool = True) -> 
     if ck is None:
         return 0, 0
     ctx.adapter.space = ctx.stream.train_space(min(int(ck["task"]), len(ctx.stream) - 1))[0]
-    ctx.adapter.load_state_dict(ck["adapter"])
+    ctx.adapter.load_state_dict(distributed.to_device(ck["adapter"], ctx.model.device))
     for h, state in zip(hooks, ck["hooks"]):
         if state is not None:
             h.load_state_dict(state)
