@@ -131,21 +131,45 @@ def _killed_worker(rank: int, world: int, port: int, out: str) -> None:
     distributed.shutdown()
 
 
+class StallsOnRank1(Finetune):
+    def learn(self, images, labels, space):
+        if distributed.rank() == 1 and self.steps == 1:
+            time.sleep(120)  # alive but stuck (a hung data loader, a deadlock): only the timeout can tell
+        return super().learn(images, labels, space)
+
+
+def _stalled_worker(rank: int, world: int, port: int, out: str) -> None:
+    _join(rank, world, port, timeout_s=5)
+    t0 = time.time()
+    try:
+        run(make_tiny_clip(0), StallsOnRank1("visual", lr=1e-3, batch_size=4, epochs=3), cil_stream())
+        msg = "finished"
+    except distributed.DistributedError as e:
+        msg = f"DistributedError: {e}"
+    (Path(out) / f"rank{rank}.txt").write_text(f"{time.time() - t0:.1f}\n{msg}")
+    if rank == 0:
+        os._exit(0)  # do not wait for the stuck rank in the process group's teardown
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def launch(fn, out: Path, world: int = 2, timeout: float = 300) -> list[int]:
+def launch(fn, out: Path, world: int = 2, timeout: float = 300, stragglers_s: float | None = None) -> list[int]:
+    """Run ``fn(rank, world, port, out)`` in ``world`` spawned processes; kill any still alive at ``timeout`` (or
+    ``stragglers_s`` after rank 0 has ended); their exit codes."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=fn, args=(r, world, port, str(out))) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.time() + timeout
-    for p in procs:
+    for i, p in enumerate(procs):
         p.join(max(1.0, deadline - time.time()))
+        if i == 0 and stragglers_s is not None:
+            deadline = min(deadline, time.time() + stragglers_s)
     codes = []
     for p in procs:
         if p.is_alive():
@@ -254,3 +278,11 @@ def test_run_script_under_torchrun_matches_one_process(tmp_path):
     assert a["results"]["accuracy_matrix"] == b["results"]["accuracy_matrix"]
     assert b["provenance"]["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert "(2 ranks)" in two.stdout and two.stdout.count("accuracy (%)") == 1  # one summary, from rank 0
+
+
+def test_a_stalled_rank_fails_the_others_after_the_timeout(tmp_path):
+    codes = launch(_stalled_worker, tmp_path, timeout=120, stragglers_s=2)  # rank 1 still asleep: killed
+    assert codes[0] == 0
+    seconds, msg = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert msg.startswith("DistributedError") and "timeout" in msg, msg
+    assert 4 < float(seconds) < 45  # the 5 s collective timeout, not the 120 s stall

@@ -260,7 +260,8 @@ class RAPF(Strategy):
         """Per-class mean and covariance of the task's training features. Under torchrun each rank encodes its
         shard and the per-class sums are all-reduced, so every rank stores the statistics of the whole task."""
         dev = self._model().device
-        rows = torch.tensor_split(torch.arange(len(task.train)), distributed.world_size())[distributed.rank()]
+        shards = distributed.world_size() if distributed.is_distributed() else 1
+        rows = torch.tensor_split(torch.arange(len(task.train)), shards)[distributed.rank() if shards > 1 else 0]
         feats, labels = [], []
         for images, y, _ in iter_batches(task.train, self.eval_batch_size, indices=rows):
             feats.append(self.image_features(images.to(dev)))
