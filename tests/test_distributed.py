@@ -71,6 +71,14 @@ def scenarios(out: Path) -> dict:
     r = run_samples(make_tiny_clip(0), TPT(ctx_init="a photo of a", n_views=7, selection_p=0.3, seed=3),
                     sample_stream(), [rec, acc], batch_size=1)
     res["tpt_preds"], res["tpt_positions"], res["tpt_online"] = rec.preds, rec.positions, r.get("online")
+    # episodic TENT with a checkpoint; the re-run resumes at the end from rank 0's file and replays nothing
+    folder = out / f"tent_rank{distributed.rank()}"
+    r = run_samples(make_tiny_clip(0), Tent(lr=1e-2), sample_stream(), [Record(), OnlineAccuracy()], batch_size=3,
+                    reset="episodic", out_dir=folder, checkpoint_every=6)
+    rec = Record()
+    r2 = run_samples(make_tiny_clip(0), Tent(lr=1e-2), sample_stream(), [rec, OnlineAccuracy()], batch_size=3,
+                     reset="episodic", out_dir=folder, checkpoint_every=6)
+    res["samples_resumed"] = (r.get("online"), r2.get("online"), rec.preds, folder.exists())
     # episodic adapter policy over batches of 3, TENT: sharded too
     rec = Record()
     r = run_samples(make_tiny_clip(0), Tent(lr=1e-2), sample_stream(), [rec, OnlineAccuracy()], batch_size=3,
@@ -243,6 +251,9 @@ def test_two_processes_match_one(tmp_path):
     assert ranks[0]["tent_episodic_preds"] == single["tent_episodic_preds"]
     assert ranks[0]["tent_episodic_online"] == single["tent_episodic_online"]
     assert ranks[1]["tpt_preds"] == [] and ranks[1]["tpt_online"] is None
+    first, resumed, replayed, wrote = ranks[0]["samples_resumed"]
+    assert first == resumed == single["samples_resumed"][0] and replayed == [] and wrote
+    assert ranks[1]["samples_resumed"] == (None, None, [], False)  # rank 1 neither scores nor writes
     # an online stream runs on rank 0 alone
     assert ranks[0]["tent_online"] == single["tent_online"] and ranks[1]["tent_online"] is None
 
