@@ -110,7 +110,7 @@ def _train(ctx: RunContext, hooks, task: Task, space, offset: int, progress: boo
     gen = torch.Generator().manual_seed(ctx.seed + 7919 * (ctx.task_index + 1))
     n = len(task.train)
     total = steps_per_task(n, s.batch_size, s.epochs, s.iterations)
-    bar = tqdm(total=total, desc=f"train {task.name}", leave=False, disable=_no_bar(progress))
+    bar = tqdm(total=total, desc=f"train {task.name}", leave=False, disable=no_bar(progress))
     done = 0
     while done < total:
         order = torch.randperm(n, generator=gen)
@@ -127,7 +127,7 @@ def _train(ctx: RunContext, hooks, task: Task, space, offset: int, progress: boo
     bar.close()
 
 
-def _no_bar(progress: bool | None) -> bool | None:
+def no_bar(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None (auto: only on a terminal) unless ``progress`` says; always off off rank 0."""
     if not distributed.is_main():
         return True

@@ -29,7 +29,7 @@ from ctta.data import load_batch
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
 from ctta.online import OnlineAdapter, ResetPolicy
-from ctta.runner import RunContext, call, seed_everything
+from ctta.runner import RunContext, call, no_bar, seed_everything
 from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, TaskStream
 
@@ -98,7 +98,7 @@ def _run(model, strategy, stream, hooks, batch_size, reset, reset_on_shift, drif
     call(hooks, "on_run_start", ctx)
     last_save = ctx.position
     bar = tqdm(total=sum(len(t.test) for t in stream.tasks), initial=ctx.position, desc=f"adapt {stream.name}",
-               disable=True if not main else (not progress if progress is not None else None), leave=False)
+               disable=no_bar(progress), leave=False)
     for t in range(start_task, len(stream)):
         task = stream.tasks[t]
         space, offset = stream.train_space(t)

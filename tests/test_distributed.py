@@ -127,18 +127,6 @@ class DiesOnRank1(Finetune):
         return super().learn(images, labels, space)
 
 
-def _killed_worker(rank: int, world: int, port: int, out: str) -> None:
-    _join(rank, world, port, timeout_s=20)
-    t0 = time.time()
-    try:
-        run(make_tiny_clip(0), DiesOnRank1("visual", lr=1e-3, batch_size=4, epochs=3), cil_stream())
-        msg = "finished"
-    except distributed.DistributedError as e:
-        msg = f"DistributedError: {e}"
-    (Path(out) / f"rank{rank}.txt").write_text(f"{time.time() - t0:.1f}\n{msg}")
-    distributed.shutdown()
-
-
 class StallsOnRank1(Finetune):
     def learn(self, images, labels, space):
         if distributed.rank() == 1 and self.steps == 1:
@@ -146,15 +134,25 @@ class StallsOnRank1(Finetune):
         return super().learn(images, labels, space)
 
 
-def _stalled_worker(rank: int, world: int, port: int, out: str) -> None:
-    _join(rank, world, port, timeout_s=5)
+def _failing_run(rank: int, world: int, port: int, out: str, strategy_cls: type, timeout_s: float) -> None:
+    """A Finetune run in which rank 1 fails; each surviving rank writes its seconds and outcome to rank<r>.txt."""
+    _join(rank, world, port, timeout_s=timeout_s)
     t0 = time.time()
     try:
-        run(make_tiny_clip(0), StallsOnRank1("visual", lr=1e-3, batch_size=4, epochs=3), cil_stream())
+        run(make_tiny_clip(0), strategy_cls("visual", lr=1e-3, batch_size=4, epochs=3), cil_stream())
         msg = "finished"
     except distributed.DistributedError as e:
         msg = f"DistributedError: {e}"
     (Path(out) / f"rank{rank}.txt").write_text(f"{time.time() - t0:.1f}\n{msg}")
+
+
+def _killed_worker(rank: int, world: int, port: int, out: str) -> None:
+    _failing_run(rank, world, port, out, DiesOnRank1, timeout_s=20)
+    distributed.shutdown()
+
+
+def _stalled_worker(rank: int, world: int, port: int, out: str) -> None:
+    _failing_run(rank, world, port, out, StallsOnRank1, timeout_s=5)
     if rank == 0:
         os._exit(0)  # do not wait for the stuck rank in the process group's teardown
 

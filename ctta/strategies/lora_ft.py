@@ -28,7 +28,25 @@ from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, Task
 
 
-class LoRA(Strategy):
+class MergeHistoryState:
+    """Report and checkpoint entries of a LoRA strategy's ``self.history`` (`MergeHistory`); mixed in before
+    `Strategy` by LoRA and CoDyRA."""
+
+    history: MergeHistory
+
+    def summary(self) -> dict[str, Any]:
+        """Per-task effective ranks and drift ‖θ_t − θ_0‖, and the last task's headline numbers."""
+        return self.history.summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.history.load_state_dict(state.get("history", {}))
+
+
+class LoRA(MergeHistoryState, Strategy):
     """Fixed-rank continual LoRA (see the module docstring); ``summary()`` reports ranks and ``||θ_t − θ_0||_F``."""
 
     def __init__(self, *, rank: int = 16, scaling: float = 1.0, targets: Sequence[str] = TARGETS,
@@ -96,13 +114,3 @@ class LoRA(Strategy):
         self._inject()
         self.optimizer, self.scheduler, self._seen, self._block = None, None, None, None
 
-    def summary(self) -> dict[str, Any]:
-        """Per-task effective ranks and drift ‖θ_t − θ_0‖, and the last task's headline numbers."""
-        return self.history.summary()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.history.load_state_dict(state.get("history", {}))

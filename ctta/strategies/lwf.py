@@ -94,10 +94,14 @@ def lwf_terms(model: Clip, student_image: Tensor, teacher_image: Tensor, teacher
     return distillation(t, s, T), distillation(t.t(), s.t(), T)
 
 
-def check_distillation(temperature: float, image_loss: float, text_loss: float, scale: float | None) -> None:
+def configure_distillation(s: Strategy, temperature: float, image_loss: float, text_loss: float,
+                           scale: float | None) -> None:
+    """Check and set the distillation settings shared by LwF and VR-LwF on strategy ``s``."""
     if temperature <= 0 or image_loss < 0 or text_loss < 0 or (scale is not None and scale <= 0):
         raise ValueError(f"need temperature > 0, non-negative loss weights and a positive distill_scale, got "
                          f"T={temperature}, image_loss={image_loss}, text_loss={text_loss}, distill_scale={scale}")
+    s.temperature, s.image_loss, s.text_loss = float(temperature), float(image_loss), float(text_loss)
+    s.distill_scale = None if scale is None else float(scale)
 
 
 def distill_learn(s: Strategy, images: Tensor, labels: Tensor, space: LabelSpace, teacher_text: Tensor
@@ -127,12 +131,10 @@ class LwF(Strategy):
                  distill_scale: float | None = 100.0, wise_alpha: float | None = None, batch_size: int = 64,
                  epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        check_distillation(temperature, image_loss, text_loss, distill_scale)
-        self.distill_scale = None if distill_scale is None else float(distill_scale)
+        configure_distillation(self, temperature, image_loss, text_loss, distill_scale)
         self.params = params if isinstance(params, str) else tuple(params)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup, self.label_smoothing = warmup, label_smoothing
-        self.temperature, self.image_loss, self.text_loss = float(temperature), float(image_loss), float(text_loss)
         self.wise_alpha = check_alpha(wise_alpha)
         self._trainable: list[nn.Parameter] = []
         self._anchor: dict[str, Tensor] | None = None

@@ -29,7 +29,7 @@ Deviations (deliberate):
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from ctta.losses import seen_masked_clip_loss
 from ctta.model import Clip
 from ctta.optim import adamw_cosine, steps_per_task
 from ctta.strategies.finetune import class_prompts
+from ctta.strategies.lora_ft import MergeHistoryState
 from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, Task
 
@@ -79,7 +80,7 @@ def soft_threshold_(gates: Iterable[Tensor], kappa: float, reference: bool = Fal
             w.copy_(w.sign() * (w.abs() - kappa).clamp_min(0))
 
 
-class RankSelectiveLoRA(Strategy):
+class RankSelectiveLoRA(MergeHistoryState, Strategy):
     """CoDyRA (see the module docstring). Reference defaults; ``summary()`` reports per task the effective rank
     of every module and ``||θ_t − θ_0||_F``."""
 
@@ -157,16 +158,3 @@ class RankSelectiveLoRA(Strategy):
         merge_and_remove(m)
         self.loras = inject_lora(m, self.targets, self.layers, self.towers, self.rank, gated=True)
         self.optimizer, self.scheduler, self._seen, self._block = None, None, None, None
-
-    # ----------------------------------------------------------------------------------------- reporting / state
-    def summary(self) -> dict[str, Any]:
-        """Per-task effective ranks and drift ‖θ_t − θ_0‖, and the last task's headline numbers."""
-        return self.history.summary()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.history.load_state_dict(state.get("history", {}))
-

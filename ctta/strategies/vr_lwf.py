@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
 from ctta.strategies.finetune import build_optimizer, setup_finetuning
-from ctta.strategies.lwf import FrozenImageTower, check_distillation, distill_learn, encode_frozen
+from ctta.strategies.lwf import FrozenImageTower, configure_distillation, distill_learn, encode_frozen
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
@@ -100,8 +100,7 @@ class VRLwF(Strategy):
                  batch_size: int = 64, epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None,
                  amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        check_distillation(temperature, image_loss, text_loss, distill_scale)
-        self.distill_scale = None if distill_scale is None else float(distill_scale)
+        configure_distillation(self, temperature, image_loss, text_loss, distill_scale)
         if n_sentences <= 0 or length <= 0:
             raise ValueError(f"n_sentences and length must be positive, got {n_sentences}, {length}")
         self.params = params if isinstance(params, str) else tuple(params)
@@ -109,7 +108,6 @@ class VRLwF(Strategy):
         self.n_sentences, self.length, self.vocab_seed = int(n_sentences), int(length), int(vocab_seed)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup, self.label_smoothing = warmup, label_smoothing
-        self.temperature, self.image_loss, self.text_loss = float(temperature), float(image_loss), float(text_loss)
         self.wise_alpha = check_alpha(wise_alpha)
         self._trainable: list[nn.Parameter] = []
         self._anchor: dict[str, Tensor] | None = None
