@@ -219,15 +219,18 @@ def test_two_processes_match_one(tmp_path):
 
     # Finetune: same weights as one process with the same global batch, on both ranks. The key bias of attention
     # is left out: softmax ignores it, so its gradient is exactly zero in exact arithmetic and float noise of
-    # either summation order, which Adam's normalisation blows up to lr-sized steps (seen: 1.8e-4 there, <1e-5
-    # everywhere else).
+    # either summation order, which Adam's normalisation blows up to lr-sized steps (seen: 1.8e-4 there). The same
+    # amplification hits the odd near-zero gradient entry elsewhere (seen: one of 4,096 at 2.2e-5 on a CPU with
+    # AMX, all others < 5e-6), so: every entry within 1e-4, and all but 0.1 % within 2e-5. A real mismatch (a
+    # missing all-reduce, a wrong batch shard) moves most entries by lr-sized amounts (1e-3 a step).
     for r in ranks:
         for k, v in single["finetune_weights"].items():
             got = r["finetune_weights"][k]
             if k.endswith("attn.in_proj_bias"):
                 d = v.shape[0] // 3
                 got, v = torch.cat([got[:d], got[2 * d:]]), torch.cat([v[:d], v[2 * d:]])
-            assert torch.allclose(got, v, atol=2e-5), k
+            diff = (got - v).abs()
+            assert diff.max() < 1e-4 and (diff > 2e-5).float().mean() <= 1e-3, (k, diff.max().item())
     assert ranks[0]["finetune_results"] == single["finetune_results"]
     assert ranks[1]["finetune_results"] is None  # hooks run on rank 0 only
     for r in (*ranks, single):  # resumed from rank 0's checkpoint on every rank
