@@ -164,7 +164,12 @@ def main() -> None:
         tmp = meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, meta_path)
-        Path(args.results).write_text(md)
+        results = Path(args.results)
+        old = results.read_text() if results.exists() else ""
+        notes = old[old.index("\nNotes:"):] if "\nNotes:" in old else ""  # hand-written notes survive a rewrite
+        tmp = results.with_name(results.name + ".tmp")
+        tmp.write_text(md + notes)
+        os.replace(tmp, results)
 
 
 if __name__ == "__main__":
