@@ -168,7 +168,7 @@ def main() -> None:
         old = results.read_text() if results.exists() else ""
         notes = old[old.index("\nNotes:"):] if "\nNotes:" in old else ""  # hand-written notes survive a rewrite
         tmp = results.with_name(results.name + ".tmp")
-        tmp.write_text(md + notes)
+        tmp.write_text(md + ("\n" + notes.lstrip("\n") if notes else ""))
         os.replace(tmp, results)
 
 
