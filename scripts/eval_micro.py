@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import open_clip  # noqa: E402
 
+from ctta.io import atomic_write_bytes  # noqa: E402
 from streams import synthetic as W  # noqa: E402
 from streams.corruptions import CORRUPTIONS, corrupt  # noqa: E402
 
@@ -161,15 +161,11 @@ def main() -> None:
     print(f"eval took {time.time() - t0:.0f} s")
     if not args.no_write:
         meta["zeroshot"] = {k: round(v, 2) for k, v in res.items()}
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+        atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
         results = Path(args.results)
         old = results.read_text() if results.exists() else ""
         notes = old[old.index("\nNotes:"):] if "\nNotes:" in old else ""  # hand-written notes survive a rewrite
-        tmp = results.with_name(results.name + ".tmp")
-        tmp.write_text(md + ("\n" + notes.lstrip("\n") if notes else ""))
-        os.replace(tmp, results)
+        atomic_write_bytes(results, (md + ("\n" + notes.lstrip("\n") if notes else "")).encode())
 
 
 if __name__ == "__main__":

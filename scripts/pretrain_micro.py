@@ -20,14 +20,13 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import open_clip  # noqa: E402
 
 import eval_micro  # noqa: E402
+from ctta.io import atomic_write_bytes  # noqa: E402
 from streams import synthetic as W  # noqa: E402
 
 TRAIN_STYLES = ("filled", "outline")  # "textured" is held out: the domain-incremental stream's new domain
@@ -121,13 +121,8 @@ def lr_at(progress: float, warmup: float, base: float) -> float:
 
 def save(model: torch.nn.Module, out: Path, meta: dict) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out)
-    meta_path = out.with_suffix("").with_suffix(".meta.json")
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
+    atomic_write_bytes(out, safetensors_bytes(state))
+    atomic_write_bytes(out.with_suffix("").with_suffix(".meta.json"), (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def main() -> None:
@@ -237,7 +232,8 @@ def main() -> None:
     meta = {"world_version": W.WORLD_VERSION, "steps": step, "batch": args.batch, "wall_time_s": round(wall, 1),
             "seed": args.seed, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
             "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
-            "combo_frac": args.combo_frac, "precision": args.precision, "grey_frac": args.grey_frac, "solo_frac": args.solo_frac, "mention_p": args.mention_p,
+            "combo_frac": args.combo_frac, "precision": args.precision, "grey_frac": args.grey_frac,
+            "solo_frac": args.solo_frac, "mention_p": args.mention_p,
             "train_styles": list(TRAIN_STYLES), "held_out_combos": sorted(map(list, W.HELD_OUT)),
             "param_count": n_params, "config": json.loads(Path(args.config).read_text()),
             "eval_normalisation": {"mean": list(eval_micro.MEAN), "std": list(eval_micro.STD)},

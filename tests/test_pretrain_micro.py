@@ -52,7 +52,7 @@ def test_solo_captions_name_exactly_one_factor():
     assert positives.diagonal().all()
     assert sum(" background" in t for t in texts) > 40  # ~1/5 of 400 name only the background
     for t in texts:
-        named = [t.count(s) for s in ("background",)] + [any(f" {c} " in f" {t} " for c in W.COLOURS)]
+        named = ["background" in t, any(f" {c} " in f" {t} " for c in W.COLOURS)]
         named += [any(t.endswith(s) or f" {s} " in t for s in W.SHAPES)]
         named += [any(f" {s} " in f" {t} " for s in W.SIZES)]
         named += [("outline" in t) or ("filled" in t)]
