@@ -1,4 +1,8 @@
-"""Atomic result and checkpoint files, and the provenance every result carries."""
+"""Atomic result and checkpoint files, and the provenance every result carries.
+
+The file primitives (atomic writes, content-hashed checkpoints, removal of interrupted writes) live in
+`ctta.files` and are re-exported here under their public names.
+"""
 from __future__ import annotations
 
 import json
@@ -6,7 +10,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,46 +17,15 @@ from typing import Any
 import torch
 
 from ctta import distributed
+from ctta.files import (CorruptFileError, atomic_torch_save, atomic_write, atomic_write_bytes,  # noqa: F401
+                        remove_stale_tmp, safe_torch_load)
 
 _PACKAGES = ("ctta", "torch", "torchvision", "open_clip_torch", "kornia", "numpy", "hydra-core", "avalanche-lib")
 
 
-def _atomic(path: str | Path, write) -> Path:
-    """Write through a temporary file in the same directory, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     data = json.dumps(obj, indent=2, default=_json_default).encode()
-    return _atomic(path, lambda f: f.write(data))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return _atomic(path, lambda f: f.write(data))
-
-
-def atomic_torch_save(path: str | Path, obj: Any) -> Path:
-    return _atomic(path, lambda f: torch.save(obj, f))
-
-
-def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _json_default(o: Any) -> Any:

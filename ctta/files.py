@@ -1,0 +1,180 @@
+"""Files you can trust: atomic writes, content-hashed checkpoint files, and removal of interrupted writes.
+
+- **Atomic**: every file is written to a temporary file beside the target, flushed, fsynced and renamed over it,
+  so a reader never sees a partial file.
+- **Interrupted writes are cleaned up**: a process killed mid-write leaves its ``.<name>.<host>.<pid>.<rand>.tmp``
+  behind; the next write of the same target removes the leftovers of writers that are gone (a process of this host
+  that no longer runs, or any leftover older than `STALE_TMP_S`), never those of a write still in progress.
+- **Content-hashed checkpoints**: `atomic_torch_save` writes a fixed-size header — magic, format version, payload
+  length and the SHA-256 of the payload — followed by the ``torch.save`` payload. `safe_torch_load` checks the
+  header, the length and the hash *before* unpickling anything, then unpickles with ``weights_only=True``. Any
+  flipped byte (header or payload), a truncated or an extended file is refused with a message naming the file.
+  Files without the header (plain ``torch.save`` files) are refused too: nothing released depends on them, and a
+  file that cannot be verified should not silently become a resumed run's weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import socket
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+MAGIC = b"CTTA-CKPT\x00"          # 10 bytes: what the file is
+FORMAT_VERSION = 1
+_HEADER = struct.Struct(">10sHQ32s")  # magic, version, payload length, sha256(payload)
+HEADER_SIZE = _HEADER.size
+STALE_TMP_S = 3600.0  # a leftover whose writer cannot be checked (another host, old name) is stale after this
+
+
+class CorruptFileError(RuntimeError):
+    """A checkpoint file failed its integrity check (or is not a ctta checkpoint file)."""
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # cannot tell: keep the file
+    return True
+
+
+def remove_stale_tmp(path: str | Path) -> list[Path]:
+    """Remove the temporary files that interrupted writes of ``path`` left beside it; returns what was removed.
+
+    A leftover ``.<name>.<host>.<pid>.<rand>.tmp`` is removed when its writer was a process of this host that no
+    longer runs; any other ``.<name>.*.tmp`` (another host, or a name from an older version) once it is older
+    than `STALE_TMP_S`. A write in progress (live process, fresh file) is never touched."""
+    path = Path(path)
+    prefix, host, now, removed = f".{path.name}.", _host(), time.time(), []
+    try:
+        entries = list(os.scandir(path.parent))
+    except FileNotFoundError:
+        return removed
+    for e in entries:
+        if not (e.name.startswith(prefix) and e.name.endswith(".tmp")) or not e.is_file(follow_symlinks=False):
+            continue
+        parts = e.name[len(prefix):-len(".tmp")].rsplit(".", 2)
+        ours = len(parts) == 3 and parts[0] == host and parts[1].isdigit()
+        try:
+            stale = (not _pid_alive(int(parts[1]))) if ours else (now - e.stat().st_mtime > STALE_TMP_S)
+            if stale:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+        except FileNotFoundError:  # another writer cleaned it first
+            continue
+    return removed
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write through a temporary file in the same directory, then rename: readers never see a partial file.
+    Leftovers of earlier interrupted writes of the same target are removed first (`remove_stale_tmp`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+# ------------------------------------------------------------------------------------------- hashed checkpoints
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through (torch.save only calls write)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        n = self.f.write(data)
+        self.n += n
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    """``torch.save(obj)`` behind a content-hash header (see the module docstring), written atomically. The
+    payload is hashed as it streams to disk; the header, written last, is in place before the rename."""
+    def write(f: BinaryIO) -> None:
+        f.write(b"\0" * HEADER_SIZE)
+        w = _HashingWriter(f)
+        torch.save(obj, w)
+        f.seek(0)
+        f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, w.n, w.sha.digest()))
+        f.seek(0, os.SEEK_END)
+    return atomic_write(path, write)
+
+
+def read_verified(path: str | Path) -> bytes:
+    """The payload of a file written by `atomic_torch_save`, after checking its header, length and hash."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(HEADER_SIZE)
+        payload = f.read()
+    if len(head) < HEADER_SIZE or not head.startswith(MAGIC):
+        raise CorruptFileError(
+            f"{path} is not a ctta checkpoint file (no content-hash header): it was written by another program or "
+            "an older ctta, or its first bytes are damaged. It cannot be verified, so it is not loaded; re-create it "
+            "with this version (e.g. re-run into a fresh output folder)")
+    _, version, length, digest = _HEADER.unpack(head)
+    if version != FORMAT_VERSION:
+        raise CorruptFileError(f"{path} is corrupt or from a newer ctta: checkpoint format version {version}, "
+                               f"this version reads {FORMAT_VERSION}")
+    if len(payload) != length:
+        raise CorruptFileError(f"{path} is corrupt: truncated or extended ({len(payload)} payload bytes, the header "
+                               f"says {length}); re-create it")
+    if hashlib.sha256(payload).digest() != digest:
+        raise CorruptFileError(f"{path} is corrupt: content hash mismatch (sha256 of the payload differs from the "
+                               "one written with it); re-create it or restore it from a good copy")
+    return payload
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a file written by `atomic_torch_save`: integrity checked first, then unpickled with
+    ``weights_only=True`` (tensors and plain containers only, no arbitrary objects)."""
+    payload = read_verified(path)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # verified bytes that torch cannot read: say which file
+        raise CorruptFileError(f"cannot load checkpoint {path}: {e}") from e
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

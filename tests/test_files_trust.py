@@ -1,0 +1,125 @@
+"""Files you can trust (issue #15, Deliver 7): content-hashed checkpoints, cleanup of interrupted writes, the
+micro-CLIP weights' hash, and CIFAR pickles read through a restricted unpickler."""
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctta.io import atomic_torch_save, atomic_write_json, safe_torch_load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    return {"model": {"w": torch.randn(64, 32, generator=g), "b": torch.zeros(32)}, "next_task": 3,
+            "results": {"acc": [0.5, 0.25]}, "name": "run"}
+
+
+# --------------------------------------------------------------------------------------- hashed checkpoints
+def test_round_trip_keeps_every_value(tmp_path):
+    path = atomic_torch_save(tmp_path / "ck.pt", _state())
+    back = safe_torch_load(path)
+    assert torch.equal(back["model"]["w"], _state()["model"]["w"]) and back["next_task"] == 3
+    assert back["results"] == {"acc": [0.5, 0.25]} and back["name"] == "run"
+
+
+def test_every_flipped_byte_is_refused_with_the_file_named(tmp_path):
+    """Flip one byte at every position of a small checkpoint (header included): each load must fail, naming
+    the file. The old format loaded most payload flips silently (tensor bytes are not checked by torch)."""
+    path = atomic_torch_save(tmp_path / "ck.pt", {"w": torch.arange(16, dtype=torch.float32)})
+    good = path.read_bytes()
+    silent = []
+    for i in range(len(good)):
+        bad = bytearray(good)
+        bad[i] ^= 0x01
+        path.write_bytes(bytes(bad))
+        try:
+            safe_torch_load(path)
+            silent.append(i)
+        except Exception as e:
+            assert str(path) in str(e), (i, str(e))
+    assert not silent, f"{len(silent)} of {len(good)} single-byte flips loaded silently (e.g. at {silent[:5]})"
+
+
+def test_a_flipped_tensor_byte_says_content_hash_mismatch(tmp_path):
+    w = torch.full((256,), 0.5)
+    path = atomic_torch_save(tmp_path / "ck.pt", {"w": w})
+    data = bytearray(path.read_bytes())
+    pos = bytes(data).rfind(w.numpy().tobytes())  # the raw tensor storage inside the zip payload
+    assert pos > 0
+    data[pos + 100] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r"ck\.pt is corrupt: content hash mismatch"):
+        safe_torch_load(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = atomic_torch_save(tmp_path / "ck.pt", _state())
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(RuntimeError, match="corrupt: truncated"):
+        safe_torch_load(path)
+
+
+def test_plain_torch_file_without_header_is_refused(tmp_path):
+    """Chosen policy: a file that cannot be verified is not loaded (nothing released was written without it)."""
+    path = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(3)}, path)
+    with pytest.raises(RuntimeError, match=r"plain\.pt is not a ctta checkpoint file \(no content-hash header\)"):
+        safe_torch_load(path)
+
+
+def test_load_still_refuses_arbitrary_objects(tmp_path):
+    """Verified bytes are still unpickled with weights_only=True: a hashed file holding an object is refused."""
+    path = atomic_torch_save(tmp_path / "obj.pt", {"p": Path("/x")})
+    with pytest.raises(RuntimeError, match="cannot load checkpoint"):
+        safe_torch_load(path)
+
+
+# --------------------------------------------------------------------------------------- interrupted writes
+_KILLED_WRITER = textwrap.dedent("""
+    import os, sys, torch
+    from ctta.io import atomic_torch_save
+
+    class Die:  # pickled half-way through the payload: the process dies mid-write, like a killed job
+        def __reduce__(self):
+            os._exit(3)
+
+    atomic_torch_save(sys.argv[1], {"w": torch.zeros(1000), "x": Die()})
+""")
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(target)], env=env, capture_output=True)
+    assert r.returncode == 3, r.stderr.decode()
+    left = list(tmp_path.glob(".checkpoint.pt.*.tmp"))
+    assert len(left) == 1 and not target.exists()  # what a killed write leaves
+    atomic_torch_save(target, {"w": torch.ones(2)})
+    assert not list(tmp_path.glob(".*.tmp")) and torch.equal(safe_torch_load(target)["w"], torch.ones(2))
+
+
+def test_a_write_in_progress_and_other_targets_are_left_alone(tmp_path):
+    mine = tmp_path / f".checkpoint.pt.{__import__('ctta.files').files._host()}.{os.getpid()}.abcd1234.tmp"
+    other = tmp_path / ".results.json.somehost.1.abcd1234.tmp"
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+    atomic_torch_save(tmp_path / "checkpoint.pt", {"w": torch.ones(1)})
+    assert mine.exists() and other.exists()  # this process is alive; another target's file is not ours to judge
+
+
+def test_old_style_leftovers_go_once_stale(tmp_path):
+    old = tmp_path / ".results.json.k2j3h4g5.tmp"  # mkstemp name of the previous version
+    old.write_bytes(b"{")
+    atomic_write_json(tmp_path / "results.json", {"a": 1})
+    assert old.exists()  # fresh: might be a write in progress
+    os.utime(old, (0, 0))
+    atomic_write_json(tmp_path / "results.json", {"a": 2})
+    assert not old.exists()
