@@ -7,7 +7,6 @@ counter of every text parameter, so an optimizer step, a ``load_state_dict`` or 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -20,55 +19,11 @@ from torch import Tensor, nn
 
 from ctta.data import check_images
 from ctta.stream import LabelSpace
+from ctta.weights import (ASSETS, BUILTIN_ARCH, BUILTIN_WEIGHTS, check_text_config,  # noqa: F401 (re-exported)
+                          check_text_tower, file_sha256, register_builtin, resolve_quick_gelu, verify_weights_file)
+from ctta.weights import is_path as _is_path
 
-ASSETS = Path(__file__).parent / "assets"
-BUILTIN_ARCH = "micro-clip"
-BUILTIN_WEIGHTS = ASSETS / "micro-clip.safetensors"
 _TEXT_CHUNK = 256  # prompts per text-tower forward when building heads
-
-
-def resolve_quick_gelu(arch: str, pretrained: str | None) -> tuple[str, bool]:
-    """Return ``(arch, force_quick_gelu)`` that matches the activation the weights were trained with.
-
-    OpenAI's weights were trained with QuickGELU; open_clip's plain configs (``ViT-B-16``) use GELU and open_clip
-    only warns on the mismatch, which silently costs accuracy. We correct it (to the ``-quickgelu`` config, or by
-    forcing QuickGELU) and refuse the opposite mismatch, which cannot be corrected by the weights' owner.
-    """
-    if pretrained is None or _is_path(pretrained):
-        return arch, False
-    tag_cfg = (open_clip.get_pretrained_cfg(arch, pretrained)
-               or open_clip.get_pretrained_cfg(arch.removesuffix("-quickgelu"), pretrained))
-    tag_qg = bool(tag_cfg.get("quick_gelu", False))
-    model_qg = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
-    if tag_qg and not model_qg:
-        alt = f"{arch}-quickgelu"
-        if alt in open_clip.list_models():
-            warnings.warn(f"weights {arch}/{pretrained} were trained with QuickGELU: using config {alt!r}")
-            return alt, False
-        warnings.warn(f"weights {arch}/{pretrained} were trained with QuickGELU: forcing QuickGELU")
-        return arch, True
-    if model_qg and not tag_qg and tag_cfg:
-        raise ValueError(f"config {arch!r} uses QuickGELU but weights {pretrained!r} were trained with GELU; "
-                         f"use {arch.removesuffix('-quickgelu')!r}")
-    return arch, False
-
-
-def _is_path(p: str | Path) -> bool:
-    return isinstance(p, Path) or "/" in str(p) or str(p).endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def register_builtin() -> None:
-    """Make the embedded micro-CLIP config known to open_clip (idempotent)."""
-    if BUILTIN_ARCH not in open_clip.list_models():
-        open_clip.add_model_config(ASSETS / f"{BUILTIN_ARCH}.json")
 
 
 class Clip(nn.Module):
@@ -84,6 +39,7 @@ class Clip(nn.Module):
         size = net.visual.image_size
         self.image_size: int = size[0] if isinstance(size, (tuple, list)) else int(size)
         self.source = dict(source or {})
+        check_text_tower(net, str(self.source.get("arch", type(net).__name__)))  # before any work on it
         self._text = net.text if hasattr(net, "text") else net  # standard CLIP keeps text parts on net itself
         self._head_cache: dict[tuple, Tensor] = {}
         self._head_key: tuple | None = None
@@ -103,19 +59,22 @@ class Clip(nn.Module):
                     raise FileNotFoundError(f"embedded weights missing at {BUILTIN_WEIGHTS}; rebuild them with "
                                             "`python scripts/pretrain_micro.py`")
                 pretrained = BUILTIN_WEIGHTS
-        if pretrained is not None and _is_path(pretrained) and not Path(pretrained).exists():
+        local = pretrained is not None and _is_path(pretrained)
+        if local and not Path(pretrained).exists():
             raise FileNotFoundError(f"checkpoint {pretrained} does not exist")
         arch2, force = resolve_quick_gelu(arch, None if pretrained is None else str(pretrained))
         force = force or bool(quick_gelu)
+        check_text_config(arch2)  # an unsupported text tower is refused before any download
+        digest = verify_weights_file(pretrained) if local else None  # damaged / hash mismatch: refused here
         with warnings.catch_warnings():  # our own guard above has already handled QuickGELU
             warnings.filterwarnings("ignore", message=".*QuickGELU.*")
             net = open_clip.create_model(arch2, pretrained=None if pretrained is None else str(pretrained),
                                          device=device, force_quick_gelu=force)
         source = {"arch": arch2, "pretrained": None if pretrained is None else str(pretrained),
                   "quick_gelu": force or bool((open_clip.get_model_config(arch2) or {}).get("quick_gelu"))}
-        if pretrained is not None and _is_path(pretrained):
-            source["checkpoint_sha256"] = file_sha256(pretrained)
-        if pretrained is not None and not _is_path(pretrained):
+        if local:
+            source["checkpoint_sha256"] = digest
+        if pretrained is not None and not local:
             pcfg = open_clip.get_pretrained_cfg(arch, str(pretrained))
         else:
             pcfg = {}

@@ -1,7 +1,9 @@
 """Files you can trust (issue #15, Deliver 7): content-hashed checkpoints, cleanup of interrupted writes, the
 micro-CLIP weights' hash, and CIFAR pickles read through a restricted unpickler."""
+import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import textwrap
@@ -123,3 +125,66 @@ def test_old_style_leftovers_go_once_stale(tmp_path):
     os.utime(old, (0, 0))
     atomic_write_json(tmp_path / "results.json", {"a": 2})
     assert not old.exists()
+
+
+# --------------------------------------------------------------------------------------- weights files
+from ctta import Clip  # noqa: E402
+from ctta import model as model_mod  # noqa: E402
+from ctta.weights import WEIGHTS_SHA256_KEY, WeightsFileError, meta_path, weights_sha256_entry  # noqa: E402
+
+
+def _asset_copy(tmp_path, with_hash=True):
+    """The embedded micro-CLIP weights copied to tmp_path, with a meta recording their hash."""
+    dst = tmp_path / "micro-clip.safetensors"
+    dst.write_bytes(model_mod.BUILTIN_WEIGHTS.read_bytes())
+    if with_hash:
+        meta_path(dst).write_text(json.dumps({"steps": 1, **weights_sha256_entry(dst)}))
+    return dst
+
+
+def _flip(path, pos):
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _data_start(path):
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_weights_with_their_recorded_hash_load_and_record_it(tmp_path):
+    w = _asset_copy(tmp_path)
+    clip = Clip.from_pretrained("micro-clip", w)
+    assert clip.provenance()["checkpoint_sha256"] == json.loads(meta_path(w).read_text())[WEIGHTS_SHA256_KEY]
+
+
+def test_a_flipped_weight_byte_is_refused_by_the_recorded_hash(tmp_path):
+    w = _asset_copy(tmp_path)
+    _flip(w, _data_start(w) + 5000)  # inside a tensor: the file stays a well-formed safetensors file
+    with pytest.raises(WeightsFileError, match=r"micro-clip\.safetensors is corrupt: content hash mismatch"):
+        Clip.from_pretrained("micro-clip", w)
+
+
+def test_the_builtin_weights_are_checked_against_the_meta_hash(tmp_path, monkeypatch):
+    w = _asset_copy(tmp_path)
+    monkeypatch.setattr(model_mod, "BUILTIN_WEIGHTS", w)
+    Clip.from_pretrained("micro-clip", "builtin")  # intact: loads
+    _flip(w, w.stat().st_size - 1)
+    with pytest.raises(WeightsFileError, match="content hash mismatch"):
+        Clip.from_pretrained("micro-clip", "builtin")
+
+
+def test_inconsistent_safetensors_are_refused_without_a_hash(tmp_path):
+    """No meta beside the file: its structure is still checked (truncated, extended, damaged header)."""
+    w = _asset_copy(tmp_path, with_hash=False)
+    good = w.read_bytes()
+    w.write_bytes(good[:-7])
+    with pytest.raises(WeightsFileError, match="not a valid safetensors file.*truncated"):
+        Clip.from_pretrained("micro-clip", w)
+    w.write_bytes(good + b"\0" * 4)
+    with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
+        Clip.from_pretrained("micro-clip", w)
+    header = good[8:_data_start(w)]
+    w.write_bytes(good[:8] + header.replace(b'"data_offsets":[0,', b'"data_offsets":[2,', 1) + good[8 + len(header):])
+    with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
+        Clip.from_pretrained("micro-clip", w)
