@@ -10,6 +10,7 @@ Images are 32x32; ``image_size`` resizes them (bicubic) for the model — 224 fo
 """
 from __future__ import annotations
 
+import codecs
 import pickle
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,11 @@ from ctta.stream import LabelSpace, TaskStream, class_incremental, class_order
 from streams.images import TensorImages
 from streams.manifest import DatasetError, Level, load_meta, manifests, verify
 
+try:  # numpy >= 2 (numpy.core is a deprecated alias there)
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
 
 def cifar_root(root: str | Path) -> Path:
     """Accept either the folder holding ``cifar-100-python/`` or that folder itself."""
@@ -28,12 +34,71 @@ def cifar_root(root: str | Path) -> Path:
     return root.parent if root.name == "cifar-100-python" else root
 
 
+def _numpy_reconstruct(subtype, shape, typecode):
+    """numpy's array reconstructor, restricted to plain ndarrays (no subclass's ``__new__`` runs)."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"array subtype {subtype!r} is not a plain numpy.ndarray")
+    return _np_reconstruct(subtype, shape, typecode)
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    """A numpy dtype from a plain type code (``'u1'``); object dtypes are refused (they hold pickled objects)."""
+    dt = np.dtype(spec.decode("ascii") if isinstance(spec, bytes) else spec, align=bool(align), copy=bool(copy))
+    if dt.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {spec!r}")
+    return dt
+
+
+def _latin1_encode(text, encoding="utf-8"):
+    """Python 3's protocol-2 spelling of a bytes object, ``_codecs.encode(str, 'latin1')``, and nothing more."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+# Every global a CIFAR-100 python pickle refers to: Python 2's protocol-2 pickles of a dict of strings, lists of
+# ints and uint8 arrays (``_reconstruct`` / ``ndarray`` / ``dtype``), and ``_codecs.encode``, with which Python 3
+# writes bytes at protocol 2 (copies re-pickled that way). Nothing else is ever looked up: no other callable can run.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR-100 python format holds (see `_CIFAR_GLOBALS`), whatever the verification
+    level: a pickle naming any other global (``os.system``, ``builtins.eval``, ...) is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR-100 python pickle never "
+                                         "needs") from None
+
+
+def load_cifar_pickle(path: str | Path) -> dict:
+    """A CIFAR python pickle (dict with bytes keys) through `CifarUnpickler`; anything else is a `DatasetError`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            d = CifarUnpickler(f, encoding="bytes").load()
+    except Exception as e:  # a damaged or foreign file: whatever the unpickler tripped on, name the file
+        raise DatasetError(f"{path} is not a CIFAR-100 python pickle ({e}); it was not loaded. Re-download "
+                           f"{manifests()['cifar100'].source} and extract it again") from None
+    if not isinstance(d, dict):
+        raise DatasetError(f"{path} holds a {type(d).__name__}, not the dict of a CIFAR-100 python pickle")
+    return d
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DatasetError(f"missing {path}; download {manifests()['cifar100'].source} and extract it under "
                            f"{path.parent.parent}")
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    return load_cifar_pickle(path)
 
 
 def _key(d: dict, name: str, path: Path):

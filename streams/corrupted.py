@@ -44,8 +44,8 @@ def read_cifar100_c(root: str | Path, corruption: str, severity: int, *, n: int 
     for p in (path, lab):
         if not p.is_file():
             raise DatasetError(f"CIFAR-100-C: missing {p}. Download {m.source} ({m.archive}); {m.layout}")
-    arr = np.load(path, mmap_mode="r")  # 150 MB per corruption: read only the severity block
-    labels = np.load(lab, mmap_mode="r")
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)  # 150 MB per corruption: read only the severity block
+    labels = np.load(lab, mmap_mode="r", allow_pickle=False)  # never unpickle object arrays
     if arr.ndim != 4 or arr.shape[1:] != (32, 32, 3) or arr.shape[0] != 5 * PER_SEVERITY or len(labels) != len(arr):
         raise DatasetError(f"{path}: shape {arr.shape} (labels {labels.shape}) is not the release's "
                            f"[{5 * PER_SEVERITY}, 32, 32, 3]")

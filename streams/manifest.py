@@ -86,8 +86,7 @@ def _fail(m: Manifest, root: Path, problem: str) -> DatasetError:
     return DatasetError(
         f"{m.name}: {problem} (dataset root: {root}).\n"
         f"  Download: {m.source}{f' ({m.archive})' if m.archive else ''}\n"
-        f"  Layout:   {m.layout}\n"
-        f"  (pass verify='structure' to skip checksums, or verify='none' to skip all checks)")
+        f"  Layout:   {m.layout}")
 
 
 def verify(manifest: Manifest, root: str | Path, level: Level = "checksum") -> Path:
@@ -138,7 +137,8 @@ def _check_spec(m: Manifest, root: Path, spec: FileSpec, level: Level) -> None:
                 got = _digest(p, algo)
                 if got != want.lower():
                     raise _fail(m, root, f"{spec.path!r} has {algo} {got}, expected {want}: the file is corrupt or "
-                                         f"from a different release")
+                                         f"from a different release; delete it, re-download the archive below "
+                                         f"and extract it again")
 
 
 def write_manifest(root: str | Path, name: str, paths: Iterable[str], *, source: str = "", layout: str = "",

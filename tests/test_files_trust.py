@@ -188,3 +188,99 @@ def test_inconsistent_safetensors_are_refused_without_a_hash(tmp_path):
     w.write_bytes(good[:8] + header.replace(b'"data_offsets":[0,', b'"data_offsets":[2,', 1) + good[8 + len(header):])
     with pytest.raises(WeightsFileError, match="not a valid safetensors file"):
         Clip.from_pretrained("micro-clip", w)
+
+
+# --------------------------------------------------------------------------------------- CIFAR pickles
+import io  # noqa: E402
+import types  # noqa: E402
+
+from streams import cifar  # noqa: E402
+from streams.manifest import DatasetError  # noqa: E402
+from tests.test_recipes import write_cifar  # noqa: E402
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the CIFAR-100 release: protocol 2, every string a byte string
+    (BINSTRING opcodes), numpy arrays via ``numpy.core.multiarray._reconstruct``."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        b = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([len(b)])) if len(b) < 256
+                   else (pickle.BINSTRING + struct.pack("<i", len(b))))
+        self.write(b)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        mod = {"numpy._core.multiarray": "numpy.core.multiarray"}.get(obj.__module__, obj.__module__)
+        self.write(pickle.GLOBAL + f"{mod}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_py2_str
+    dispatch[type] = dispatch[types.FunctionType] = dispatch[types.BuiltinFunctionType] = save_global
+
+
+def _py2_bytes(obj) -> bytes:
+    f = io.BytesIO()
+    Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue()
+
+
+def _release_like(n=4):
+    data = (np.arange(n * 3072) % 251).astype(np.uint8).reshape(n, 3072)
+    return {b"batch_label": "training batch 1 of 1", b"filenames": [f"img_{i}.png" for i in range(n)],
+            b"data": data, b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}
+
+
+@pytest.mark.parametrize("writer", ["python2", "python3-protocol2"])
+def test_cifar_pickles_in_the_release_format_load_through_the_restricted_unpickler(tmp_path, writer):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    doc = _release_like()
+    (d / "train").write_bytes(_py2_bytes(doc) if writer == "python2" else pickle.dumps(doc, protocol=2))
+    x, y = cifar.read_cifar100(tmp_path, "train")
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 32, 32) and y.tolist() == [0, 1, 2, 3]
+    assert torch.equal(x.reshape(4, -1), torch.from_numpy(doc[b"data"]))
+    name = cifar.load_cifar_pickle(d / "train")[b"filenames"][1]  # Python 2 strings come back as bytes
+    assert name == (b"img_1.png" if writer == "python2" else "img_1.png")
+
+
+class _Planted:
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("level", ["structure", "none"])
+@pytest.mark.parametrize("payload", ["os.system", "builtins.open", "builtins.eval"])
+def test_a_planted_cifar_pickle_runs_nothing_whatever_the_verification_level(tmp_path, level, payload):
+    root = write_cifar(tmp_path / "data")
+    marker = tmp_path / "PWNED"
+    call = {"os.system": (os.system, f"touch {marker}"), "builtins.open": (open, str(marker), "w"),
+            "builtins.eval": (eval, f"open({str(marker)!r}, 'w')")}[payload]
+    doc = {b"data": np.zeros((300, 3072), np.uint8), b"fine_labels": [0] * 300, b"x": _Planted(*call)}
+    (root / "cifar-100-python" / "train").write_bytes(pickle.dumps(doc, protocol=2))
+    with pytest.raises(DatasetError, match=rf"train is not a CIFAR-100 python pickle .*{payload.split('.')[1]}") as e:
+        cifar.cifar100_cil(root, verify_level=level, image_size=32)
+    assert not marker.exists()
+    assert "verify" not in str(e.value) and "re-download" in str(e.value).lower()
+
+
+def test_object_arrays_are_refused(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    (d / "train").write_bytes(pickle.dumps({b"data": np.array([1, "a"], dtype=object)}, protocol=2))
+    with pytest.raises(DatasetError, match="object dtype"):
+        cifar.read_cifar100(tmp_path, "train")
+
+
+def test_checksum_mismatch_says_what_to_redownload_never_to_turn_checks_off(tmp_path):
+    root = write_cifar(tmp_path)
+    with pytest.raises(DatasetError) as e:  # the release's checksums do not match these tiny pickles
+        cifar.cifar100_cil(root)
+    msg = str(e.value)
+    assert "re-download" in msg and "cifar-100-python.tar.gz" in msg and "cifar-100-python/train" in msg
+    assert "verify" not in msg and "skip" not in msg

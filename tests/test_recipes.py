@@ -20,7 +20,8 @@ SEED1993 = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 1
 
 
 def write_cifar(root, per_class=(3, 1), names=NAMES):
-    """CIFAR-100 python pickles; every pixel of an image holds its fine label (so labels can be read back)."""
+    """CIFAR-100 python pickles (protocol 2, as the release's); every pixel of an image holds its fine label (so
+    labels can be read back)."""
     d = root / "cifar-100-python"
     d.mkdir(parents=True)
     for split, k in zip(("train", "test"), per_class):
@@ -28,9 +29,10 @@ def write_cifar(root, per_class=(3, 1), names=NAMES):
         data = np.repeat(np.array(labels, dtype=np.uint8)[:, None], 3072, axis=1)
         with open(d / split, "wb") as f:
             pickle.dump({b"filenames": [b"x"] * len(labels), b"data": data, b"fine_labels": labels,
-                         b"coarse_labels": [0] * len(labels)}, f)
+                         b"coarse_labels": [0] * len(labels)}, f, protocol=2)
     with open(d / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": [b"c"] * 20}, f)
+        pickle.dump({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": [b"c"] * 20}, f,
+                    protocol=2)
     return root
 
 
