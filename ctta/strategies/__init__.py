@@ -4,9 +4,10 @@ from ctta.strategies.lora_ft import LoRA
 from ctta.strategies.lwf import LwF
 from ctta.strategies.rank_lora import RankSelectiveLoRA
 from ctta.strategies.rapf import RAPF
+from ctta.strategies.tda import TDA
 from ctta.strategies.tent import Tent
 from ctta.strategies.tpt import TPT
 from ctta.strategies.vr_lwf import VRLwF
 from ctta.strategies.zeroshot import ZeroShot
 
-__all__ = ["Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TPT", "Tent", "VRLwF", "ZeroShot"]
+__all__ = ["Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent", "VRLwF", "ZeroShot"]

@@ -1,0 +1,266 @@
+"""Shared parts of the training-free test-time strategies (TDA, DMN, DPE, BoostAdapter, ZERO).
+
+- `ClassCache`: a per-class cache of fixed capacity held in tensors (keys ``[C, K, D]``, entropies ``[C, K]``,
+  optional probability vectors ``[C, K, C]``, fill counts ``[C]``), with the two admission rules the official
+  codes use: ``"entropy"`` (TDA's ``update_cache``: append while there is room, else replace the worst item if
+  the newcomer's entropy is strictly lower; items kept sorted by ascending entropy, stable) and ``"fifo"``
+  (BoostAdapter's negative cache: append, drop the oldest beyond capacity).
+- `affinity_logits`: the cache read of Tip-Adapter/TDA, ``α · exp(−β(1 − q·k)) @ V``.
+- `confident_query`: TDA's ``get_clip_logits`` (mean feature / logits of the 10 % most confident views).
+- `normalized_entropy`: TDA's ``get_entropy`` with its log2 quirk as a switch.
+- `DualCache`: TDA's positive + negative caches, their update rule and their read (TDA and BoostAdapter).
+- `encode_views`, `class_logits`, `fork_generator`, `ensure_space`: view encoding, the 100·cos logit convention,
+  pure prediction with a copy of a strategy's generator, and the label-space check every cache strategy makes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctta.losses import entropy, marginal_entropy, select_confident
+from ctta.views import tpt_views
+
+Policy = Literal["entropy", "fifo"]
+
+
+def normalized_entropy(h: Tensor | float, n_classes: int, base: str = "log2") -> float:
+    """Entropy in nats divided by ``log2(C)`` (``base="log2"``: the official TDA/DPE/BoostAdapter ``get_entropy``,
+    whose thresholds 0.2/0.5/0.1 are calibrated to this quirk) or by ``ln(C)`` (``base="ln"``: a true [0, 1]
+    normalisation; the thresholds then select other samples)."""
+    if base not in ("log2", "ln"):
+        raise ValueError(f"entropy normalisation must be 'log2' (official) or 'ln', got {base!r}")
+    if n_classes < 2:
+        return 0.0
+    return float(h) / (math.log2(n_classes) if base == "log2" else math.log(n_classes))
+
+
+def class_logits(model: Any, feats: Tensor, head: Tensor, logit_scale: float | None) -> Tensor:
+    """``logit_scale · feats @ head.T``; ``logit_scale=None`` uses the model's own (learned) scale and bias."""
+    if logit_scale is None:
+        return model.logits(feats, head)
+    return logit_scale * feats @ head.t()
+
+
+def affinity_logits(query: Tensor, keys: Tensor, values: Tensor | None, classes: Tensor | None, alpha: float,
+                    beta: float, n_classes: int) -> Tensor:
+    """TDA's ``compute_cache_logits``: ``α · Σ_i exp(−β(1 − q·k_i)) · v_i`` over the cached items.
+
+    ``values [N, C]`` (the negative cache's masks) or ``classes [N]`` (one-hot values, added by index: the same sum
+    as the one-hot matmul without materialising it). Returns ``[C]`` (zeros for an empty cache)."""
+    if keys.shape[0] == 0:
+        return query.new_zeros(n_classes)
+    w = torch.exp(-beta * (1.0 - keys @ query))  # [N]
+    if values is not None:
+        return alpha * (w @ values)
+    return alpha * query.new_zeros(n_classes).index_add_(0, classes, w)
+
+
+def confident_query(feats: Tensor, logits: Tensor, p: float = 0.1) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """TDA's ``get_clip_logits`` for one sample's views ``feats [V, D]``, ``logits [V, C]``.
+
+    One view: ``(f_0, z_0, H(softmax z_0), softmax z_0, argmax z_0)``. Several: the ``int(V·p)`` lowest-entropy views
+    S (at least one; the original competes), ``f = mean_S f_i`` (**not** re-normalised), ``z = mean_S z_i``,
+    ``H = entropy(mean_S softmax z_i)`` (``avg_entropy``), ``p̄ = mean_S softmax z_i``, ``argmax z``."""
+    if feats.shape[0] == 1:
+        z = logits[0]
+        return feats[0], z, entropy(z), z.softmax(-1), int(z.argmax())
+    sel = select_confident(logits, p)
+    z = logits[sel].mean(0)
+    return feats[sel].mean(0), z, marginal_entropy(logits[sel]), logits[sel].softmax(-1).mean(0), int(z.argmax())
+
+
+@torch.no_grad()
+def encode_views(strategy: Any, images: Tensor, n_views: int, *, augmix: bool, generator: torch.Generator,
+                 scale: tuple[float, float] = (0.08, 1.0), view_batch: int = 256) -> Tensor:
+    """L2-normalised features ``[B, 1 + n_views, D]`` of each image's views (`ctta.views.tpt_views`: view 0 = the
+    image, then random resized crops + flips, + AugMix with ``augmix``), encoded in chunks of ``view_batch``."""
+    m = strategy._model()
+    views = tpt_views(images.to(m.device), m.image_size, n_views, augmix_views=augmix, generator=generator,
+                      scale=scale).flatten(0, 1)
+    with strategy.autocast():
+        feats = torch.cat([m.encode_image(views[i:i + view_batch]) for i in range(0, views.shape[0], view_batch)])
+    return feats.float().view(images.shape[0], 1 + n_views, -1)
+
+
+def fork_generator(generator: torch.Generator) -> torch.Generator:
+    """A copy of ``generator`` (same device and state): ``predict`` draws its views from it and stays pure."""
+    return torch.Generator(generator.device).set_state(generator.get_state())
+
+
+def ensure_space(n_cached: int, is_empty: bool, space_size: int, who: str) -> bool:
+    """Whether the state must be (re)built for a label space of ``space_size`` classes: yes when nothing was built
+    yet or the state is still empty (then any size is fine); a non-empty state built for another size raises."""
+    if n_cached == space_size:
+        return False
+    if n_cached == 0 or is_empty:
+        return True
+    raise ValueError(f"{who} holds state for a {n_cached}-class label space and was called with {space_size} "
+                     f"classes: its cache is keyed by class index, so it cannot be reused; reset the strategy "
+                     f"(OnlineAdapter.reset) before switching label spaces")
+
+
+class ClassCache:
+    """Fixed-capacity per-class cache in tensors (see the module docstring for the two admission policies).
+
+    Slots ``[c, :count[c]]`` are filled; under ``"entropy"`` they are sorted by ascending entropy, under ``"fifo"``
+    by age (oldest first). ``with_probs`` adds a probability vector per item (TDA's negative cache)."""
+
+    def __init__(self, n_classes: int, capacity: int, dim: int, *, policy: Policy = "entropy",
+                 with_probs: bool = False, device: torch.device | str = "cpu"):
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1, got {capacity}")
+        if policy not in ("entropy", "fifo"):
+            raise ValueError(f"cache policy must be 'entropy' or 'fifo', got {policy!r}")
+        self.capacity, self.policy, self.with_probs = capacity, policy, with_probs
+        self.keys = torch.zeros(n_classes, capacity, dim, device=device)
+        self.entropy = torch.zeros(n_classes, capacity, device=device)
+        self.probs = torch.zeros(n_classes, capacity, n_classes if with_probs else 0, device=device)
+        self.count = torch.zeros(n_classes, dtype=torch.long, device=device)
+
+    @property
+    def n_classes(self) -> int:
+        return self.keys.shape[0]
+
+    def __len__(self) -> int:
+        return int(self.count.sum())
+
+    def insert(self, cls: int, key: Tensor, h: Tensor | float, prob: Tensor | None = None) -> bool:
+        """Offer one item to class ``cls``; returns whether it was admitted."""
+        if self.with_probs and prob is None:
+            raise ValueError("this cache stores a probability vector per item")
+        n, k = int(self.count[cls]), self.capacity
+        h = float(torch.as_tensor(float(h), dtype=self.entropy.dtype))  # compare in the stored precision
+        if self.policy == "fifo":
+            if n == k:  # drop the oldest: shift left, the newcomer goes last
+                self.keys[cls, :-1] = self.keys[cls, 1:].clone()
+                self.entropy[cls, :-1] = self.entropy[cls, 1:].clone()
+                self.probs[cls, :-1] = self.probs[cls, 1:].clone()
+            slot = min(n, k - 1)
+        elif n < k:
+            slot = n
+        elif h < float(self.entropy[cls, k - 1]):  # strictly better than the worst item: replace it
+            slot = k - 1
+        else:
+            return False
+        self.keys[cls, slot] = key
+        self.entropy[cls, slot] = h
+        if self.with_probs:
+            self.probs[cls, slot] = prob
+        self.count[cls] = min(n + 1, k)
+        if self.policy == "entropy":  # re-sort; stable, so the newcomer stays after items of equal entropy
+            m = int(self.count[cls])
+            order = torch.argsort(self.entropy[cls, :m], stable=True)
+            self.keys[cls, :m] = self.keys[cls, :m][order]
+            self.entropy[cls, :m] = self.entropy[cls, :m][order]
+            self.probs[cls, :m] = self.probs[cls, :m][order]
+        return True
+
+    def items(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Filled items, class by class in slot order: ``keys [N, D]``, ``classes [N]``, ``entropy [N]``,
+        ``probs [N, C]`` (``[N, 0]`` without probabilities)."""
+        mask = torch.arange(self.capacity, device=self.count.device)[None] < self.count[:, None]  # [C, K]
+        classes = torch.arange(self.n_classes, device=self.count.device)[:, None].expand_as(mask)[mask]
+        return self.keys[mask], classes, self.entropy[mask], self.probs[mask]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keys": self.keys.clone(), "entropy": self.entropy.clone(), "probs": self.probs.clone(),
+                "count": self.count.clone()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], *, policy: Policy = "entropy", with_probs: bool = False,
+                   device: torch.device | str | None = None) -> "ClassCache":
+        """A cache holding a copy of ``state`` (from `state_dict`; never aliased)."""
+        keys = state["keys"]
+        out = cls(keys.shape[0], keys.shape[1], keys.shape[2], policy=policy, with_probs=with_probs, device="meta")
+        dev = device if device is not None else keys.device
+        out.keys, out.entropy = keys.detach().clone().to(dev), state["entropy"].detach().clone().to(dev)
+        out.probs, out.count = state["probs"].detach().clone().to(dev), state["count"].detach().clone().to(dev)
+        if with_probs and out.probs.shape[-1] != out.n_classes:
+            raise ValueError(f"cache state has probability vectors of size {out.probs.shape[-1]} for "
+                             f"{out.n_classes} classes")
+        return out
+
+
+@dataclass(frozen=True)
+class DualCacheConfig:
+    """TDA's cache settings (official ``configs/*.yaml``; the negative ones are the same for every dataset)."""
+
+    pos_alpha: float = 2.0
+    pos_beta: float = 5.0
+    pos_capacity: int = 3
+    neg_alpha: float = 0.117
+    neg_beta: float = 1.0
+    neg_capacity: int = 2
+    neg_entropy: tuple[float, float] = (0.2, 0.5)  # strict band on the normalised entropy
+    neg_mask: tuple[float, float] = (0.03, 1.0)    # strict band on the stored probabilities, applied at read time
+    pos_enabled: bool = True
+    neg_enabled: bool = True
+    entropy_norm: str = "log2"
+    neg_policy: Policy = "entropy"  # BoostAdapter's negative cache is "fifo"
+
+    def __post_init__(self):
+        if self.pos_capacity < 1 or self.neg_capacity < 1:
+            raise ValueError(f"cache capacities must be >= 1, got {self.pos_capacity} and {self.neg_capacity}")
+        normalized_entropy(0.0, 2, self.entropy_norm)  # validates the switch
+
+
+class DualCache:
+    """TDA's positive cache (items ``(f, H)``, always offered) and negative cache (items ``(f, H, p)``, offered
+    when ``lo < H/norm(C) < hi``), and their read ``z + α_p·A_pos(f) − α_n·A_neg(f)``."""
+
+    def __init__(self, n_classes: int, dim: int, cfg: DualCacheConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.pos = ClassCache(n_classes, cfg.pos_capacity, dim, device=device)
+        self.neg = ClassCache(n_classes, cfg.neg_capacity, dim, policy=cfg.neg_policy, with_probs=True,
+                              device=device)
+
+    @property
+    def n_classes(self) -> int:
+        return self.pos.n_classes
+
+    def __len__(self) -> int:
+        return len(self.pos) + len(self.neg)
+
+    def update(self, f: Tensor, h: Tensor | float, p: Tensor, pred: int) -> None:
+        """Offer one query (feature, entropy in nats, probabilities, pseudo-label) to both caches."""
+        cfg = self.cfg
+        if cfg.pos_enabled:
+            self.pos.insert(pred, f, h)
+        lo, hi = cfg.neg_entropy
+        if cfg.neg_enabled and lo < normalized_entropy(h, self.n_classes, cfg.entropy_norm) < hi:
+            self.neg.insert(pred, f, h, p)
+
+    def read(self, f: Tensor, z: Tensor, pos_items: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``z + α_p·Σ_pos exp(−β_p(1 − f·k))·onehot − α_n·Σ_neg exp(−β_n(1 − f·k))·1[lo < p_k < hi]`` (official
+        ``run_test_tda``); ``pos_items = (keys, classes)`` replaces the positive items (BoostAdapter)."""
+        cfg, c = self.cfg, z.shape[-1]
+        out = z.clone()
+        if cfg.pos_enabled:
+            keys, classes = pos_items if pos_items is not None else self.pos.items()[:2]
+            out += affinity_logits(f, keys, None, classes, cfg.pos_alpha, cfg.pos_beta, c)
+        if cfg.neg_enabled:
+            keys, _, _, probs = self.neg.items()
+            lo, hi = cfg.neg_mask
+            mask = ((probs > lo) & (probs < hi)).to(f.dtype)
+            out -= affinity_logits(f, keys, mask, None, cfg.neg_alpha, cfg.neg_beta, c)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos.state_dict(), "neg": self.neg.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], cfg: DualCacheConfig, device: torch.device | str | None = None
+                   ) -> "DualCache":
+        out = cls.__new__(cls)
+        out.cfg = cfg
+        out.pos = ClassCache.from_state(state["pos"], device=device)
+        out.neg = ClassCache.from_state(state["neg"], policy=cfg.neg_policy, with_probs=True, device=device)
+        if (out.pos.capacity, out.neg.capacity) != (cfg.pos_capacity, cfg.neg_capacity):
+            raise ValueError(f"cache state of capacities ({out.pos.capacity}, {out.neg.capacity}) does not fit "
+                             f"({cfg.pos_capacity}, {cfg.neg_capacity})")
+        return out

@@ -1,0 +1,101 @@
+"""Helpers for the training-free test-time strategies' tests: a stub CLIP whose features are set by the pixels,
+so that cache admissions and reads can be computed by hand, and a deep state comparison."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctta import LabelSpace
+
+
+class StubClip:
+    """A frozen 'CLIP' on 4×4 images: the image feature is ``normalize(2·x[:, :, 0, 0] − 1)`` (D = 3, set by the
+    top-left pixel), the class head is a fixed ``[C, 3]`` matrix, ``logit_scale`` 100 (as the official codes)."""
+
+    image_size = 4
+
+    def __init__(self, head: Tensor):
+        self.head = F.normalize(head.float(), dim=-1)
+        self.device = torch.device("cpu")
+        self.text_calls = 0
+
+    def freeze(self) -> None:
+        pass
+
+    def text_head(self, space: LabelSpace) -> Tensor:
+        self.text_calls += 1
+        return self.head[: len(space)]
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return F.normalize(2 * images[:, :, 0, 0].float() - 1, dim=-1)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return torch.tensor(100.0)
+
+    def logits(self, feats: Tensor, head: Tensor) -> Tensor:
+        return self.logit_scale * feats @ head.t()
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    @property
+    def training(self) -> bool:
+        return False
+
+
+def images_for(features: list[list[float]]) -> Tensor:
+    """4×4 images whose stub features are ``normalize(features)`` (each feature coordinate in [−1, 1])."""
+    f = torch.tensor(features, dtype=torch.float32)
+    return ((f + 1) / 2)[:, :, None, None].expand(-1, 3, 4, 4).contiguous()
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Deep equality of two state dicts (tensors compared exactly)."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def round_trip_check(make, model, space: LabelSpace, first: Tensor, rest: Tensor) -> None:
+    """Adapt on ``first``; save the state; the remaining predictions of ``rest`` (one sample per call) equal those
+    of a fresh strategy loaded with that state, of the original after reloading it, and of a torch.save round-trip
+    with ``weights_only=True``."""
+    import io
+    s = make()
+    s.setup(model)
+    s.adapt(first, space)
+    state = s.state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    ref = torch.cat([s.adapt(rest[i:i + 1], space) for i in range(len(rest))])
+    for st in (state, loaded):
+        t = make()
+        t.setup(model)
+        t.load_state_dict(st)
+        assert torch.allclose(torch.cat([t.adapt(rest[i:i + 1], space) for i in range(len(rest))]), ref, atol=1e-6)
+    s.load_state_dict(state)  # the saved state was not aliased by the live one
+    assert torch.allclose(torch.cat([s.adapt(rest[i:i + 1], space) for i in range(len(rest))]), ref, atol=1e-6)
+
+
+@contextlib.contextmanager
+def no_change(strategy):
+    """Asserts that the strategy's state is the same after the block."""
+    before = strategy.state_dict()
+    import copy
+    before = copy.deepcopy(before)
+    yield
+    assert same_state(before, strategy.state_dict())
