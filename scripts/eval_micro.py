@@ -20,12 +20,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import open_clip  # noqa: E402
 
 from ctta.io import atomic_write_bytes  # noqa: E402
 from streams import synthetic as W  # noqa: E402
 from streams.corruptions import CORRUPTIONS, corrupt  # noqa: E402
+import representation as R  # noqa: E402
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -56,6 +58,13 @@ def encode_images(model, images: torch.Tensor, batch: int = 500) -> torch.Tensor
     out = [model.encode_image((images[i:i + batch] - mean) / std, normalize=True)
            for i in range(0, len(images), batch)]
     return torch.cat(out)
+
+
+def report(model, tokenizer, per_class: int = 20, **kw) -> dict:
+    """The representation report (``representation.py``) of an open_clip model: NN same-class rates, cosines,
+    zero-shot per severity, TPT crop coverage."""
+    head = encode_texts(model, tokenizer, COMBO_PROMPTS)
+    return R.representation(lambda x: encode_images(model, x), head, per_class=per_class, **kw)
 
 
 @torch.no_grad()
@@ -148,19 +157,23 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="images per evaluation set")
     ap.add_argument("--results", default=str(ROOT / "streams/WORLD_RESULTS.md"))
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--per-class", type=int, default=20, help="images per class in the representation report")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = load(args.checkpoint, args.config)
     res = evaluate(model, tok, n=args.n)
     meta_path = Path(args.checkpoint).with_suffix("").with_suffix(".meta.json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     meta["eval_n"] = args.n
-    md = markdown(res, meta)
+    rep = report(model, tok, per_class=args.per_class)
+    md = markdown(res, meta) + "\n" + R.markdown(rep, args.per_class)
     print(md)
     print(f"eval took {time.time() - t0:.0f} s")
     if not args.no_write:
         meta["zeroshot"] = {k: round(v, 2) for k, v in res.items()}
+        meta["representation"] = {k: round(v, 4) for k, v in rep.items()}
         atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
         results = Path(args.results)
         old = results.read_text() if results.exists() else ""

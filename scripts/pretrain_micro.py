@@ -42,13 +42,31 @@ from streams import synthetic as W  # noqa: E402
 TRAIN_STYLES = ("filled", "outline")  # "textured" is held out: the domain-incremental stream's new domain
 
 
-def make_batch(n: int, g: torch.Generator, hard_frac: float, group: int, combo_frac: float = 0.0) -> W.Factors:
-    """n factors; a ``hard_frac`` share of them in groups of ``group`` images sharing one colour, and a
+def shape_group(k: int, g: torch.Generator) -> W.Factors:
+    """``k`` images that differ only in shape (and the shape's pose): one colour, style, size and background, the
+    same background tones and pattern. Within such a group no caption word but the shape's name separates the
+    images, so the contrastive loss can only be lowered by seeing shape. Shapes cycle through a random order of
+    the colour's seen shapes, so a group holds as many distinct shapes as it can."""
+    c = int(torch.randint(len(W.COLOURS), (1,), generator=g))
+    shapes = [s for s in W.SHAPES if (W.COLOURS[c], s) not in W.HELD_OUT]
+    order = torch.randperm(len(shapes), generator=g).tolist()
+    combos = [(W.COLOURS[c], shapes[order[i % len(shapes)]]) for i in range(k)]
+    f = W.Factors.cat([W.sample_factors(1, g, combos=[p], styles=TRAIN_STYLES) for p in combos])
+    for name in ("size", "background", "style", "bg_colours", "bg_angle", "bg_period", "bg_noise", "tint", "scale"):
+        v = getattr(f, name)
+        setattr(f, name, v[:1].expand_as(v).clone())
+    return f
+
+
+def make_batch(n: int, g: torch.Generator, hard_frac: float, group: int, combo_frac: float = 0.0,
+               shape_frac: float = 0.0) -> W.Factors:
+    """n factors; a ``hard_frac`` share of them in groups of ``group`` images sharing one colour, a
     ``combo_frac`` share in groups sharing colour and shape (so that size, background and style must tell them
-    apart)."""
+    apart), and a ``shape_frac`` share in groups differing only in shape (``shape_group``)."""
     n_groups = int(n * hard_frac) // group
     n_combo = int(n * combo_frac) // group
-    parts = []
+    n_shape = int(n * shape_frac) // group
+    parts = [shape_group(group, g) for _ in range(n_shape)]
     for c in torch.randint(len(W.COLOURS), (n_groups,), generator=g).tolist():
         parts.append(W.sample_factors(group, g, colours=[W.COLOURS[c]], exclude_combos=W.HELD_OUT,
                                       styles=TRAIN_STYLES))
@@ -56,16 +74,16 @@ def make_batch(n: int, g: torch.Generator, hard_frac: float, group: int, combo_f
         seen = sorted(set((c, s) for c in W.COLOURS for s in W.SHAPES) - W.HELD_OUT)
         for k in torch.randint(len(seen), (n_combo,), generator=g).tolist():
             parts.append(W.sample_factors(group, g, combos=[seen[k]], styles=TRAIN_STYLES))
-    rest = n - (n_groups + n_combo) * group
+    rest = n - (n_groups + n_combo + n_shape) * group
     if rest < 0:
-        raise ValueError(f"hard_frac + combo_frac > 1 (batch {n}, group {group})")
+        raise ValueError(f"hard_frac + combo_frac + shape_frac > 1 (batch {n}, group {group})")
     parts.append(W.sample_factors(rest, g, exclude_combos=W.HELD_OUT, styles=TRAIN_STYLES))
     return W.Factors.cat(parts)
 
 
 def caption_batch(images: torch.Tensor, f: W.Factors, g: torch.Generator, grey_frac: float, mention_p,
                   solo_frac: float = 0.0) -> tuple:
-    """Captions (and positives) for a batch.
+    """Captions, positives and mentions (``W.describe``'s) for a batch: (images, texts, positives, mentions).
 
     A ``solo_frac`` share of the captions name exactly one factor (drawn uniformly from ``W.MENTIONED``), e.g. "a
     shape on a striped background": with independent mentions such captions are rare, and without them contrastive
@@ -100,16 +118,49 @@ def caption_batch(images: torch.Tensor, f: W.Factors, g: torch.Generator, grey_f
         images[idx] = lum.expand(-1, 3, -1, -1)
     positives = W.matches(mentions, f).T  # [images, texts]
     positives[grey[:, None] & (mentions[:, W.MENTIONED.index("colour")] >= 0)[None, :]] = False
-    return images, texts, positives
+    return images, texts, positives, mentions
+
+
+def augment(images: torch.Tensor, mentions: torch.Tensor, g: torch.Generator, crop_frac: float,
+            crop_scale: tuple[float, float], flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP-style augmentation on the batch: with ``flip`` every image is flipped horizontally with probability 1/2 (no caption
+    names left or right, and every shape's mirror image is the same shape), and a ``crop_frac`` share is replaced
+    by a random resized crop (torchvision's sampling rule with ``crop_scale``, ratio (3/4, 4/3), the crops
+    ``ctta.views`` draws for TPT) resized back to 32 px. A crop zooms in, so the object looks larger: only images
+    whose own caption leaves the size unnamed are cropped, and the returned ``cropped`` mask lets the loss drop
+    (cropped image, size-naming caption) pairs, whose truth the zoom made unknown. Returns (images, cropped)."""
+    from ctta.views import random_resized_crops  # TPT's view sampler
+
+    n = len(images)
+    out = images
+    if flip:
+        flipped = torch.rand(n, generator=g) < 0.5
+        out = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    if crop_frac <= 0:
+        return out, torch.zeros(n, dtype=torch.bool)
+    cropped = (torch.rand(n, generator=g) < crop_frac) & (mentions[:, W.MENTIONED.index("size")] < 0)
+    idx = cropped.nonzero().flatten()
+    if idx.numel():
+        out = out.clone()
+        out[idx] = random_resized_crops(out[idx], 1, out.shape[-1], g, scale=crop_scale, flip=False)[:, 0]
+    return out, cropped
 
 
 def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                        positives: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE with soft targets uniform over all positives. positives: [images, texts] bool."""
+                        positives: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE with soft targets uniform over all positives. positives: [images, texts] bool.
+    ``valid`` ([images, texts] bool, optional) drops pairs from both softmaxes (their logits become -inf): pairs
+    whose truth the augmentation made unknown. Every image and text must keep a valid positive."""
     logits = logit_scale * image_features @ text_features.T
+    if valid is not None:
+        if (positives & ~valid).any() or not (positives.any(1).all() and positives.any(0).all()):
+            raise ValueError("every positive pair must be valid, and every image and text keep one")
+        logits = logits.masked_fill(~valid, float("-inf"))
     pos = positives.float()
-    i2t = -(pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
-    t2i = -(pos.T / pos.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1)).sum(1).mean()
+    # where(pos, ...) rather than pos * ...: a masked pair's -inf log-probability times 0 would be nan
+    i2t = -torch.where(positives, pos / pos.sum(1, keepdim=True) * F.log_softmax(logits, 1), 0.0).sum(1).mean()
+    t2i = -torch.where(positives.T, pos.T / pos.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1),
+                       0.0).sum(1).mean()
     return (i2t + t2i) / 2
 
 
@@ -136,6 +187,13 @@ def main() -> None:
     ap.add_argument("--hard-frac", type=float, default=0.6, help="share of each batch in same-colour groups")
     ap.add_argument("--group", type=int, default=16)
     ap.add_argument("--combo-frac", type=float, default=0.0, help="share in groups sharing colour and shape")
+    ap.add_argument("--shape-frac", type=float, default=0.0,
+                    help="share in groups differing only in shape (same colour, style, size, background)")
+    ap.add_argument("--flip", type=int, default=0, help="1: flip each image horizontally with probability 1/2")
+    ap.add_argument("--crop-frac", type=float, default=0.0,
+                    help="share of images (among those whose caption leaves size unnamed) given a random resized crop")
+    ap.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("LO", "HI"),
+                    help="area range of the pre-training crops")
     ap.add_argument("--grey-frac", type=float, default=0.0, help="share rendered in greyscale, never colour-captioned")
     ap.add_argument("--solo-frac", type=float, default=0.2, help="share of captions naming exactly one factor")
     ap.add_argument("--mention-p", type=float, nargs=5, default=None, metavar="P",
@@ -192,15 +250,22 @@ def main() -> None:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, args.warmup, args.lr)
-        f = make_batch(args.batch, g, args.hard_frac, args.group, args.combo_frac)
-        images, texts, positives = caption_batch(W.render(f), f, g, args.grey_frac, args.mention_p, args.solo_frac)
+        f = make_batch(args.batch, g, args.hard_frac, args.group, args.combo_frac, args.shape_frac)
+        images, texts, positives, mentions = caption_batch(W.render(f), f, g, args.grey_frac, args.mention_p,
+                                                           args.solo_frac)
+        valid = None
+        if args.flip or args.crop_frac > 0:
+            images, cropped = augment(images, mentions, g, args.crop_frac, tuple(args.crop_scale), args.flip)
+            if cropped.any():
+                valid = ~(cropped[:, None] & (mentions[:, W.MENTIONED.index("size")] >= 0)[None, :])
+                positives = positives & valid
         images = (images - mean) / std
         tokens = tokenizer(texts)
         with compute():
             img, txt, scale = model(images, tokens)[:3]
             # Under bf16 autocast the loss's similarity matmul runs in bf16 too (autocast recasts it); its
             # log-softmax and the reductions run in fp32. The shipped checkpoint was trained this way.
-            loss = multi_positive_loss(img.float(), txt.float(), scale.float(), positives)
+            loss = multi_positive_loss(img.float(), txt.float(), scale.float(), positives, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # follows the ops the forward recorded (bf16 matmuls, math attention)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -225,6 +290,10 @@ def main() -> None:
                 feats = eval_micro.encode_images(model, W.render(quick[k]))
                 msg.append(f"100way_{k} {eval_micro.accuracy(feats, head, quick[k].combo_index()):.1f} "
                            f"shape_{k} {eval_micro.accuracy(feats, shape_head, quick[k].shape):.1f}")
+            rep = eval_micro.report(model, tokenizer, per_class=5, severities=(3,), crops=False)
+            msg.append(f"nn_clean {rep['nn_same_class']:.1f} nn_s3 {rep['nn_same_class_s3']:.1f} "
+                       f"zs_s3 {rep['zs100_s3']:.1f} cos {rep['cos_same_class']:.2f}/"
+                       f"{rep['cos_same_colour_other_shape']:.2f}")
             print(f"  eval step {step}: " + " ".join(msg), flush=True)
             model.train()
     wall = time.time() - t0
@@ -232,7 +301,8 @@ def main() -> None:
     meta = {"world_version": W.WORLD_VERSION, "steps": step, "batch": args.batch, "wall_time_s": round(wall, 1),
             "seed": args.seed, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
             "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
-            "combo_frac": args.combo_frac, "precision": args.precision, "grey_frac": args.grey_frac,
+            "combo_frac": args.combo_frac, "shape_frac": args.shape_frac, "flip": args.flip,
+            "crop_frac": args.crop_frac, "crop_scale": list(args.crop_scale), "precision": args.precision, "grey_frac": args.grey_frac,
             "solo_frac": args.solo_frac, "mention_p": args.mention_p,
             "train_styles": list(TRAIN_STYLES), "held_out_combos": sorted(map(list, W.HELD_OUT)),
             "param_count": n_params, "config": json.loads(Path(args.config).read_text()),

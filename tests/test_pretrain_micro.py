@@ -38,17 +38,17 @@ def _batch(seed=0, n=64):
 def test_caption_batch_without_extras_is_describe_and_matches():
     f, images, g = _batch()
     state = g.get_state()
-    out_images, texts, positives = P.caption_batch(images, f, g, 0.0, None)
+    out_images, texts, positives, mentions = P.caption_batch(images, f, g, 0.0, None)
     g.set_state(state)
     ref_texts, ref_mentions = W.describe(f, g)
     assert texts == ref_texts and out_images is images
-    assert torch.equal(positives, W.matches(ref_mentions, f).T)
+    assert torch.equal(positives, W.matches(ref_mentions, f).T) and torch.equal(mentions, ref_mentions)
     assert positives.diagonal().all()  # every caption is true of its own image
 
 
 def test_solo_captions_name_exactly_one_factor():
     f, images, g = _batch(1, n=400)
-    _, texts, positives = P.caption_batch(images, f, g, 0.0, None, solo_frac=1.0)
+    _, texts, positives, _ = P.caption_batch(images, f, g, 0.0, None, solo_frac=1.0)
     assert positives.diagonal().all()
     assert sum(" background" in t for t in texts) > 40  # ~1/5 of 400 name only the background
     for t in texts:
@@ -64,10 +64,66 @@ def test_solo_captions_name_exactly_one_factor():
 
 def test_grey_images_are_never_matched_by_colour_captions():
     f, images, g = _batch(2)
-    out, texts, positives = P.caption_batch(images, f, g, 1.0, None)
+    out, texts, positives, _ = P.caption_batch(images, f, g, 1.0, None)
     assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
     assert not any(f" {c} " in f" {t} " for t in texts for c in W.COLOURS)
     assert positives.diagonal().all()
+
+
+def test_shape_groups_differ_only_in_shape():
+    g = torch.Generator().manual_seed(3)
+    f = P.shape_group(16, g)
+    # every captioned factor but shape, and the background's tones and pattern, are one value in the group
+    for name in ("colour", "size", "background", "style", "bg_colours", "bg_angle", "bg_period", "bg_noise"):
+        v = getattr(f, name)
+        assert torch.equal(v, v[:1].expand_as(v)), name
+    # shapes: all 8 seen shapes of the colour, each twice (16 = 2 x 8), never a held-out combo
+    colour = W.COLOURS[int(f.colour[0])]
+    seen = [i for i, s in enumerate(W.SHAPES) if (colour, s) not in W.HELD_OUT]
+    assert sorted(f.shape.tolist()) == sorted(seen * 2)
+    # so a caption naming anything but the shape is true of all of them or of none
+    texts, mentions = W.describe(f, g, [0.0, 1.0, 1.0, 1.0, 1.0])
+    assert W.matches(mentions, f).all()
+    # and the batch carries the requested share of such groups first
+    b = P.make_batch(128, torch.Generator().manual_seed(4), hard_frac=0.5, group=16, shape_frac=0.25)
+    assert len(b) == 128
+    for k in range(2):
+        grp = b[slice(16 * k, 16 * k + 16)]
+        assert len(set(grp.shape.tolist())) == 8 and len(set(grp.colour.tolist())) == 1
+    with pytest.raises(ValueError, match="> 1"):
+        P.make_batch(64, g, hard_frac=0.8, group=16, shape_frac=0.5)
+
+
+def test_augment_keeps_range_and_crops_only_size_free_captions():
+    f, images, g = _batch(5, n=256)
+    _, _, positives, mentions = P.caption_batch(images, f, g, 0.0, None)
+    out, cropped = P.augment(images, mentions, g, 1.0, (0.25, 1.0))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    names_size = mentions[:, W.MENTIONED.index("size")] >= 0
+    assert torch.equal(cropped, ~names_size)  # crop_frac 1: exactly the size-free captions' images
+    # uncropped images are the original or its mirror image, pixel for pixel
+    for i in (~cropped).nonzero().flatten().tolist():
+        assert torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(-1))
+    assert sum(not torch.equal(out[i], images[i]) for i in (~cropped).nonzero().flatten().tolist()) > 0
+    # no flip, no crop: unchanged; nothing drawn for crops
+    same, none = P.augment(images, mentions, g, 0.0, (0.25, 1.0), flip=False)
+    assert same is images and not none.any()
+
+
+def test_loss_drops_invalid_pairs_exactly():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    pos = torch.tensor([[True, False], [False, True]])
+    valid = torch.tensor([[True, False], [True, True]])  # pair (image 0, text 1) unknown: out of both softmaxes
+    loss = P.multi_positive_loss(img, txt, torch.tensor(2.0), pos, valid)
+    # logits [[2, -inf], [0, 1.6]]: i2t row 0 = 0; row 1 = lse(0, 1.6) - 1.6; t2i col 0 = lse(2, 0) - 2; col 1 = 0
+    i2t = (0 + math.log(1 + math.exp(1.6)) - 1.6) / 2
+    t2i = (math.log(math.exp(2) + 1) - 2 + 0) / 2
+    assert loss.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="valid"):
+        P.multi_positive_loss(img, txt, torch.tensor(2.0), pos, torch.tensor([[False, True], [True, True]]))
 
 
 @pytest.mark.filterwarnings("ignore")
