@@ -1,4 +1,5 @@
 """One strategy per module; import them from here."""
+from ctta.strategies.boost_adapter import BoostAdapter
 from ctta.strategies.finetune import Finetune
 from ctta.strategies.lora_ft import LoRA
 from ctta.strategies.lwf import LwF
@@ -10,4 +11,5 @@ from ctta.strategies.tpt import TPT
 from ctta.strategies.vr_lwf import VRLwF
 from ctta.strategies.zeroshot import ZeroShot
 
-__all__ = ["Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent", "VRLwF", "ZeroShot"]
+__all__ = ["BoostAdapter", "Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent", "VRLwF",
+           "ZeroShot"]

@@ -264,3 +264,12 @@ class DualCache:
             raise ValueError(f"cache state of capacities ({out.pos.capacity}, {out.neg.capacity}) does not fit "
                              f"({cfg.pos_capacity}, {cfg.neg_capacity})")
         return out
+
+
+def dual_cache_for(current: DualCache | None, head: Tensor, cfg: DualCacheConfig, who: str) -> DualCache:
+    """The `DualCache` to use for a label space whose class head is ``head [C, D]``: ``current`` if it was built for
+    C classes, else a new empty one (allowed only while ``current`` is None or empty; see `ensure_space`)."""
+    n = current.n_classes if current is not None else 0
+    if not ensure_space(n, current is None or len(current) == 0, head.shape[0], who):
+        return current
+    return DualCache(head.shape[0], head.shape[1], cfg, head.device)

@@ -53,8 +53,8 @@ from torch import Tensor
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
-from ctta.strategies._cache import (DualCache, DualCacheConfig, class_logits, confident_query, encode_views,
-                                    ensure_space, fork_generator)
+from ctta.strategies._cache import (DualCache, DualCacheConfig, class_logits, confident_query, dual_cache_for,
+                                    encode_views, fork_generator)
 
 
 class TDA(Strategy):
@@ -93,17 +93,6 @@ class TDA(Strategy):
         self.generator.manual_seed(seed)
 
     # ----------------------------------------------------------------------------------------- the method
-    def _cache_for(self, space: LabelSpace, head: Tensor, keep: bool) -> DualCache:
-        """The caches for ``space``: built (or, while still empty, rebuilt) for its size; ``keep=False`` (predict)
-        does not store a new one. A non-empty cache built for another size raises ValueError."""
-        c = self.cache
-        if not ensure_space(c.n_classes if c else 0, c is None or len(c) == 0, len(space), type(self).__name__):
-            return c
-        new = DualCache(len(space), head.shape[1], self.cfg, head.device)
-        if keep:
-            self.cache = new
-        return new
-
     def _sample(self, feats: Tensor, head: Tensor, cache: DualCache, adapt: bool) -> Tensor:
         f, z, h, p, pred = confident_query(feats, class_logits(self._model(), feats, head, self.logit_scale),
                                            self.selection_p)
@@ -114,7 +103,9 @@ class TDA(Strategy):
     def _run(self, images: Tensor, space: LabelSpace, adapt: bool) -> Tensor:
         m = self._model()
         head = m.text_head(space)  # frozen text tower: encoded once per label space, then cached by the Clip
-        cache = self._cache_for(space, head, keep=adapt)
+        cache = dual_cache_for(self.cache, head, self.cfg, type(self).__name__)
+        if adapt:
+            self.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
         gen = self.generator if adapt else fork_generator(self.generator)
         feats = encode_views(self, images, self.n_views, augmix=self.augmix, generator=gen,
                              view_batch=self.view_batch)
