@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,8 +19,34 @@ class Dataset(Protocol):
     def __getitem__(self, i: int) -> tuple[Tensor, int]: ...
 
 
+RANGE_TOLERANCE = 1e-3  # float pixels may leave [0, 1] by this much (resampling overshoot) before we refuse them
+
+
+def _range_hint(lo: float, hi: float) -> str:
+    """How to bring pixels spanning ``[lo, hi]`` into [0, 1]."""
+    if lo < -RANGE_TOLERANCE:
+        return ("looks normalised (mean/std already applied): pass images in [0, 1] and drop any Normalize "
+                "transform — the model normalises with its own mean and std")
+    if hi <= 255 + RANGE_TOLERANCE:
+        return "looks like 0-255: divide by 255"
+    if hi <= 65535 + RANGE_TOLERANCE:
+        return "looks like 16-bit: divide by 65535"
+    return "rescale the images into [0, 1]"
+
+
+def _dtype_hint(dtype: torch.dtype) -> str:
+    if dtype == torch.uint8:
+        return " (8-bit: use images.float() / 255)"
+    if dtype == torch.bool:
+        return " (use images.float())"
+    if dtype in (torch.int16, torch.uint16, torch.int32, torch.int64):
+        return " (convert with images.float() / the bit depth's maximum, e.g. 255 for 8-bit or 65535 for 16-bit data)"
+    return ""
+
+
 def check_images(images: Tensor, *, what: str = "images") -> Tensor:
-    """Validate an image batch: a float tensor ``[B, 3, H, W]`` with finite values. Returns it unchanged."""
+    """Validate an image batch: a float tensor ``[B, 3, H, W]``, ``B, H, W > 0``, finite values in [0, 1] (within
+    `RANGE_TOLERANCE`). Returns it unchanged; raises with how to fix the input otherwise."""
     if not isinstance(images, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(images).__name__}")
     if images.dim() != 4:
@@ -29,13 +56,76 @@ def check_images(images: Tensor, *, what: str = "images") -> Tensor:
         raise ValueError(f"{what} must have 3 channels (RGB) in dim 1; got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError(f"{what} is an empty batch")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"{what} have zero size {tuple(images.shape[2:])}: there is nothing to classify")
     if not images.is_floating_point():
-        raise TypeError(f"{what} must be a float tensor in [0, 1]; got dtype {images.dtype}"
-                        + (" (divide uint8 images by 255)" if images.dtype == torch.uint8 else ""))
+        raise TypeError(f"{what} must be a float tensor in [0, 1]; got dtype {images.dtype}{_dtype_hint(images.dtype)}")
     if not torch.isfinite(images).all():
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         raise ValueError(f"{what} contain non-finite values (NaN or inf) in {bad} of {images.shape[0]} images")
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise ValueError(f"{what} must be in [0, 1]; values span [{lo:.4g}, {hi:.4g}]: {_range_hint(lo, hi)}")
     return images
+
+
+def is_pil_image(x: object) -> bool:
+    """Is ``x`` a PIL image (checked without importing PIL when it is not loaded)?"""
+    import sys
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(x, pil.Image)
+
+
+def _scale_by_range(a: np.ndarray, mode: str) -> np.ndarray:
+    """Integer ("I") or float ("F") pixels to [0, 1]: by the bit depth their range reveals (≤ 1 for floats: already
+    [0, 1]; ≤ 255: 8-bit; ≤ 65535: 16-bit), else stretched by their own min and max."""
+    if not np.isfinite(a).all():
+        raise ValueError(f"PIL image (mode {mode!r}) holds non-finite pixel values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= 0 and mode == "F" and hi <= 1:
+        return a
+    for top in (255.0, 65535.0):
+        if lo >= 0 and hi <= top:
+            return a / top
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def pil_to_rgb(image) -> Tensor:
+    """A PIL image of any mode → float RGB ``[3, H, W]`` in [0, 1], the engine's convention.
+
+    - 8-bit modes (``1``, ``L``, ``P``, ``RGB``, ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``): PIL's conversion,
+      divided by 255.
+    - 16-bit grey (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``): divided by 65535 (its bit depth) — PIL's own RGB
+      conversion clips at 255, turning most 16-bit images white.
+    - ``I`` (32-bit int) and ``F`` (float): scaled by the range the values reveal (see `_scale_by_range`), never
+      clipped.
+    - Alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, ``P`` with a transparent colour): composited **on white**,
+      as a viewer shows it (dropping alpha would expose whatever colour transparent pixels happen to store, often
+      black).
+    A 0-size image is refused.
+    """
+    w, h = image.size
+    if w == 0 or h == 0:
+        raise ValueError(f"image has size {w}x{h} (mode {image.mode!r}): there is nothing to classify")
+    mode = image.mode
+    if mode.startswith("I;16"):
+        a = np.asarray(image).astype(np.float32) / 65535.0
+        return torch.from_numpy(a)[None].expand(3, -1, -1).contiguous()
+    if mode in ("I", "F"):
+        a = _scale_by_range(np.asarray(image).astype(np.float64), mode).astype(np.float32)
+        return torch.from_numpy(a)[None].expand(3, -1, -1).contiguous()
+    alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if mode == "La":  # premultiplied grey + alpha: PIL converts it only to LA
+        image = image.convert("LA")
+    try:
+        a = np.asarray(image.convert("RGBA" if alpha else "RGB"), dtype=np.float32) / 255.0
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {e}") from None
+    x = torch.from_numpy(a).permute(2, 0, 1)
+    if alpha:
+        rgb, a = x[:3], x[3:]
+        x = rgb * a + (1 - a)  # over a white background
+    return x.contiguous()
 
 
 class ImageTensorDataset:

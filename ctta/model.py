@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctta.data import check_images
+from ctta.data import check_images, is_pil_image, pil_to_rgb
 from ctta.stream import LabelSpace
 from ctta.weights import (ASSETS, BUILTIN_ARCH, BUILTIN_WEIGHTS, check_text_config,  # noqa: F401 (re-exported)
                           check_text_tower, file_sha256, register_builtin, resolve_quick_gelu, verify_weights_file)
@@ -112,14 +112,13 @@ class Clip(nn.Module):
         return F.normalize(self.net.encode_image(self.normalize(images)).float(), dim=-1)
 
     def preprocess(self, image) -> Tensor:
-        """A PIL image (or ``[3, H, W]`` tensor in [0, 1]) to the model's eval input: resize + centre crop."""
+        """A PIL image of any mode (converted by `ctta.data.pil_to_rgb`) or a ``[3, H, W]`` float tensor in
+        [0, 1] to the model's eval input: shorter side resized to ``image_size`` (bicubic), centre crop."""
         from torchvision.transforms import v2 as T
-        tf = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                        T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                        T.CenterCrop(self.image_size)])
-        if hasattr(image, "convert"):
-            image = image.convert("RGB")
-        return tf(image).clamp_(0, 1)
+        x = pil_to_rgb(image) if is_pil_image(image) else image
+        check_images(x[None] if isinstance(x, Tensor) and x.dim() == 3 else x, what="image")
+        x = T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True)(x.float())
+        return T.CenterCrop(self.image_size)(x).clamp_(0, 1)
 
     # ----------------------------------------------------------------------------------------- text side
     @property

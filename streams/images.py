@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ctta.data import check_images, is_pil_image, pil_to_rgb
 from streams.manifest import IMAGE_EXTENSIONS, DatasetError
 
 
@@ -28,10 +29,14 @@ def resize_center_crop(images: Tensor, size: int) -> Tensor:
 
 
 def load_image(path: str | Path) -> Tensor:
-    """Decode an image file to float ``[3, H, W]`` in [0, 1] (RGB; grey and RGBA converted)."""
+    """Decode an image file to float ``[3, H, W]`` in [0, 1] (every PIL mode converted by `ctta.data.pil_to_rgb`:
+    16-bit and float images scaled, alpha composited on white, 0-size images refused)."""
     from PIL import Image
     with Image.open(path) as im:
-        return TF.to_dtype(TF.to_image(im.convert("RGB")), torch.float32, scale=True)
+        try:
+            return pil_to_rgb(im)
+        except ValueError as e:
+            raise DatasetError(f"{path}: {e}") from None
 
 
 class ImageFiles:
@@ -98,8 +103,8 @@ class WrappedImages:
 
 def to_float_image(x: Any, image_size: int | None = None, *, where: str = "image") -> Tensor:
     """PIL image / uint8 tensor / float tensor in [0, 1] → float ``[3, H, W]`` (resized if ``image_size``)."""
-    if hasattr(x, "convert"):  # PIL
-        x = TF.to_dtype(TF.to_image(x.convert("RGB")), torch.float32, scale=True)
+    if is_pil_image(x):
+        x = pil_to_rgb(x)
     elif isinstance(x, Tensor):
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
         if x.dim() == 3 and x.shape[0] == 1:
@@ -108,10 +113,7 @@ def to_float_image(x: Any, image_size: int | None = None, *, where: str = "image
         raise TypeError(f"{where}: expected a PIL image or a tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[0] != 3:
         raise ValueError(f"{where}: expected an image [3, H, W], got shape {tuple(x.shape)}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"{where}: pixel values span [{lo:.2f}, {hi:.2f}], not [0, 1] — the dataset seems normalised; "
-                         "drop its Normalize transform (the model normalises with its own mean/std)")
+    check_images(x[None], what=where)  # finite, in [0, 1]: a normalised or 0-255 dataset is told how to fix it
     return resize_center_crop(x, image_size) if image_size else x
 
 

@@ -48,3 +48,119 @@ def test_mobileclip_configs_are_refused_before_any_download(monkeypatch):
 
 def test_causal_text_towers_still_build(tiny_clip):
     assert tiny_clip.encode_text(["a dog."]).shape == (1, 32)
+
+
+# --------------------------------------------------------------------------------------- image values
+from PIL import Image  # noqa: E402
+
+from ctta.data import check_images, pil_to_rgb  # noqa: E402
+from streams.images import load_image, to_float_image  # noqa: E402
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.rand(2, 3, 16, 16) * 255, r"looks like 0-255: divide by 255"),
+    (torch.rand(2, 3, 16, 16) * 60000, r"looks like 16-bit: divide by 65535"),
+    ((torch.rand(2, 3, 16, 16) - 0.48) / 0.27, r"looks normalised"),
+    (torch.full((1, 3, 16, 16), 1.01), r"values span \[1\.01, 1\.01\]"),
+    (torch.full((1, 3, 16, 16), float("nan")), "non-finite"),
+    (torch.full((1, 3, 16, 16), float("inf")), "non-finite"),
+    (torch.zeros(0, 3, 16, 16), "empty batch"),
+    (torch.zeros(1, 3, 0, 16), "zero size"),
+    (torch.zeros(3, 16, 16), r"rank 3 .*images\[None\]"),
+    (torch.zeros(1, 4, 16, 16), "3 channels"),
+])
+def test_float_images_outside_the_rules_are_refused_with_how_to_fix(tiny_clip, x, match):
+    with pytest.raises(ValueError, match=match):
+        check_images(x)
+    with pytest.raises(ValueError, match=match):
+        tiny_clip.encode_image(x)  # the model applies the same rules
+
+
+@pytest.mark.parametrize("dtype, hint", [(torch.uint8, "/ 255"), (torch.int16, "65535"), (torch.int32, "65535"),
+                                         (torch.bool, r"images\.float\(\)")])
+def test_integer_images_are_refused_with_a_hint(dtype, hint):
+    with pytest.raises(TypeError, match=f"must be a float tensor.*{hint}"):
+        check_images(torch.zeros(1, 3, 4, 4, dtype=dtype))
+
+
+def test_resampling_overshoot_within_tolerance_passes():
+    x = torch.rand(1, 3, 8, 8)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = -5e-4, 1 + 5e-4
+    assert check_images(x) is x
+
+
+# --------------------------------------------------------------------------------------- PIL modes
+def _grey(x):
+    return torch.full((3, 2, 3), float(x))
+
+
+@pytest.mark.parametrize("mode, value, want", [
+    ("1", 1, 1.0), ("L", 51, 0.2), ("P", 0, 0.0), ("RGB", (255, 0, 51), None),
+    ("I;16", 32768, 32768 / 65535), ("I;16B", 13107, 0.2), ("I;16L", 65535, 1.0),
+    ("I", 40000, 40000 / 65535), ("I", 128, 128 / 255),
+    ("F", 0.25, 0.25), ("F", 127.5, 0.5),
+])
+def test_pil_modes_are_scaled_by_their_bit_depth_not_clipped(mode, value, want):
+    im = Image.new(mode, (3, 2), value)
+    x = pil_to_rgb(im)
+    assert x.shape == (3, 2, 3) and x.dtype == torch.float32
+    if want is None:  # RGB
+        assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
+    else:
+        assert torch.allclose(x, _grey(want), atol=1e-6), (mode, value, x[:, 0, 0])
+
+
+def test_float_and_wide_int_images_outside_a_bit_depth_are_stretched_by_their_range():
+    f = Image.fromarray(np.array([[-2.0, 0.0, 2.0]], dtype=np.float32), mode="F")
+    assert torch.allclose(pil_to_rgb(f)[0, 0], torch.tensor([0.0, 0.5, 1.0]))
+    i = Image.fromarray(np.array([[0, 100000, 200000]], dtype=np.int32), mode="I")
+    assert torch.allclose(pil_to_rgb(i)[1, 0], torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="non-finite"):
+        pil_to_rgb(Image.fromarray(np.array([[np.nan, 0.0]], dtype=np.float32), mode="F"))
+
+
+@pytest.mark.parametrize("mode, transparent, opaque", [
+    ("LA", (0, 0), (0, 255)), ("RGBA", (0, 0, 0, 0), (0, 0, 0, 255)), ("PA", (0, 0), (0, 255)),
+])
+def test_alpha_is_composited_on_white(mode, transparent, opaque):
+    im = Image.new(mode, (2, 1), transparent)
+    im.putpixel((1, 0), opaque)
+    x = pil_to_rgb(im)
+    assert torch.allclose(x[:, 0, 0], torch.ones(3)) and torch.allclose(x[:, 0, 1], torch.zeros(3))
+    half = pil_to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 128)))
+    assert torch.allclose(half[:, 0, 0], torch.full((3,), 1 - 128 / 255))
+
+
+def test_palette_with_a_transparent_colour_is_composited_on_white():
+    im = Image.new("P", (2, 1), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.putpixel((1, 0), 1)
+    im.info["transparency"] = 0
+    x = pil_to_rgb(im)
+    assert torch.allclose(x[:, 0, 0], torch.ones(3)) and torch.allclose(x[:, 0, 1], torch.tensor([1.0, 0, 0]))
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"])
+def test_other_modes_convert_to_rgb_in_range(mode):
+    x = pil_to_rgb(Image.new(mode, (4, 3)))
+    assert x.shape == (3, 3, 4) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_zero_size_images_are_refused(tiny_clip):
+    with pytest.raises(ValueError, match="size 0x0"):
+        tiny_clip.preprocess(Image.new("RGB", (0, 0)))
+    with pytest.raises(ValueError, match="size 5x0"):
+        to_float_image(Image.new("L", (5, 0)))
+
+
+def test_preprocess_and_file_loading_use_the_same_conversion(tiny_clip, tmp_path):
+    a = (np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50)
+    Image.fromarray(a).save(tmp_path / "deep.png")  # uint16 -> mode I;16
+    with Image.open(tmp_path / "deep.png") as im:  # 16-bit PNG: mode I;16 (or I in older Pillow)
+        ref = torch.from_numpy(a / 65535.0).float()
+        assert torch.allclose(pil_to_rgb(im)[0], ref, atol=1e-6)
+        x = tiny_clip.preprocess(im)
+    assert torch.allclose(load_image(tmp_path / "deep.png")[2], ref, atol=1e-6)
+    assert x.shape == (3, 16, 16) and 0.02 < float(x.mean()) < 0.98  # not the near-white of clipping
+    rgb = Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8))
+    assert torch.allclose(tiny_clip.preprocess(rgb), tiny_clip.preprocess(pil_to_rgb(rgb)))

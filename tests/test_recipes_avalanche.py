@@ -65,7 +65,7 @@ def test_bridge_rejects_bad_inputs():
     normalised = type("Norm", (Triples,), {"__getitem__": lambda s, i: (torch.randn(3, 8, 8) * 3, 4, 0)})
     b.train_stream[0].dataset.__class__ = normalised  # what a dataset with a Normalize transform yields
     s = from_avalanche(b, NAMES)
-    with pytest.raises(ValueError, match="seems normalised"):
+    with pytest.raises(ValueError, match="looks normalised"):
         s.tasks[0].train[0]
 
 
