@@ -11,13 +11,13 @@ from ctta.adapters.lora import (
     LoRA,
     LoRAAttention,
     LoRALinear,
-    MergeHistory,
     inject_lora,
     lora_modules,
     lora_wrappers,
     merge_and_remove,
     remove_lora,
 )
+from ctta.task_lora import MergeHistory
 from tests.conftest import make_tiny_clip
 
 PROMPTS = ["a photo of a cat.", "a red star", "x"]

@@ -11,7 +11,7 @@ from ctta import AccuracyMatrix, run
 from ctta.adapters.lora import LoRAAttention, lora_modules, merge_and_remove
 from ctta.hooks import StrategySummary
 from ctta.losses import seen_masked_clip_loss
-from ctta.strategies.finetune import class_prompts
+from ctta.finetuning import class_prompts
 from ctta.strategies.lora_ft import LoRA
 from ctta.strategies.rank_lora import RankSelectiveLoRA, kappa_schedule, soft_threshold_
 from tests.conftest import make_tiny_clip
@@ -78,7 +78,8 @@ def test_rank_selective_lora_prunes_merges_and_reinjects(tiny_stream):
     s.begin_task(task, space)
     assert s._kappas == kappa_schedule(20, 0.3)
     images, labels = task.train.get_batch(torch.arange(16))
-    gates = [lora.gate for lora in s.loras]
+    gates = s.task_lora.gates()
+    assert len(gates) == len(s.loras) > 0
     for i in range(20):
         before = [g.detach().clone() for g in gates]
         stats = s.learn(images, labels + offset, space)
@@ -113,10 +114,10 @@ def test_seen_features_and_current_block(tiny_stream):
     s.setup(clip)
     space, _ = tiny_stream.train_space(1)
     s.begin_task(tiny_stream.tasks[1], space)
-    assert s._block == slice(2, 4)
+    assert s.task_lora.block == slice(2, 4)
     with torch.no_grad():
         expected = clip.encode_text(class_prompts(tiny_stream.tasks[0].space))
-    assert torch.allclose(s._seen, expected, atol=1e-6)
+    assert torch.allclose(s.task_lora.seen, expected, atol=1e-6)
     # labels outside the current block are a clear error, not a silent mis-indexing
     with pytest.raises(ValueError, match="current classes"):
         s.learn(tiny_stream.tasks[1].train.get_batch(torch.arange(4))[0], torch.tensor([0, 1, 2, 3]), space)

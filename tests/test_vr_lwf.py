@@ -11,7 +11,8 @@ from ctta import AccuracyMatrix, run
 from ctta.losses import distillation
 from ctta.merging import interpolate_
 from ctta.strategies.finetune import Finetune
-from ctta.strategies.lwf import LwF, lwf_terms
+from ctta.distillation import Distillation, lwf_terms
+from ctta.strategies.lwf import LwF
 from ctta.strategies.vr_lwf import VRLwF, random_vocabulary, special_tokens
 from tests.conftest import make_tiny_clip
 
@@ -79,7 +80,7 @@ def test_vr_lwf_distillation_sends_no_gradient_to_student_text(tiny_clip, tiny_s
     with torch.no_grad():  # perturb the student so that the distillation is not at its zero-gradient point
         tiny_clip.net.visual.proj.add_(0.05 * torch.randn_like(tiny_clip.net.visual.proj))
     img = tiny_clip.encode_image(images)
-    l_img, l_txt = lwf_terms(tiny_clip, img, s.teacher(images), s._vocab_features, 2.0)
+    l_img, l_txt = lwf_terms(tiny_clip, img, s.distillation.teacher(images), s.distillation.text, 2.0)
     (l_img + l_txt).backward()
     assert all(p.grad is None for p in tiny_clip.text_parameters())
     assert tiny_clip.net.visual.proj.grad.abs().sum() > 0
@@ -95,7 +96,7 @@ def test_teacher_is_frozen_and_does_not_move(cls, tiny_clip, tiny_stream):
     images, labels = small_batch()
     with torch.no_grad():
         before_feats = tiny_clip.encode_image(images)
-    tower = s.teacher.tower
+    tower = s.distillation.teacher.tower
     assert tower is not tiny_clip.net.visual
     teacher0 = {k: v.clone() for k, v in tower.state_dict().items()}
     student0 = {k: v.clone() for k, v in tiny_clip.net.visual.state_dict().items()}
@@ -108,7 +109,7 @@ def test_teacher_is_frozen_and_does_not_move(cls, tiny_clip, tiny_stream):
         assert torch.equal(v, teacher0[k]), k
     assert any(not torch.equal(v, student0[k]) for k, v in tiny_clip.net.visual.state_dict().items())
     # the teacher still gives the pre-task model's features
-    torch.testing.assert_close(s.teacher(images), before_feats)
+    torch.testing.assert_close(s.distillation.teacher(images), before_feats)
 
 
 def test_random_vocabulary_is_seeded():
@@ -264,3 +265,5 @@ def test_lwf_terms_with_a_pinned_distillation_scale(tiny_clip):
     assert tiny_clip.logit_scale.item() != pytest.approx(100.0)  # the pin is what made the difference
     with pytest.raises(ValueError, match="distill_scale"):
         LwF(distill_scale=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        Distillation(temperature=0.0)

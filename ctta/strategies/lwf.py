@@ -32,142 +32,88 @@ Deliberate deviations (all exact-or-cheaper, none changes the objective's expect
   texts) than the recipe was tuned for. ``None`` uses the model's scale. The cross-entropy keeps the model's scale.
 - ``wise_alpha`` (off by default, as in ZSCL's LwF) adds WiSE-FT interpolation with the zero-shot weights after
   every task (`ctta.merging.interpolate_`).
+
+Composition: `ctta.finetuning.FineTuning` owns the trainable set, AdamW, the per-task schedule (``schedule``,
+``reset_optimizer_per_task``) and the WiSE anchor; `ctta.distillation.Distillation` owns the teacher and the two
+distillation terms (shared with VR-LwF, which differs only in the reference texts).
 """
 from __future__ import annotations
 
-import copy
-from typing import Iterable
+from typing import Any, Iterable
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ctta.losses import distillation
-from ctta.merging import check_alpha, interpolate_
+from ctta.distillation import Distillation, encode_frozen
+from ctta.finetuning import FineTuning, class_prompts
 from ctta.model import Clip
-from ctta.strategies.finetune import build_optimizer, class_features, class_prompts, setup_finetuning
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
-
-_CHUNK = 256  # reference texts per no-grad text forward
-
-
-class FrozenImageTower:
-    """The model's image tower as it is now, frozen: a deep copy of ``model.net.visual`` when the strategy trains any
-    image parameter (it will drift), otherwise the live tower itself (it cannot). Not an ``nn.Module`` attribute of
-    the strategy on purpose: it is rebuilt at each task and never saved."""
-
-    def __init__(self, model: Clip):
-        self.model = model
-        visual = model.net.visual
-        self.tower: nn.Module | None = None
-        if any(p.requires_grad for p in visual.parameters()):
-            self.tower = copy.deepcopy(visual).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor) -> Tensor:
-        """L2-normalised teacher image features ``[B, D]`` (same normalisation as `Clip.encode_image`)."""
-        tower = self.tower if self.tower is not None else self.model.net.visual
-        return F.normalize(tower(self.model.normalize(images)).float(), dim=-1)
-
-
-@torch.no_grad()
-def encode_frozen(model: Clip, encode, items, chunk: int = _CHUNK) -> Tensor:
-    """Text features of ``items`` (prompts or token rows) with the model in eval mode and no grad, in chunks."""
-    was = model.net.training
-    model.net.eval()
-    out = torch.cat([encode(items[i:i + chunk]) for i in range(0, len(items), chunk)])
-    model.net.train(was)
-    return out
-
-
-def lwf_terms(model: Clip, student_image: Tensor, teacher_image: Tensor, teacher_text: Tensor,
-              T: float, scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """ZSCL's two distillation terms with the teacher's text features on both sides: image→text (rows = images)
-    and text→image (rows = texts, the transposed logits). Logits are ``scale · f·gᵀ`` (``None``: the model's
-    ``exp(logit_scale)``, which is what ZSCL reads: 100 for the OpenAI weights)."""
-    def logits(image: Tensor) -> Tensor:
-        return model.logits(image, teacher_text) if scale is None else scale * image @ teacher_text.t()
-    s = logits(student_image)
-    with torch.no_grad():
-        t = logits(teacher_image)
-    return distillation(t, s, T), distillation(t.t(), s.t(), T)
-
-
-def configure_distillation(s: Strategy, temperature: float, image_loss: float, text_loss: float,
-                           scale: float | None) -> None:
-    """Check and set the distillation settings shared by LwF and VR-LwF on strategy ``s``."""
-    if temperature <= 0 or image_loss < 0 or text_loss < 0 or (scale is not None and scale <= 0):
-        raise ValueError(f"need temperature > 0, non-negative loss weights and a positive distill_scale, got "
-                         f"T={temperature}, image_loss={image_loss}, text_loss={text_loss}, distill_scale={scale}")
-    s.temperature, s.image_loss, s.text_loss = float(temperature), float(image_loss), float(text_loss)
-    s.distill_scale = None if scale is None else float(scale)
-
-
-def distill_learn(s: Strategy, images: Tensor, labels: Tensor, space: LabelSpace, teacher_text: Tensor
-                  ) -> dict[str, float]:
-    """One step of CE (label smoothing) + ZSCL's two distillation terms against ``teacher_text`` (LwF: the current
-    classes' prompts; VR-LwF: the replayed vocabulary), both encoded by the task's teacher."""
-    m = s._model()
-    m.train()
-    with s.autocast():
-        img = m.encode_image(images)
-        ce = F.cross_entropy(m.logits(img, class_features(m, space, s._text_trainable)).float(), labels,
-                             label_smoothing=s.label_smoothing)
-        l_img, l_txt = lwf_terms(m, img, s.teacher(images), teacher_text, s.temperature, s.distill_scale)
-        loss = ce + s.image_loss * l_img + s.text_loss * l_txt
-    s.step(loss)
-    m.eval()
-    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "distill_image": float(l_img.detach()),
-            "distill_text": float(l_txt.detach())}
 
 
 class LwF(Strategy):
     """LwF with the previous-task model as teacher, on the current task's class logits (see module docstring)."""
 
     def __init__(self, params: str | Iterable[str] = "", *, lr: float = 1e-5, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup: int = 100, label_smoothing: float = 0.2,
-                 temperature: float = 2.0, image_loss: float = 1.0, text_loss: float = 1.0,
-                 distill_scale: float | None = 100.0, wise_alpha: float | None = None, batch_size: int = 64,
-                 epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
+                 betas: tuple[float, float] = (0.9, 0.999), warmup: int = 100, schedule: str = "cosine",
+                 reset_optimizer_per_task: bool = True, label_smoothing: float = 0.2, temperature: float = 2.0,
+                 image_loss: float = 1.0, text_loss: float = 1.0, distill_scale: float | None = 100.0,
+                 wise_alpha: float | None = None, batch_size: int = 64, epochs: int = 1,
+                 iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        configure_distillation(self, temperature, image_loss, text_loss, distill_scale)
-        self.params = params if isinstance(params, str) else tuple(params)
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup, self.label_smoothing = warmup, label_smoothing
-        self.wise_alpha = check_alpha(wise_alpha)
-        self._trainable: list[nn.Parameter] = []
-        self._anchor: dict[str, Tensor] | None = None
-        self.teacher: FrozenImageTower | None = None
-        self._ref: Tensor | None = None  # teacher text features of the current task's class prompts
-        self._ref_space: LabelSpace | None = None
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        self.distillation = Distillation(temperature, image_loss, text_loss, distill_scale)
+        self.tuning = FineTuning(params, lr=lr, weight_decay=weight_decay, betas=betas, warmup=warmup,
+                                 schedule=schedule, reset_optimizer_per_task=reset_optimizer_per_task,
+                                 wise_alpha=wise_alpha)
+        self.label_smoothing = float(label_smoothing)
+        self._ref_space: LabelSpace | None = None  # the label space whose prompts the teacher encoded
         self.reference_encodes = 0  # how many times reference text features were computed (once per task)
 
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        setup_finetuning(self, model)
+        self.optimizer, self.scheduler = self.tuning.attach(model)
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        build_optimizer(self, self.task_steps(task))
+        self.optimizer, self.scheduler = self.tuning.begin_task(self.task_steps(task))
         self._freeze_teacher(space)
 
     def _freeze_teacher(self, space: LabelSpace) -> None:
-        """Teacher = the model now (before any step of this task): image tower copy + cached text features."""
+        """Teacher = the model now (before any step of this task): image tower copy + its features of the
+        current classes' prompts."""
         m = self._model()
-        self.teacher = FrozenImageTower(m)
-        self._ref = encode_frozen(m, m.encode_text, class_prompts(space))
+        self.distillation.freeze_teacher(m, encode_frozen(m, m.encode_text, class_prompts(space)))
         self._ref_space = space
         self.reference_encodes += 1
 
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
-        if self.teacher is None:  # hidden first boundary: the model as first seen is the teacher
+        if not self.distillation.ready:  # hidden first boundary: the model as first seen is the teacher
             self._freeze_teacher(space)
         elif space != self._ref_space:
             raise ValueError(f"LwF teacher was built for label space {self._ref_space!r}, learn() got {space!r}; "
                              "a new label space needs a revealed task boundary (begin_task)")
-        return distill_learn(self, images, labels, space, self._ref)
+        m = self._model()
+        m.train()
+        with self.autocast():
+            img = m.encode_image(images)
+            ce = F.cross_entropy(self.tuning.class_logits(m, img, space).float(), labels,
+                                 label_smoothing=self.label_smoothing)
+            loss, terms = self.distillation.add_to(ce, m, images, img)
+        self.step(loss)
+        m.eval()
+        return {"loss": float(loss.detach()), "ce": float(ce.detach()),
+                **{k: float(v.detach()) for k, v in terms.items()}}
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
-        if self._anchor is not None:
-            interpolate_(self._model(), self._anchor, self.wise_alpha)
-        self.teacher, self._ref, self._ref_space = None, None, None  # free the copy; rebuilt at the next task
+        self.tuning.end_task(self._model())
+        self.distillation.release()  # free the copy; rebuilt at the next task
+        self._ref_space = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "finetuning": self.tuning.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "finetuning" in state:
+            self.tuning.load_state_dict(state["finetuning"])
+        super().load_state_dict(state)

@@ -9,10 +9,11 @@ Per task: a fresh rank-r LoRA with per-rank gates ``w ~ N(0, 1)`` on q, k, v, ou
 towers (``ΔW = B·diag(w)·A``, scaling 1); AdamW + cosine; loss `ctta.losses.seen_masked_clip_loss` (image→text CE
 over [seen; current] classes with the seen columns at −inf, plus the text→image soft CE), current-class text
 features recomputed every iteration through the LoRA'd text tower with the first template, seen-class features
-computed once at the start of the task. The L1 penalty on the gates is applied as a proximal step: after every
-optimizer step past the dense phase, every gate is soft-thresholded by κ, with κ stepped through
-``linspace(0, κ_max, 50)`` (`kappa_schedule`). After the task, zero-gate ranks are pruned, the rest merged into
-the base weights and a fresh LoRA injected: inference is plain CLIP, no task id, no stored data.
+computed once at the start of the task. After the task, zero-gate ranks are pruned, the rest merged into the base
+weights and a fresh LoRA injected: inference is plain CLIP, no task id, no stored data. All of that is the training
+path shared with the fixed-rank `ctta.strategies.lora_ft.LoRA` (`ctta.task_lora.TaskLoRA`); this strategy adds
+only the gates and the L1 penalty on them, applied as a proximal step: after every optimizer step past the dense
+phase, every gate is soft-thresholded by κ, with κ stepped through ``linspace(0, κ_max, 50)`` (`kappa_schedule`).
 
 Deviations (deliberate):
 - ``soft_threshold_`` is the proximal operator ``w ← sign(w)·max(|w| − κ, 0)`` of methods.md §4.2. The reference
@@ -29,20 +30,18 @@ Deviations (deliberate):
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ctta.adapters.lora import TARGETS, TOWERS, LoRA, MergeHistory, inject_lora, merge_and_remove
-from ctta.losses import seen_masked_clip_loss
+from ctta.adapters.lora import TARGETS, TOWERS, LoRA
 from ctta.model import Clip
-from ctta.optim import adamw_cosine, steps_per_task
-from ctta.strategies.finetune import class_prompts
-from ctta.strategies.lora_ft import MergeHistoryState
+from ctta.optim import steps_per_task
 from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, Task
+from ctta.task_lora import TaskLoRA
 
 
 def kappa_schedule(total: int, kappa_max: float, n_kappa: int = 50, dense_ratio: float = 0.5) -> list[float]:
@@ -80,7 +79,7 @@ def soft_threshold_(gates: Iterable[Tensor], kappa: float, reference: bool = Fal
             w.copy_(w.sign() * (w.abs() - kappa).clamp_min(0))
 
 
-class RankSelectiveLoRA(MergeHistoryState, Strategy):
+class RankSelectiveLoRA(Strategy):
     """CoDyRA (see the module docstring). Reference defaults; ``summary()`` reports per task the effective rank
     of every module and ``||θ_t − θ_0||_F``."""
 
@@ -91,70 +90,55 @@ class RankSelectiveLoRA(MergeHistoryState, Strategy):
                  text_to_image: bool | None = None, logit_scale: float | None = None, batch_size: int = 64,
                  epochs: int = 1, iterations: int | None = 500, grad_clip: float | None = None, amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        self.rank, self.targets, self.towers, self.layers = rank, tuple(targets), tuple(towers), layers
-        self.lr, self.weight_decay, self.betas, self.warmup = lr, weight_decay, tuple(betas), warmup
+        kappa_schedule(1, kappa_max, n_kappa, dense_ratio)  # validate now, not at the first task
+        self.task_lora = TaskLoRA(rank=rank, gated=True, targets=targets, towers=towers, layers=layers, lr=lr,
+                                  weight_decay=weight_decay, betas=betas, warmup=warmup,
+                                  text_to_image=text_to_image, logit_scale=logit_scale)
         self.kappa_max, self.n_kappa, self.dense_ratio = kappa_max, n_kappa, dense_ratio
         self.reference_threshold = reference_threshold
-        # the reference adds the text→image term whenever the image tower is adapted ('vision' or 'all')
-        self.text_to_image = ("visual" in self.towers) if text_to_image is None else text_to_image
-        self.logit_scale = logit_scale
-        self.loras: list[LoRA] = []
-        self.history = MergeHistory()
-        self._kappas: list[float] = []
-        self._it = 0
-        self._seen: Tensor | None = None
-        self._cur_space: LabelSpace | None = None
-        self._block: slice | None = None
+        self._kappas: list[float] = []  # κ after each step of the current task
+        self._it = 0  # steps taken in the current task
+
+    @property
+    def loras(self) -> list[LoRA]:
+        """The current task's LoRA modules."""
+        return self.task_lora.loras
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        # the structure after setup equals the one after end_task (merged base + fresh LoRA): resume loads into it
-        self.loras = inject_lora(model, self.targets, self.layers, self.towers, self.rank, gated=True)
+        self.task_lora.attach(model)
 
-    def _start(self, space: LabelSpace, current: LabelSpace, n_train: int) -> None:
-        m = self._model()
-        self._block = space.locate(current)
-        seen = [i for i in range(len(space)) if not self._block.start <= i < self._block.stop]
-        self._cur_space = space.subset(range(self._block.start, self._block.stop))
-        with torch.no_grad():  # T_seen: once per task, through the current (merged) text tower
-            was = m.training
-            m.eval()
-            self._seen = m.encode_text(class_prompts(space.subset(seen))) if seen else None
-            m.train(was)
-        total = max(1, steps_per_task(n_train, self.batch_size, self.epochs, self.iterations))
-        params = [p for lora in self.loras for p in lora.parameters()]
-        self.optimizer, self.scheduler = adamw_cosine(params, total, lr=self.lr, betas=self.betas,
-                                                      weight_decay=self.weight_decay, warmup=self.warmup)
+    def _start(self, space: LabelSpace, current: LabelSpace, total: int) -> None:
+        self.optimizer, self.scheduler = self.task_lora.begin_task(space, current, total)
         self._kappas = kappa_schedule(total, self.kappa_max, self.n_kappa, self.dense_ratio)
         self._it = 0
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self._start(space, task.space, len(task.train) if task.train is not None else 0)
+        self._start(space, task.space, self.task_steps(task))
 
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
-        m = self._model()
-        if self.optimizer is None:  # no begin_task: the whole training space is the current task
-            self._start(space, space, self.batch_size * (self.iterations or 100))
-        m.train()
-        with self.autocast():
-            feats = m.encode_image(images)
-            cur = m.encode_text(class_prompts(self._cur_space))  # with grad through the text LoRA
-            scale = m.logit_scale if self.logit_scale is None else self.logit_scale
-            seen = self._seen if self._seen is not None else cur.new_zeros(0, cur.shape[1])
-            loss = seen_masked_clip_loss(feats, seen, cur, labels - self._block.start, scale, self.text_to_image)
-        stepped = self.step(loss)
+        if not self.task_lora.started:  # no begin_task (hidden boundary): the whole training space is the task
+            self._start(space, space, max(1, steps_per_task(self.batch_size * (self.iterations or 100),
+                                                            self.batch_size, self.epochs, self.iterations)))
+        loss, stepped = self.task_lora.learn(images, labels, self.step, self.autocast())
         kappa = self._kappas[min(self._it, len(self._kappas) - 1)]
         if stepped and kappa > 0:  # proximal step of the L1 penalty on the gates
-            soft_threshold_([lora.gate for lora in self.loras], kappa, self.reference_threshold)
+            soft_threshold_(self.task_lora.gates(), kappa, self.reference_threshold)
         self._it += 1
-        m.eval()
         return {"loss": float(loss.detach()), "kappa": kappa}
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
-        m = self._model()
-        ranks = {lora.name: lora.prune() for lora in self.loras}  # drop zero-gate ranks, then merge the rest
-        self.history.record_task(task.name, self.loras, ranks, self.rank)
-        merge_and_remove(m)
-        self.loras = inject_lora(m, self.targets, self.layers, self.towers, self.rank, gated=True)
-        self.optimizer, self.scheduler, self._seen, self._block = None, None, None, None
+        self.task_lora.end_task(task.name)  # prunes zero-gate ranks, merges the rest, injects a fresh LoRA
+        self.optimizer, self.scheduler = None, None  # the next task builds its own
+
+    def summary(self) -> dict[str, Any]:
+        """Per-task effective ranks and drift ‖θ_t − θ_0‖, and the last task's headline numbers."""
+        return self.task_lora.history.summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "lora": self.task_lora.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.task_lora.load_state_dict(state.get("lora", {}))

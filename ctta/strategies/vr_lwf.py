@@ -31,6 +31,10 @@ Deliberate deviations (exact or cheaper unless said):
   WildCLIP's ``VRLwR`` does with domain anchors; ``wise_alpha`` adds WiSE-FT interpolation with the zero-shot
   weights after every task (`ctta.merging.interpolate_`). Both are off by default.
 
+Composition: `ctta.finetuning.FineTuning` owns the trainable set, AdamW, the per-task schedule (``schedule``,
+``reset_optimizer_per_task``) and the WiSE anchor; `ctta.distillation.Distillation` owns the teacher and the two
+distillation terms (shared with LwF, whose reference texts are the current classes' prompts instead).
+
 Note: as in ZSCL, the student's text tower gets no distillation gradient (teacher text features on both sides), so
 only the image tower is protected. On the built-in world most of the zero-shot loss of whole-model training comes
 from text-tower drift; there ``params="visual."`` is where VR-LwF's distillation shows (scripts/eval_cl_world.py).
@@ -39,15 +43,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
-from ctta.merging import check_alpha, interpolate_
+from ctta.distillation import Distillation, encode_frozen
+from ctta.finetuning import FineTuning
 from ctta.model import Clip
-from ctta.strategies.finetune import build_optimizer, setup_finetuning
-from ctta.strategies.lwf import FrozenImageTower, configure_distillation, distill_learn, encode_frozen
 from ctta.stream import LabelSpace, Task
 from ctta.strategy import Strategy
 
@@ -95,31 +99,29 @@ class VRLwF(Strategy):
     def __init__(self, params: str | Iterable[str] = "", *, vocabulary: str | Path | Sequence[str] | None = None,
                  n_sentences: int = 1000, length: int = 10, vocab_seed: int = 0, lr: float = 1e-5,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), warmup: int = 100,
-                 label_smoothing: float = 0.2, temperature: float = 2.0, image_loss: float = 1.0,
-                 text_loss: float = 1.0, distill_scale: float | None = 100.0, wise_alpha: float | None = None,
-                 batch_size: int = 64, epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None,
-                 amp: bool = False):
+                 schedule: str = "cosine", reset_optimizer_per_task: bool = True, label_smoothing: float = 0.2,
+                 temperature: float = 2.0, image_loss: float = 1.0, text_loss: float = 1.0,
+                 distill_scale: float | None = 100.0, wise_alpha: float | None = None, batch_size: int = 64,
+                 epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        configure_distillation(self, temperature, image_loss, text_loss, distill_scale)
         if n_sentences <= 0 or length <= 0:
             raise ValueError(f"n_sentences and length must be positive, got {n_sentences}, {length}")
-        self.params = params if isinstance(params, str) else tuple(params)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        self.distillation = Distillation(temperature, image_loss, text_loss, distill_scale)
+        self.tuning = FineTuning(params, lr=lr, weight_decay=weight_decay, betas=betas, warmup=warmup,
+                                 schedule=schedule, reset_optimizer_per_task=reset_optimizer_per_task,
+                                 wise_alpha=wise_alpha)
+        self.label_smoothing = float(label_smoothing)
         self.words = read_words(vocabulary) if vocabulary is not None else None
         self.n_sentences, self.length, self.vocab_seed = int(n_sentences), int(length), int(vocab_seed)
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup, self.label_smoothing = warmup, label_smoothing
-        self.wise_alpha = check_alpha(wise_alpha)
-        self._trainable: list[nn.Parameter] = []
-        self._anchor: dict[str, Tensor] | None = None
         self.tokens: Tensor | None = None  # [n, length + 2] pseudo-sentences (random vocabulary only)
-        self.teacher: FrozenImageTower | None = None
-        self._vocab_features: Tensor | None = None  # teacher text features of the vocabulary, this task
         self.vocab_encodes = 0  # how many times the vocabulary was encoded (once per task)
 
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        setup_finetuning(self, model)
+        self.optimizer, self.scheduler = self.tuning.attach(model)
         if self.words is None:
             self.tokens = self._draw_vocabulary(model)
 
@@ -137,14 +139,13 @@ class VRLwF(Strategy):
         return random_vocabulary(self.n_sentences, length, vocab_size, sot, eot, self.vocab_seed)
 
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        build_optimizer(self, self.task_steps(task))
+        self.optimizer, self.scheduler = self.tuning.begin_task(self.task_steps(task))
         self._freeze_teacher()
 
     def _freeze_teacher(self) -> None:
         """Teacher = the model now, before any step of this task: image-tower copy + vocabulary features."""
         m = self._model()
-        self.teacher = FrozenImageTower(m)
-        self._vocab_features = self.encode_vocabulary(m)
+        self.distillation.freeze_teacher(m, self.encode_vocabulary(m))
 
     def encode_vocabulary(self, model: Clip) -> Tensor:
         """Text features ``[V, D]`` of the replayed vocabulary under ``model`` (no grad, eval mode)."""
@@ -158,11 +159,28 @@ class VRLwF(Strategy):
 
     # ----------------------------------------------------------------------------------------- training
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
-        if self.teacher is None:  # hidden first boundary: the model as first seen is the teacher
+        if not self.distillation.ready:  # hidden first boundary: the model as first seen is the teacher
             self._freeze_teacher()
-        return distill_learn(self, images, labels, space, self._vocab_features)
+        m = self._model()
+        m.train()
+        with self.autocast():
+            img = m.encode_image(images)
+            ce = F.cross_entropy(self.tuning.class_logits(m, img, space).float(), labels,
+                                 label_smoothing=self.label_smoothing)
+            loss, terms = self.distillation.add_to(ce, m, images, img)
+        self.step(loss)
+        m.eval()
+        return {"loss": float(loss.detach()), "ce": float(ce.detach()),
+                **{k: float(v.detach()) for k, v in terms.items()}}
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
-        if self._anchor is not None:
-            interpolate_(self._model(), self._anchor, self.wise_alpha)
-        self.teacher, self._vocab_features = None, None  # free the copy; rebuilt at the next task
+        self.tuning.end_task(self._model())
+        self.distillation.release()  # free the copy; rebuilt at the next task
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "finetuning": self.tuning.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "finetuning" in state:
+            self.tuning.load_state_dict(state["finetuning"])
+        super().load_state_dict(state)
