@@ -4,8 +4,7 @@ from ctta.hooks import AccuracyMatrix, JsonResults, StrategySummary, ZeroShotRet
 from ctta.model import Clip
 from ctta.online import OnlineAdapter, Prediction, wrap
 from ctta.online_hooks import Latency, Memory, OnlineAccuracy
-from ctta.runner import RunContext, run
-from ctta.samples import run_samples
+from ctta.loop import RunContext, RunMismatch, run, run_samples
 from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, Task, TaskStream, class_incremental, domain_incremental
 
@@ -13,5 +12,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyMatrix", "Clip", "ImageTensorDataset", "JsonResults", "LabelSpace", "RunContext", "Strategy", "Task",
     "TaskStream", "ZeroShotRetention", "check_images", "class_incremental", "domain_incremental", "evaluate", "run",
-    "Latency", "Memory", "StrategySummary", "OnlineAccuracy", "OnlineAdapter", "Prediction", "run_samples", "wrap",
+    "Latency", "Memory", "StrategySummary", "OnlineAccuracy", "OnlineAdapter", "Prediction", "RunMismatch",
+    "run_samples", "wrap",
 ]

@@ -5,16 +5,7 @@ torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), picks one dev
 with NCCL, else the CPU with gloo) and tears the group down at the end. Without torchrun every function here is a
 no-op for a single process, so the core never branches on "am I distributed" beyond calling them.
 
-How the runtime uses them (see `ctta.runner` and `ctta.samples`):
-
-- task streams: every rank iterates the same global batches (same seed, same shuffle) and keeps its contiguous
-  shard (`batch_shard`); `Strategy.step` all-reduces the gradients weighted by each rank's share of the global
-  batch (`all_reduce_gradients`), so a step equals the single-process step on the global batch for any loss that
-  is a mean over samples. Parameters start identical and receive identical updates, so end-of-task work (LoRA
-  merges, weight fusion, teachers) runs identically everywhere; statistics computed from data are reduced
-  (`all_reduce_sum_`). Hooks (evaluation, files) run on rank 0 only.
-- episodic sample streams: episodes are dealt round-robin to ranks and their outputs gathered (`gather_objects`)
-  to rank 0, which scores them in stream order.
+How the loops use them is decided in one place, `ctta.loop.parallel`.
 
 A rank that dies or stalls makes the others fail with a clear `DistributedError` after ``timeout_s`` (or as soon as
 the backend notices the broken connection) instead of hanging.
@@ -37,25 +28,9 @@ class DistributedError(RuntimeError):
     """A collective failed: another rank died, stalled past the timeout, or disagrees about the run."""
 
 
-_local_depth = 0  # > 0 inside `local()`: this rank works alone (no collectives)
-
-
 def is_distributed() -> bool:
-    """Is this process one rank of several (and not inside `local()`)?"""
-    return _local_depth == 0 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@contextlib.contextmanager
-def local() -> Iterator[None]:
-    """Within the body this rank acts as a single process: `Strategy.step` does not all-reduce. Sample streams
-    adapt inside it (each rank adapts on its own episodes; an online stream runs on rank 0 alone). `rank()` and
-    `world_size()` still answer for the process group."""
-    global _local_depth
-    _local_depth += 1
-    try:
-        yield
-    finally:
-        _local_depth -= 1
+    """Is this process one rank of several?"""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _grouped() -> bool:

@@ -16,9 +16,26 @@ from ctta.metrics import summarize
 from ctta.stream import LabelSpace, Task
 
 
+class ZeroShotPredictor:
+    """The untouched model's zero-shot prediction, for hooks that measure before any strategy exists."""
+
+    def __init__(self, model, eval_batch_size: int = 256):
+        self.model, self.eval_batch_size = model, eval_batch_size
+
+    @torch.no_grad()
+    def predict(self, images, space: LabelSpace):
+        m = self.model
+        was = m.training
+        m.eval()
+        out = m.logits(m.encode_image(images), m.text_head(space))
+        m.train(was)
+        return out
+
+
 @torch.no_grad()
 def evaluate(strategy, dataset: Dataset, space: LabelSpace, offset: int = 0, batch_size: int | None = None) -> dict:
-    """Top-1 accuracy of ``strategy.predict`` on ``dataset`` over ``space``; labels are shifted by ``offset``."""
+    """Top-1 accuracy of ``strategy.predict`` (anything with ``predict``, ``model`` and ``eval_batch_size``) on
+    ``dataset`` over ``space``; labels are shifted by ``offset``."""
     correct, total = 0, 0
     device = strategy.model.device
     for images, labels, _ in iter_batches(dataset, batch_size or strategy.eval_batch_size):
@@ -62,7 +79,9 @@ class AccuracyMatrix:
 
 class ZeroShotRetention:
     """Held-out control tasks the stream never trains on, measured before the run and after every task:
-    ``ratio = acc_t / acc_0`` and ``drop = acc_0 - acc_t`` per control task, and their means."""
+    ``ratio = acc_t / acc_0`` and ``drop = acc_0 - acc_t`` per control task, and their means. ``acc_0`` is the
+    untouched model's zero-shot accuracy, measured in ``on_run_start``, before the strategy exists (a strategy's
+    own ``predict`` at setup, e.g. RAPF's untrained adapter, is not zero-shot)."""
 
     def __init__(self, controls: Sequence[Task]):
         if not controls:
@@ -71,16 +90,16 @@ class ZeroShotRetention:
         self.acc0: dict[str, float] = {}
         self.history: dict[str, list[float]] = {c.name: [] for c in self.controls}
 
-    def _measure(self, ctx) -> dict[str, float]:
-        return {c.name: evaluate(ctx.strategy, c.test, c.space)["accuracy"] for c in self.controls}
+    def _measure(self, predictor) -> dict[str, float]:
+        return {c.name: evaluate(predictor, c.test, c.space)["accuracy"] for c in self.controls}
 
     def on_run_start(self, ctx) -> None:
-        if not self.acc0:
-            self.acc0 = self._measure(ctx)
+        if not self.acc0:  # (a resumed run brings its baseline along)
+            self.acc0 = self._measure(ZeroShotPredictor(ctx.model, ctx.strategy.eval_batch_size))
         self._write(ctx)
 
     def on_task_end(self, ctx) -> None:
-        for name, acc in self._measure(ctx).items():
+        for name, acc in self._measure(ctx.strategy).items():
             self.history[name].append(acc)
         self._write(ctx)
 

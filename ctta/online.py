@@ -6,17 +6,22 @@
         out = adapter(images)
     adapter.save("adapted.pt")       # strategy state + the model's trainable tensors, atomic, weights_only-loadable
 
-The adapter owns the reset anchor, the reset policy and the request lock (architecture.md, "State ownership").
-The anchor is a small snapshot taken once after ``strategy.setup``: the model's trainable tensors and the strategy's
-``state_dict()`` (optimizer moments, prompt context, buffers), cloned so it never aliases live state; restoring
-copies it back (cloning again), so two resets give identical outputs. A strategy with its own ``reset()`` method
-(TPT keeps its initial prompt) resets itself instead.
+The adapter is the one owner of resets (architecture.md, "State ownership"): the anchor, the reset policy and the
+request lock. Strategies keep only their state (``state_dict``) and never reset themselves. The anchor is a small
+snapshot taken once after ``strategy.setup``: the model's trainable tensors and the strategy's ``state_dict()``
+(optimizer moments, prompt context, caches), cloned so it never aliases live state; restoring copies it back
+(cloning again), so two resets give identical outputs. After a reset the strategy is re-seeded from the stream
+position (`Strategy.reseed`), so a restored anchor does not replay the same random views.
+
+One adapter holds a `Clip` at a time: a second adapter on the same model is refused (`close()` releases it, or
+wrap a copy), since two adapters would silently share the weights they adapt.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -27,22 +32,30 @@ from torch import Tensor, nn
 from ctta.data import check_images
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
+from ctta.state import check_same_structure, clone_tree, strategy_config
 from ctta.strategy import Strategy
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
 
 ResetPolicy = Literal["never", "episodic"] | int
-FORMAT = 1
+FORMAT = 2
 
 
-def clone_tree(obj: Any) -> Any:
-    """Deep copy of the tensors in nested dicts / lists / tuples (other leaves are immutable or copied as is)."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(clone_tree(v) for v in obj)
-    return obj
+# the network each live adapter holds (weak on both sides: a dropped adapter or model frees its entry)
+_HOLDERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def resolve_policy(reset: ResetPolicy | None, strategy: Strategy) -> ResetPolicy:
+    """``reset`` checked, or the strategy's ``default_reset`` when None (TPT's protocol is episodic)."""
+    policy = getattr(strategy, "default_reset", "never") if reset is None else reset
+    if not (policy in ("never", "episodic") or (isinstance(policy, int) and not isinstance(policy, bool)
+                                                   and policy > 0)):
+        raise ValueError(f"reset must be 'never', 'episodic' or a positive sample count, got {policy!r}")
+    return policy
+
+
+def episode_seed(seed: int, position: int) -> int:
+    """The seed of the episode starting at stream ``position``: a function of the position only (any rank)."""
+    return (seed * 1_000_003 + position) % 2**63
 
 
 class Snapshot:
@@ -100,59 +113,99 @@ def as_space(space: LabelSpace | Sequence[str], templates: Sequence[str] = DEFAU
 class OnlineAdapter:
     """Predict-and-adapt front of a deployed CLIP. Thread-safe: calls are serialised by one lock.
 
-    ``reset``: ``"never"`` (online: the state persists), ``"episodic"`` (back to the anchor before every call, as
-    TPT evaluates), or ``k`` (back to the anchor once ``k`` samples have been adapted on since the last reset).
-    ``drift``: optional ``callable(stats) -> bool`` called after every adapting call with ``entropy`` and
-    ``confidence`` (batch means), ``entropy_normalized`` (entropy / log C), ``samples``, ``samples_since_reset``,
-    ``skipped_steps``; returning True resets, so the next call starts from the anchor.
+    ``reset``: ``"never"`` (online: the state persists), ``"episodic"`` (every episode starts from the anchor and the
+    adapter rests there between calls; an episode is a call, or each sample of it for strategies with
+    ``sample_episodes`` such as TPT), ``k`` (back to the anchor once ``k`` samples have been adapted on since the
+    last reset), or None: the strategy's ``default_reset``. ``drift``: optional ``callable(stats) -> bool`` called
+    after every adapting call with ``entropy`` and ``confidence`` (batch means), ``entropy_normalized``
+    (entropy / log C), ``samples``, ``samples_since_reset``, ``skipped_steps``; returning True resets, so the next
+    call starts from the anchor. ``seed``: seeds the strategy's random draws after every reset (`episode_seed`).
     """
 
     def __init__(self, model: Clip, strategy: Strategy, space: LabelSpace | Sequence[str], *,
-                 reset: ResetPolicy = "never", drift: Callable[[dict], bool] | None = None):
+                 reset: ResetPolicy | None = None, drift: Callable[[dict], bool] | None = None, seed: int = 0):
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a ctta.Strategy, got {type(strategy).__name__}")
-        if not (reset in ("never", "episodic") or (isinstance(reset, int) and not isinstance(reset, bool)
-                                                      and reset > 0)):
-            raise ValueError(f"reset must be 'never', 'episodic' or a positive sample count, got {reset!r}")
         if drift is not None and not callable(drift):
             raise TypeError("drift must be a callable(stats: dict) -> bool")
+        self.reset_policy, self.drift, self.seed = resolve_policy(reset, strategy), drift, int(seed)
         self.model = as_clip(model)
         self.strategy = strategy
         self.space = as_space(space)
-        self.reset_policy, self.drift = reset, drift
+        holder = _HOLDERS.get(self.model.net)
+        if holder is not None and holder() is not None:
+            raise ValueError("this Clip is already held by another OnlineAdapter, which adapts its weights; two "
+                             "adapters on one model would silently share them. Call close() on the other adapter, "
+                             "or wrap a copy (copy.deepcopy(clip))")
+        if strategy.model is not None and strategy.model is not self.model:
+            raise ValueError(f"this {type(strategy).__name__} is set up on another model; use a new strategy "
+                             f"instance for each adapter")
         if strategy.model is not self.model:
             strategy.setup(self.model)
+        _HOLDERS[self.model.net] = weakref.ref(self)
         self._anchor = Snapshot(self.model, strategy)
         self._lock = threading.RLock()
         self._paused = 0
+        self._dirty = False       # has the state moved away from the anchor since the last restore?
+        self._reseed = True       # re-seed the strategy before the next adaptation (fresh or just reset)
         self.calls = self.samples = self.resets = self._since_reset = 0
 
+    def close(self) -> None:
+        """Release the model so that another adapter may hold it (the adapted weights stay as they are)."""
+        holder = _HOLDERS.get(self.model.net)
+        if holder is not None and holder() is self:
+            del _HOLDERS[self.model.net]
+
     # ----------------------------------------------------------------------------------------- serving
-    def __call__(self, images: Any, classes: Sequence[str] | None = None) -> Prediction:
+    def __call__(self, images: Any, classes: Sequence[str] | None = None, *, position: int | None = None
+                 ) -> Prediction:
         """Predict and adapt on a batch: a float tensor ``[B, 3, H, W]`` in [0, 1], a PIL image or a list of PIL
         images (preprocessed with `Clip.preprocess`). ``classes`` restricts the prediction to some of the
-        adapter's class names."""
+        adapter's class names. ``position``: the stream position of the first image (seeds random draws after a
+        reset; default: the number of samples this adapter has adapted on)."""
         with self._lock:
             x = self._prepare(images)
             space = self._space(classes)
             if self._paused:
                 return self._output(self.strategy.predict(x, space), space, adapted=False, skipped=0, reset=False)
-            did_reset = False
-            if self.reset_policy == "episodic" or (
-                    isinstance(self.reset_policy, int) and self._since_reset >= self.reset_policy):
-                self._reset()
-                did_reset = True
+            position = self.samples if position is None else int(position)
             before = self.strategy.skipped_steps
-            logits = self.strategy.adapt(x, space)
+            if self.reset_policy == "episodic":
+                logits = self._episodes(x, space, position)
+                did_reset = True
+            else:
+                did_reset = isinstance(self.reset_policy, int) and self._since_reset >= self.reset_policy
+                if did_reset:
+                    self._restore()
+                logits = self._adapt(x, space, position)
             self.calls += 1
             self.samples += len(x)
-            self._since_reset += len(x)
+            self._since_reset = 0 if self.reset_policy == "episodic" else self._since_reset + len(x)
             out = self._output(logits, space, adapted=True, skipped=self.strategy.skipped_steps - before,
                                reset=did_reset)
             if self.drift is not None and self.drift(self._stats(out, len(space))):
-                self._reset()
+                self._restore()
                 out.reset = True
             return out
+
+    def _adapt(self, x: Tensor, space: LabelSpace, position: int) -> Tensor:
+        if self._reseed:
+            self.strategy.reseed(episode_seed(self.seed, position))
+            self._reseed = False
+        self._dirty = True
+        return self.strategy.adapt(x, space)
+
+    def _episodes(self, x: Tensor, space: LabelSpace, position: int) -> Tensor:
+        """Episodic: each episode starts from the anchor, and the adapter rests there afterwards."""
+        parts = [(i, i + 1) for i in range(len(x))] if self.strategy.sample_episodes else [(0, len(x))]
+        out = []
+        for a, b in parts:
+            if self._dirty:
+                self._restore()
+            self._reseed = True
+            out.append(self._adapt(x[a:b], space, position + a))
+            self._restore()
+        return torch.cat(out)
 
     def predict(self, images: Any, classes: Sequence[str] | None = None) -> Prediction:
         """Predict without adapting (no state change)."""
@@ -173,7 +226,7 @@ class OnlineAdapter:
     def reset(self) -> None:
         """Back to the anchor (the state right after ``strategy.setup``)."""
         with self._lock:
-            self._reset()
+            self._restore()
 
     @property
     def skipped_steps(self) -> int:
@@ -187,43 +240,58 @@ class OnlineAdapter:
             return {"format": FORMAT, "fingerprint": self._fingerprint(), "model": self.model.trainable_state(),
                     "strategy": clone_tree(self.strategy.state_dict()),
                     "counters": {"calls": self.calls, "samples": self.samples, "resets": self.resets,
-                                 "since_reset": self._since_reset}}
+                                 "since_reset": self._since_reset, "dirty": self._dirty, "reseed": self._reseed}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`. Everything is checked first (format, strategy class and configuration, label
+        space, tensor shapes), and a load that still fails half-way is rolled back: a failed load changes nothing."""
         with self._lock:
-            if state.get("format") != FORMAT:
-                raise ValueError(f"not an OnlineAdapter state (format {state.get('format')!r}, expected {FORMAT})")
-            mine, theirs = self._fingerprint(), state["fingerprint"]
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                got = state.get("format") if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"not an OnlineAdapter state of this version (format {got!r}, expected {FORMAT})")
+            mine, theirs = self._fingerprint(), state.get("fingerprint", {})
             for key in mine:
+                if key == "config" and isinstance(theirs.get(key), dict) and mine[key] != theirs[key]:
+                    diff = ", ".join(f"{k} {_short(theirs[key].get(k))} -> {_short(mine[key].get(k))}"
+                                     for k in sorted(set(mine[key]) | set(theirs[key]))
+                                     if mine[key].get(k) != theirs[key].get(k))
+                    raise ValueError(f"saved adapter state is of a differently configured "
+                                     f"{type(self.strategy).__name__}: config differs: {diff} (saved -> here)")
                 if mine[key] != theirs.get(key):
                     raise ValueError(f"saved adapter state does not match this adapter: {key} was "
                                      f"{_short(theirs.get(key))}, is {_short(mine[key])}")
-            self.model.load_trainable_state(state["model"])
-            self.strategy.load_state_dict(clone_tree(state["strategy"]))
+            check_same_structure(state["model"], self.model.trainable_state(), "saved adapter state: model")
+            check_same_structure(state["strategy"], self.strategy.state_dict(), "saved adapter state: strategy")
+            backup = Snapshot(self.model, self.strategy)
+            try:
+                self.model.load_trainable_state(state["model"])
+                self.strategy.load_state_dict(clone_tree(state["strategy"]))
+            except BaseException:
+                backup.restore(self.model, self.strategy)
+                raise
             c = state["counters"]
             self.calls, self.samples, self.resets, self._since_reset = (
                 int(c["calls"]), int(c["samples"]), int(c["resets"]), int(c["since_reset"]))
+            self._dirty, self._reseed = bool(c.get("dirty", True)), bool(c.get("reseed", False))
 
     def save(self, path: str | Path) -> Path:
-        """Write `state_dict` atomically (a reader never sees a partial file)."""
+        """Write `state_dict` atomically, content-hashed (a reader never sees a partial file)."""
         return atomic_torch_save(path, self.state_dict())
 
     def load(self, path: str | Path) -> None:
-        """Load a file written by `save` (``weights_only=True``: no arbitrary unpickling)."""
+        """Load a file written by `save` (hash verified, ``weights_only=True``; a failed load changes nothing)."""
         self.load_state_dict(safe_torch_load(path, map_location=self.model.device))
 
     # ----------------------------------------------------------------------------------------- internals
-    def _reset(self) -> None:
-        own = getattr(self.strategy, "reset", None)
-        if callable(own):
-            own()
-        else:
-            self._anchor.restore(self.model, self.strategy)
+    def _restore(self) -> None:
+        self._anchor.restore(self.model, self.strategy)
         self.resets += 1
         self._since_reset = 0
+        self._dirty, self._reseed = False, True
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"strategy": type(self.strategy).__qualname__, "classnames": list(self.space.classnames),
+        return {"strategy": type(self.strategy).__qualname__, "config": strategy_config(self.strategy),
+                "classnames": list(self.space.classnames),
                 "trainable": {n: list(p.shape) for n, p in self.model.net.named_parameters() if p.requires_grad}}
 
     def _prepare(self, images: Any) -> Tensor:
@@ -278,9 +346,11 @@ def _short(v: Any) -> str:
 
 def wrap(model: Clip | nn.Module, strategy: Strategy, space: LabelSpace | Sequence[str], *,
          templates: Sequence[str] = DEFAULT_TEMPLATES, tokenizer: Callable | None = None,
-         reset: ResetPolicy = "never", drift: Callable[[dict], bool] | None = None) -> OnlineAdapter:
+         reset: ResetPolicy | None = None, drift: Callable[[dict], bool] | None = None,
+         seed: int = 0) -> OnlineAdapter:
     """Put ``strategy`` in front of a deployed model: a `Clip` or an open_clip CLIP module; ``space`` is a
-    `LabelSpace` or class names (prompted with ``templates``)."""
+    `LabelSpace` or class names (prompted with ``templates``). ``reset`` None: the strategy's ``default_reset``
+    (episodic for TPT, as its paper evaluates; "never" otherwise)."""
     return OnlineAdapter(as_clip(model, tokenizer), strategy,
                          space if isinstance(space, LabelSpace) else as_space(space, templates),
-                         reset=reset, drift=drift)
+                         reset=reset, drift=drift, seed=seed)

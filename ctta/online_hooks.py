@@ -1,4 +1,4 @@
-"""Hooks for sample streams (`ctta.samples.run_samples`): online accuracy and calibration, latency, memory.
+"""Hooks for sample streams (`ctta.loop.run_samples`): online accuracy and calibration, latency, memory.
 
 Observers only, like `ctta.hooks`: they read the batch the runner reports in ``on_batch_end`` (``ctx.logits``,
 ``ctx.labels``, ``ctx.seconds``, ``ctx.position``, ``ctx.task``) and write into ``ctx.results`` at the end of each

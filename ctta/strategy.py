@@ -6,33 +6,73 @@ task's training data, ``end_task``; hooks evaluate with ``predict``, which has n
 
 All parameter updates go through `step`, the one place where backward, gradient clipping, the optimizer and the
 scheduler run, so that a non-finite loss or gradient is skipped and counted without touching the model.
+
+Data parallelism is installed around a strategy, never called from inside it: ``comm`` is a `SingleProcess` unless
+the loop runs under torchrun and installs its `ctta.loop.parallel.DataParallel`, which shards data, sums statistics
+and synchronises gradients. A strategy only ever calls ``self.comm``'s three methods.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ctta import distributed
 from ctta.model import Clip
 from ctta.optim import steps_per_task
 from ctta.stream import LabelSpace, Task
+
+
+class SingleProcess:
+    """Data parallelism as a strategy sees it, for one process (the default ``Strategy.comm``): every method is
+    the identity. Under torchrun the loop installs `ctta.loop.parallel.DataParallel`, with the same three methods."""
+
+    def shard(self, n: int) -> Tensor:
+        """This process's indices of ``n`` items (a statistics pass over a task's data): all of them."""
+        return torch.arange(n)
+
+    def sum_(self, tensor: Tensor, what: str = "sum") -> Tensor:
+        """Sum ``tensor`` over processes, in place: nothing to sum with."""
+        return tensor
+
+    def sync_gradients(self, params: list[torch.nn.Parameter], finite: bool) -> bool:
+        """Make the gradients those of the global batch; returns whether every process's loss was finite."""
+        return finite
 
 
 class Strategy:
     """Base strategy: frozen CLIP, predictions by cosine similarity to the class text head."""
 
     learns: bool = True  # does the runner feed this strategy training data?
-    # This rank's share of the global batch under torchrun (set by the runner before each ``learn``): `step`
-    # weights the gradient all-reduce by it. Always 1 in a single process.
-    grad_weight: float = 1.0
+    # Under an episodic reset policy, is every sample of a call its own episode (TPT tunes per image), rather than
+    # the whole call (TENT adapts on a batch)? Read by `ctta.OnlineAdapter`, the one owner of resets.
+    sample_episodes: bool = False
+    # The reset policy `ctta.OnlineAdapter` uses when given none: "never" (online), "episodic" or a sample count.
+    default_reset: str | int = "never"
+    comm: SingleProcess = SingleProcess()  # replaced by the loop under torchrun (instance attribute)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Strategy":
+        # Record the constructor's arguments (defaults filled in) before __init__ runs: they are the strategy's
+        # configuration, which checkpoints and adapter files are checked against (`ctta.state.strategy_config`).
+        obj = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(obj, *args, **kwargs)
+            bound.apply_defaults()
+            obj._config = {k: v for k, v in bound.arguments.items() if k != "self"}
+        except TypeError:  # bad arguments: __init__ raises the usual error
+            obj._config = {}
+        return obj
 
     def __init__(self, *, batch_size: int = 64, epochs: int = 1, iterations: int | None = None,
                  eval_batch_size: int = 256, grad_clip: float | None = None, amp: bool = False):
         if batch_size <= 0 or epochs < 0 or (iterations is not None and iterations < 0):
             raise ValueError(f"bad schedule: batch_size={batch_size}, epochs={epochs}, iterations={iterations}")
+        if self.learns and epochs == 0 and not iterations:
+            # would silently report zero-shot results under this strategy's name
+            raise ValueError(f"{type(self).__name__}: epochs=0 trains nothing; set epochs >= 1 or iterations >= 1 "
+                             f"(use strategy=zeroshot for no training)")
         self.batch_size = batch_size
         self.epochs = epochs
         self.iterations = iterations  # if set: exactly this many steps per task, cycling the data
@@ -75,17 +115,11 @@ class Strategy:
     def end_task(self, task: Task, space: LabelSpace) -> None:
         """After training a task (merge adapters, fuse weights, store statistics...)."""
 
-    @property
-    def episodic(self) -> bool:
-        """Does the strategy reset itself before every test sample (TPT's default)? Episodic sample streams are
-        sharded across ranks under torchrun; the adapter's ``reset="episodic"`` policy makes any strategy so."""
-        return False
-
     def reseed(self, seed: int) -> None:
-        """Seed the random draws of the next episode. Episodic sample streams call it before every episode with a
-        seed derived from the episode's position in the stream, so that its result does not depend on the order
-        of episodes or on which rank runs it. Default: the global torch generator (a strategy that draws from its
-        own generator re-seeds that too)."""
+        """Seed the random draws that follow. `ctta.OnlineAdapter` calls it after every reset with a seed derived
+        from the stream position, so that an episode's result depends neither on the order of episodes nor on the
+        rank that runs it, and a restored anchor does not replay the same draws. Default: the global torch
+        generator (a strategy that draws from its own generator re-seeds that too)."""
         torch.manual_seed(seed)
 
     # ----------------------------------------------------------------------------------------- state
@@ -132,9 +166,8 @@ class Strategy:
         finite = bool(torch.isfinite(loss.detach()).all())
         if finite:
             loss.backward()
-        if distributed.is_distributed():  # under torchrun: the global batch's gradient on every rank
-            params = [p for g in opt.param_groups for p in g["params"]]
-            finite = distributed.all_reduce_gradients(params, self.grad_weight, finite)
+        # under torchrun: the global batch's gradient on every rank, and every rank skips if any loss was not finite
+        finite = self.comm.sync_gradients([p for g in opt.param_groups for p in g["params"]], finite)
         if not finite:
             opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1

@@ -3,7 +3,7 @@
 The deployment is the four lines under "deploy". A real one wraps its own open_clip model the same way:
 
     net, _, _ = open_clip.create_model_and_transforms("ViT-B-16", pretrained="openai")
-    adapter = ctta.wrap(net, TPT(reset_every=None), classnames, tokenizer=open_clip.get_tokenizer("ViT-B-16"))
+    adapter = ctta.wrap(net, TPT(), classnames, tokenizer=open_clip.get_tokenizer("ViT-B-16"))
     adapter(pil_image).classnames                     # PIL images are preprocessed by the adapter
 """
 import torch
@@ -16,7 +16,7 @@ from streams.world import combo_space, shift_tasks
 # deploy: the embedded micro-CLIP (random weights if they are not built yet), 100 "colour shape" classes
 clip = ctta.Clip.from_pretrained("micro-clip", "builtin" if BUILTIN_WEIGHTS.exists() else None)
 # the adapter owns the reset policy: "episodic" (TPT's protocol), "never" (online TPT), k samples, or a drift signal
-adapter = ctta.wrap(clip, TPT(ctx_init="a", reset_every=None), combo_space(),
+adapter = ctta.wrap(clip, TPT(ctx_init="a"), combo_space(),
                      reset="episodic")  # the world prompts "a {}.": untuned TPT = zero-shot
 
 # requests: noisy images of the built-in world, one at a time (labels only to print a score)

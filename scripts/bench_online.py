@@ -1,7 +1,7 @@
 """Benchmark the online runtime over a long sample stream: per-sample latency p50 / p95, samples/s, and resident
 memory, which must stay flat (mean RSS over the first vs the last 10 % of the stream).
 
-Every sample goes through `ctta.samples.run_samples`, i.e. through an `OnlineAdapter` call (input validation,
+Every sample goes through `ctta.loop.run_samples`, i.e. through an `OnlineAdapter` call (input validation,
 reset policy, strategy.adapt, softmax) plus the online metric hooks — what a deployed adapter pays per request.
 
     python scripts/bench_online.py                                 # 5,000 samples; zeroshot, tent, tent-episodic
@@ -27,7 +27,7 @@ from ctta import Clip
 from ctta.io import atomic_write_json, provenance
 from ctta.model import BUILTIN_WEIGHTS
 from ctta.online_hooks import Latency, Memory, OnlineAccuracy
-from ctta.samples import run_samples
+from ctta.loop import run_samples
 from ctta.strategies.tent import Tent
 from ctta.strategies.zeroshot import ZeroShot
 from streams.world import shift_tasks

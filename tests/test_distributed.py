@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from ctta import AccuracyMatrix, JsonResults, LabelSpace, Task, TaskStream, class_incremental, distributed, run
 from ctta.online_hooks import OnlineAccuracy
-from ctta.samples import run_samples
+from ctta.loop import run_samples
 from ctta.strategies.finetune import Finetune
 from ctta.strategies.rapf import RAPF
 from ctta.strategies.tent import Tent

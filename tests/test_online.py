@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from ctta import LabelSpace, Strategy
-from ctta.online import OnlineAdapter, clone_tree, wrap
+from ctta.io import safe_torch_load
+from ctta.online import OnlineAdapter, wrap
+from ctta.state import clone_tree
 from ctta.strategies.tent import Tent, softmax_entropy
 from ctta.strategies.zeroshot import ZeroShot
 from tests.conftest import make_tiny_clip
@@ -112,26 +114,46 @@ def test_reset_restores_small_snapshot_without_aliasing():
     assert 0 < snap < sum(p.numel() for p in ad.model.parameters()) / 50  # LayerNorm affines, not the CLIP
 
 
-def test_strategy_with_own_reset_is_asked_to_reset():
-    class Own(Tent):
-        def __init__(self):
-            super().__init__()
-            self.calls = 0
+def test_episodic_rests_at_the_anchor_between_calls_and_says_it_reset():
+    x, y = images(), images(2, 7)
+    ad = adapter("episodic")
+    anchor_pred = ad.predict(x).logits
+    out = ad(y)
+    assert out.reset and out.adapted
+    assert same(trainable(ad), ad._anchor.model_state)  # resting at the anchor, not in the last call's state
+    assert torch.equal(ad.predict(x).logits, anchor_pred)
+    assert len(ad.strategy.optimizer.state) == 0
 
-        def reset(self) -> None:
-            self.calls += 1
 
-    s = Own()
-    ad = wrap(make_tiny_clip(), s, SPACE, reset="episodic")
-    ad(images())
-    ad.reset()
-    assert s.calls == 2
+def test_a_strategy_never_owns_reset():
+    import ctta.strategies as S
+    for name in S.__all__:
+        cls = getattr(S, name)
+        assert not hasattr(cls, "reset"), f"{name} has its own reset(): the adapter is the one owner of reset"
+        assert not hasattr(cls, "reset_every") and "reset_every" not in cls.__init__.__code__.co_varnames
+
+
+def test_two_adapters_on_one_clip_are_refused_until_closed():
+    import copy
+    clip = make_tiny_clip()
+    first = wrap(clip, Tent(), SPACE)
+    with pytest.raises(ValueError, match="already held by another OnlineAdapter"):
+        wrap(clip, Tent(), SPACE)
+    with pytest.raises(ValueError, match="already held"):
+        wrap(clip.net, Tent(), SPACE)  # the same network under a new Clip wrapper
+    wrap(copy.deepcopy(clip), Tent(), SPACE)  # a copy is fine
+    first.close()
+    second = wrap(clip, Tent(), SPACE)
+    with pytest.raises(ValueError, match="set up on another model"):
+        wrap(make_tiny_clip(), second.strategy, SPACE)
 
 
 def test_bad_policy_is_rejected():
     for bad in ("sometimes", 0, -3, True):
         with pytest.raises(ValueError, match="reset must be"):
             adapter(bad)
+    with pytest.raises(ValueError, match="reset must be"):
+        adapter(None).__class__(make_tiny_clip(), Tent(), SPACE, reset="sometimes")
     with pytest.raises(TypeError, match="drift"):
         adapter(drift=3)
 
@@ -158,7 +180,7 @@ def test_state_round_trip_through_a_weights_only_file(tmp_path):
     for k in range(3):
         ad(images(2, k))
     path = ad.save(tmp_path / "adapted.pt")
-    raw = torch.load(path, weights_only=True)  # no arbitrary unpickling needed
+    raw = safe_torch_load(path)  # content hash verified, weights_only: no arbitrary unpickling
     assert raw["counters"]["samples"] == 6 and not list(tmp_path.glob(".*tmp"))
     fresh = adapter()
     fresh.load(path)
@@ -171,11 +193,13 @@ def test_state_round_trip_through_a_weights_only_file(tmp_path):
 
 def test_loading_a_foreign_state_names_the_mismatch():
     state = adapter().state_dict()
-    other = wrap(make_tiny_clip(), Tent(), ["cat", "dog"])
+    other = wrap(make_tiny_clip(), Tent(lr=5e-2), ["cat", "dog"])
     with pytest.raises(ValueError, match="classnames"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="format"):
         other.load_state_dict({"model": {}})
+    with pytest.raises(ValueError, match=r"config differs: lr 0.05 -> 0.001"):
+        wrap(make_tiny_clip(), Tent(), SPACE).load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------- threads
@@ -298,13 +322,63 @@ def test_non_finite_loss_leaves_model_unchanged_and_is_counted():
 def test_tpt_behind_the_adapter_persists_and_resets(tmp_path):
     from ctta.strategies.tpt import TPT
     x = images(1)
-    ad = wrap(make_tiny_clip(), TPT(n_views=7, reset_every=None), SPACE)
+    ad = wrap(make_tiny_clip(), TPT(n_views=7), SPACE, reset="never")
     ctx0 = ad.strategy.prompts.ctx.detach().clone()
     ad(x)
     ad(images(1, 5))
     assert not torch.equal(ad.strategy.prompts.ctx, ctx0)
-    fresh = wrap(make_tiny_clip(), TPT(n_views=7, reset_every=None), SPACE)
+    fresh = wrap(make_tiny_clip(), TPT(n_views=7), SPACE, reset="never")
     fresh.load(ad.save(tmp_path / "tpt.pt"))
     assert torch.equal(fresh(x).logits, ad(x).logits)  # context, AdamW moments and view generator restored
-    ad.reset()  # TPT's own reset()
+    ad.reset()
     assert torch.equal(ad.strategy.prompts.ctx, ctx0) and ad.resets == 1
+
+
+def test_tpt_defaults_to_episodic_and_reports_it():
+    from ctta.strategies.tpt import TPT
+    ad = wrap(make_tiny_clip(), TPT(n_views=7), SPACE)
+    assert ad.reset_policy == "episodic"
+    ctx0 = ad.strategy.prompts.ctx.detach().clone()
+    out = ad(images(3))  # three episodes, one per image
+    assert out.reset and out.logits.shape == (3, 4)
+    assert torch.equal(ad.strategy.prompts.ctx, ctx0)  # resting at the initial prompt between calls
+    # each image of a batch is tuned from the anchor: the same as three calls of one image each (same positions)
+    single = wrap(make_tiny_clip(), TPT(n_views=7), SPACE)
+    parts = [single(images(3)[i:i + 1], position=i).logits for i in range(3)]
+    assert torch.allclose(torch.cat(parts), out.logits, atol=1e-6)
+
+
+def test_loading_a_differently_configured_strategy_is_refused_and_changes_nothing(tmp_path):
+    from ctta.strategies.tpt import TPT
+    src = wrap(make_tiny_clip(), TPT(n_views=7, n_ctx=4, ctx_init=""), SPACE, reset="never")
+    src(images(1))
+    path = src.save(tmp_path / "a.pt")
+    dst = wrap(make_tiny_clip(), TPT(n_views=7, n_ctx=2, ctx_init=""), SPACE, reset="never")
+    dst(images(1, 3))
+    before, ctx = trainable(dst), dst.strategy.prompts.ctx.detach().clone()
+    with pytest.raises(ValueError, match="n_ctx"):
+        dst.load(path)
+    assert same(trainable(dst), before) and torch.equal(dst.strategy.prompts.ctx, ctx)
+
+
+def test_a_load_that_fails_half_way_is_rolled_back():
+    class Fragile(Tent):
+        fail = False
+
+        def load_state_dict(self, state):
+            super().load_state_dict(state)
+            if self.fail:  # fails once, after it has overwritten its state
+                self.fail = False
+                raise RuntimeError("disk on fire")
+
+    ad = wrap(make_tiny_clip(), Fragile(lr=1e-2), SPACE)
+    ad(images())
+    state = ad.state_dict()
+    ad(images(2, 4))
+    before, opt = trainable(ad), clone_tree(ad.strategy.state_dict())
+    ad.strategy.fail = True
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        ad.load_state_dict(state)
+    assert same(trainable(ad), before)
+    assert torch.equal(ad.strategy.state_dict()["optimizer"]["state"][0]["exp_avg"],
+                       opt["optimizer"]["state"][0]["exp_avg"])

@@ -10,7 +10,7 @@ import torch
 from ctta import Clip, JsonResults, LabelSpace, Task, TaskStream
 from ctta.io import safe_torch_load
 from ctta.online_hooks import Latency, Memory, OnlineAccuracy
-from ctta.samples import CHECKPOINT, run_samples
+from ctta.loop.samples import CHECKPOINT, run_samples
 from ctta.strategies.tent import Tent
 from tests.conftest import TINY_CONFIG, make_dataset, make_tiny_clip
 
@@ -27,7 +27,7 @@ class Spy(Tent):
 
     def __init__(self):
         super().__init__(lr=1e-2)
-        self.adapt_args, self.begun, self.ended, self.resets = [], [], [], 0
+        self.adapt_args, self.begun, self.ended = [], [], []
 
     def adapt(self, *args, **kwargs):
         self.adapt_args.append((args, kwargs))
@@ -42,8 +42,12 @@ class Spy(Tent):
     def end_task(self, task, space):
         self.ended.append(task.name)
 
-    def reset(self):
-        self.resets += 1
+
+class Resets:
+    """Reads how often the adapter (the one owner of reset) restored its anchor."""
+
+    def on_run_end(self, ctx):
+        self.count = ctx.adapter.resets
 
 
 def test_labels_never_reach_adapt_and_batches_are_in_order():
@@ -67,15 +71,15 @@ def test_run_dispatches_streams_without_training_data_to_the_sample_loop():
 
 
 def test_revealed_boundaries_reset_and_begin_hidden_ones_do_nothing():
-    spy = Spy()
-    run_samples(make_tiny_clip(), spy, stream(boundary=True), batch_size=4)
-    assert spy.begun == spy.ended == ["domain0", "domain1", "domain2"] and spy.resets == 3
-    spy = Spy()
-    run_samples(make_tiny_clip(), spy, stream(boundary=True), batch_size=4, reset_on_shift=False)
-    assert spy.begun == ["domain0", "domain1", "domain2"] and spy.resets == 0
-    spy = Spy()
-    run_samples(make_tiny_clip(), spy, stream(boundary=False), batch_size=4)
-    assert spy.begun == spy.ended == [] and spy.resets == 0
+    spy, r = Spy(), Resets()
+    run_samples(make_tiny_clip(), spy, stream(boundary=True), [r], batch_size=4)
+    assert spy.begun == spy.ended == ["domain0", "domain1", "domain2"] and r.count == 3
+    spy, r = Spy(), Resets()
+    run_samples(make_tiny_clip(), spy, stream(boundary=True), [r], batch_size=4, reset_on_shift=False)
+    assert spy.begun == ["domain0", "domain1", "domain2"] and r.count == 0
+    spy, r = Spy(), Resets()
+    run_samples(make_tiny_clip(), spy, stream(boundary=False), [r], batch_size=4)
+    assert spy.begun == spy.ended == [] and r.count == 0
 
 
 def test_reset_at_shift_restores_the_anchor_for_strategies_without_reset():

@@ -9,6 +9,7 @@ import torch
 from ctta import LabelSpace
 from ctta.adapters.prompts import PromptLearner
 from ctta.losses import atfd, entropy, marginal_entropy, select_confident
+from ctta.online import wrap
 from ctta.strategies.tpt import TPT
 from ctta.views import crop_params, eval_view, random_resized_crops, tpt_views
 
@@ -144,7 +145,7 @@ def test_crop_geometry(monkeypatch):
 
 # ----------------------------------------------------------------------------------------- the strategy
 def test_one_step_matches_a_hand_written_tpt_step(tiny_clip):
-    s = _tpt(tiny_clip, reset_every=None)
+    s = _tpt(tiny_clip)
     assert s.optimizer.defaults["lr"] == 5e-3 and s.optimizer.defaults["weight_decay"] == 0.01
     x = _images(1)
     g = torch.Generator().set_state(s.generator.get_state())
@@ -170,56 +171,48 @@ def test_one_step_matches_a_hand_written_tpt_step(tiny_clip):
 
 
 def test_episodic_isolation(tiny_clip):
-    s = _tpt(tiny_clip)
+    ad = wrap(tiny_clip, TPT(ctx_init="a photo of a", n_views=15), SPACE)  # TPT's default policy: episodic
+    s = ad.strategy
     x, y = _images(2, seed=1), _images(1, seed=2)
     p0 = s.predict(x, SPACE)
     before = s.state_dict()
     assert torch.equal(s.predict(x, SPACE), p0) and torch.equal(s.state_dict()["ctx"], before["ctx"])  # pure
-    state = s.generator.get_state()
-    out = s.adapt(y, SPACE)
+    out = ad(y, position=0).logits
     assert torch.equal(s.predict(x, SPACE), p0)  # episodic: back to the initial prompt after each sample
-    s.adapt(x, SPACE)
-    s.generator.set_state(state)  # same views for y, but after another sample was adapted on
-    assert torch.allclose(s.adapt(y, SPACE), out, atol=1e-6)
+    ad(x, position=1)
+    assert torch.allclose(ad(y, position=0).logits, out, atol=1e-6)  # same views for y after other samples
     assert not torch.allclose(out, s.predict(y, SPACE), atol=1e-4)  # ...and the tuning did something
 
 
 def test_online_mode_carries_state_and_reset_restores(tiny_clip):
-    s = _tpt(tiny_clip, reset_every=None)
+    ad = wrap(tiny_clip, TPT(ctx_init="a photo of a", n_views=15), SPACE, reset="never")
+    s = ad.strategy
     x, y = _images(2, seed=1), _images(1, seed=2)
     p0 = s.predict(x, SPACE)
-    state = s.generator.get_state()
-    out = s.adapt(y, SPACE)
-    s.adapt(x, SPACE)
+    out = ad(y, position=0).logits
+    ad(x, position=1)
     assert not torch.allclose(s.predict(x, SPACE), p0, atol=1e-4)
-    assert len(s.optimizer.state) == 1 and s.seen == 3
-    s.generator.set_state(state)
-    assert not torch.allclose(s.adapt(y, SPACE), out, atol=1e-4)  # depends on the samples before it
-    s.reset()
+    assert len(s.optimizer.state) == 1 and ad.samples == 3
+    ad.reset()
     first = s.predict(x, SPACE)
     assert torch.equal(first, p0) and len(s.optimizer.state) == 0
-    s.generator.set_state(state)
-    assert torch.allclose(s.adapt(y, SPACE), out, atol=1e-6)  # restored context AND AdamW state
-    s.reset()
-    s.reset()  # the anchor was not aliased: resets stay identical
+    assert torch.allclose(ad(y, position=0).logits, out, atol=1e-6)  # restored context AND AdamW state
+    ad.reset()
+    ad.reset()  # the anchor was not aliased: resets stay identical
     assert torch.equal(s.predict(x, SPACE), first)
 
 
-def test_reset_every_k(tiny_clip, monkeypatch):
-    s = _tpt(tiny_clip, reset_every=2, n_views=7)
-    calls = []
-    orig = s.reset
-    monkeypatch.setattr(s, "reset", lambda: (calls.append(s.seen), orig()))
-    anchor = s.prompts.ctx.detach().clone()
-    s.adapt(_images(3), SPACE)
-    assert calls == [2] and s.seen == 1 and not torch.equal(s.prompts.ctx, anchor)
-    s.adapt(_images(1, seed=5), SPACE)
-    assert calls == [2, 2] and s.seen == 0 and torch.equal(s.prompts.ctx, anchor)
-    assert len(s.optimizer.state) == 0
+def test_reset_every_k(tiny_clip):
+    ad = wrap(tiny_clip, TPT(n_views=7), SPACE, reset=2)
+    anchor = ad.strategy.prompts.ctx.detach().clone()
+    first = ad(_images(3))  # 3 samples adapted on in one call, online within it
+    assert not first.reset and not torch.equal(ad.strategy.prompts.ctx, anchor)
+    second = ad(_images(1, seed=5))  # 3 >= 2 samples since the last reset: starts from the anchor
+    assert second.reset and ad.resets == 1 and len(ad.strategy.optimizer.state) == 1
 
 
 def test_non_finite_loss_leaves_prompt_unchanged(tiny_clip, monkeypatch):
-    s = _tpt(tiny_clip, reset_every=None, n_views=7)
+    s = _tpt(tiny_clip, n_views=7)
     anchor = s.prompts.ctx.detach().clone()
     monkeypatch.setattr(s, "loss", lambda logits, text, sel: marginal_entropy(logits[sel]) * float("nan"))
     out = s.adapt(_images(2), SPACE)
@@ -231,7 +224,7 @@ def test_multi_step_reuses_selection_and_ctpt_term(tiny_clip, monkeypatch):
     import ctta.strategies.tpt as mod
     picks = []
     monkeypatch.setattr(mod, "select_confident", lambda z, p: picks.append(1) or select_confident(z, p))
-    s = _tpt(tiny_clip, reset_every=None, tta_steps=3, n_views=15)
+    s = _tpt(tiny_clip, tta_steps=3, n_views=15)
     s.adapt(_images(2), SPACE)
     assert len(picks) == 2 and s.steps == 6
     c = _tpt(tiny_clip, ctpt_lambda=50.0)
@@ -242,8 +235,8 @@ def test_multi_step_reuses_selection_and_ctpt_term(tiny_clip, monkeypatch):
 
 
 def test_bad_arguments(tiny_clip):
-    for kw in ({"tta_steps": 0}, {"reset_every": 0}, {"selection_p": 0.0}):
+    for kw in ({"tta_steps": 0}, {"selection_p": 0.0}, {"n_views": -1}):
         with pytest.raises(ValueError):
             TPT(**kw)
     with pytest.raises(RuntimeError, match="setup"):
-        TPT().reset()
+        TPT().predict(_images(1), SPACE)

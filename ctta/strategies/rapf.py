@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctta import distributed
 from ctta.cache import FeatureCache, encode_raw
 from ctta.data import iter_batches
 from ctta.model import Clip
@@ -257,11 +256,11 @@ class RAPF(Strategy):
         self._space = None
 
     def _store_statistics(self, task: Task) -> None:
-        """Per-class mean and covariance of the task's training features. Under torchrun each rank encodes its
-        shard and the per-class sums are all-reduced, so every rank stores the statistics of the whole task."""
+        """Per-class mean and covariance of the task's training features. Under torchrun (``self.comm``, installed by
+        the loop) each rank encodes its shard and the per-class sums are added up, so every rank stores the
+        statistics of the whole task; in one process ``comm`` is the identity."""
         dev = self._model().device
-        shards = distributed.world_size() if distributed.is_distributed() else 1
-        rows = torch.tensor_split(torch.arange(len(task.train)), shards)[distributed.rank() if shards > 1 else 0]
+        rows = self.comm.shard(len(task.train))
         feats, labels = [], []
         for images, y, _ in iter_batches(task.train, self.eval_batch_size, indices=rows):
             feats.append(self.image_features(images.to(dev)))
@@ -271,9 +270,8 @@ class RAPF(Strategy):
         y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=dev)
         for c in range(len(task.space)):  # every rank walks every class: the all-reduces line up
             count, total, outer = class_moments(x[y == c])
-            if distributed.is_distributed():
-                flat = distributed.all_reduce_sum_(torch.cat([count[None], total, outer.flatten()]), "RAPF statistics")
-                count, total, outer = flat[0], flat[1:dim + 1], flat[dim + 1:].view(dim, dim)
+            flat = self.comm.sum_(torch.cat([count[None], total, outer.flatten()]), "RAPF statistics")
+            count, total, outer = flat[0], flat[1:dim + 1], flat[dim + 1:].view(dim, dim)
             if count > 0:
                 mean, cov = statistics_from_moments(count, total, outer, self.ridge)
                 self.stats[task.space.classnames[c]] = (mean.float(), cov.float())

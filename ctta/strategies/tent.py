@@ -15,7 +15,7 @@ Deliberate deviations, because the model is a CLIP ViT rather than a ResNet:
   works). The text tower stays frozen, so the class text head is computed once and cached.
 - logits are CLIP's ``exp(logit_scale) · cos(image, class text)`` over the label space given to ``adapt``.
 - resetting (episodic evaluation, or resets at domain shifts) is the caller's policy: `ctta.OnlineAdapter` and
-  `ctta.samples.run_samples` restore the snapshot of these parameters and the Adam state taken after ``setup``.
+  `ctta.loop.run_samples` restore the snapshot of these parameters and the Adam state taken after ``setup``.
 """
 from __future__ import annotations
 

@@ -10,8 +10,10 @@ tower encodes them once; the ``int(64·0.1) = 6`` lowest-entropy views are kept 
 the entropy of their *averaged* probability (``ctta.losses.marginal_entropy``), minus ``λ·ATFD`` for C-TPT; AdamW
 (lr 5e-3, torch's default weight decay 0.01) updates only the prompt context (``ctta.adapters.prompts``,
 "a photo of a" → 4 vectors); after ``tta_steps`` updates (selection from the first step reused) the prediction is made on
-view 0 with the tuned prompt. ``reset_every``: 1 = episodic (context and AdamW state restored before every sample,
-as the reference), ``None`` = online (never reset; state carries along the stream), ``k`` = reset every k samples.
+view 0 with the tuned prompt. Resets are the adapter's (`ctta.OnlineAdapter`, the one owner of reset): TPT's
+``default_reset`` is ``"episodic"`` with ``sample_episodes``, so every image starts from the initial context and a
+fresh AdamW state, as the reference; ``reset="never"`` is online TPT (state carries along the stream), ``k`` resets
+every k samples.
 
 Deliberate deviations from the reference code (exact unless noted):
 - the image features of the 64 views are computed once per sample and reused across steps and for the final
@@ -21,14 +23,13 @@ Deliberate deviations from the reference code (exact unless noted):
 - views are made on the model's device with kornia (`ctta.views`: bilinear without antialiasing), not PIL;
 - no fp16 GradScaler: ``amp=True`` uses bf16 autocast on CUDA, which needs no loss scaling; a non-finite loss or
   gradient skips the update (`Strategy.step`) instead of the scaler's skip;
-- a batch of B images is processed sample after sample in order (online mode: sample i+1 sees the update of i);
-  the views of the whole batch are made and encoded in one go;
-- with ``reset_every=k`` the reset happens *after* every k-th sample, so an episodic strategy rests in its initial
-  state between samples (``predict`` is then the untuned prompt, as in the reference, where the reset comes first).
+- a batch of B images given to ``adapt`` is processed sample after sample in order (sample i+1 sees the update of
+  i); the views of the whole batch are made and encoded in one go. Episodic evaluation gives the adapter one image
+  per episode, and the adapter rests at the anchor between calls, so ``predict`` is the untuned prompt there, as in
+  the reference, where the reset comes first.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 from ctta.adapters.prompts import PromptLearner
 from ctta.losses import atfd, marginal_entropy, select_confident
 from ctta.model import Clip
-from ctta.stream import LabelSpace, Task
+from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
 from ctta.views import tpt_views
 
@@ -46,17 +47,17 @@ class TPT(Strategy):
     """Test-time prompt tuning. ``ctpt_lambda > 0`` turns it into C-TPT (λ = 50 fine-grained, 20 natural shift)."""
 
     learns = False
+    default_reset = "episodic"  # the paper's protocol: every test image starts from the initial prompt
+    sample_episodes = True      # ... each image of a batch too
 
     def __init__(self, *, ctx_init: str = "a photo of a", n_ctx: int | None = None, class_specific: bool = False,
                  n_classes: int | None = None, suffix: str = ".", lr: float = 5e-3, weight_decay: float = 0.01,
                  tta_steps: int = 1, n_views: int = 63, selection_p: float = 0.1, augmix: bool = False,
-                 reset_every: int | None = 1, ctpt_lambda: float = 0.0, chunk_size: int | None = 256,
+                 ctpt_lambda: float = 0.0, chunk_size: int | None = 256,
                  view_batch: int = 256, seed: int = 0, amp: bool = False, eval_batch_size: int = 256):
         super().__init__(eval_batch_size=eval_batch_size, amp=amp)
         if tta_steps < 1:
             raise ValueError(f"tta_steps must be >= 1, got {tta_steps}")
-        if reset_every is not None and reset_every < 1:
-            raise ValueError(f"reset_every must be >= 1 (1 = episodic) or None (online), got {reset_every}")
         if not 0.0 < selection_p <= 1.0:
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p}")
         if n_views < 0 or view_batch < 1:
@@ -64,12 +65,10 @@ class TPT(Strategy):
         self.ctx_init, self.n_ctx, self.class_specific, self.n_classes = ctx_init, n_ctx, class_specific, n_classes
         self.suffix, self.lr, self.weight_decay, self.tta_steps = suffix, lr, weight_decay, tta_steps
         self.n_views, self.selection_p, self.augmix = n_views, selection_p, augmix
-        self.reset_every, self.ctpt_lambda, self.chunk_size = reset_every, ctpt_lambda, chunk_size
+        self.ctpt_lambda, self.chunk_size = ctpt_lambda, chunk_size
         self.view_batch, self.seed = view_batch, seed
         self.prompts: PromptLearner | None = None
-        self.seen = 0  # samples adapted on since the last reset
         self.generator = torch.Generator().manual_seed(seed)
-        self._anchor: dict[str, Any] = {}
         self._pred_cache: tuple[tuple, Tensor] | None = None
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -79,25 +78,6 @@ class TPT(Strategy):
                                      class_specific=self.class_specific, n_classes=self.n_classes,
                                      suffix=self.suffix, chunk_size=self.chunk_size)
         self.optimizer = torch.optim.AdamW([self.prompts.ctx], lr=self.lr, weight_decay=self.weight_decay)
-        # the anchor: initial context and pristine optimizer state, restored by reset() (never aliased)
-        self._anchor = {"ctx": self.prompts.ctx.detach().clone(),
-                        "optimizer": copy.deepcopy(self.optimizer.state_dict())}
-        self.seen = 0
-
-    def reset(self) -> None:
-        """Restore the context and the AdamW state of the anchor (copies: two resets give identical outputs)."""
-        p = self._prompts()
-        with torch.no_grad():
-            p.ctx.copy_(self._anchor["ctx"])
-        self.optimizer.load_state_dict(copy.deepcopy(self._anchor["optimizer"]))
-        self.seen = 0
-
-    def begin_task(self, task: Task, space: LabelSpace) -> None:
-        """Nothing: resets follow ``reset_every`` (or an `OnlineAdapter`'s policy calling `reset`)."""
-
-    @property
-    def episodic(self) -> bool:
-        return self.reset_every == 1
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
@@ -167,23 +147,18 @@ class TPT(Strategy):
         for b in range(feats.shape[0]):
             self.tune(feats[b], space)
             out.append(m.logits(feats[b, :1], self.class_features(space)))
-            self.seen += 1
-            if self.reset_every is not None and self.seen % self.reset_every == 0:
-                self.reset()
         return torch.cat(out)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(ctx=self._prompts().ctx.detach().clone(), seen=self.seen,
-                     generator=self.generator.get_state())
+        state.update(ctx=self._prompts().ctx.detach().clone(), generator=self.generator.get_state())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         with torch.no_grad():
             self._prompts().ctx.copy_(state["ctx"])
-        self.seen = int(state.get("seen", 0))
         if state.get("generator") is not None:
             self.generator.set_state(state["generator"])
 

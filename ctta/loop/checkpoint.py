@@ -1,0 +1,123 @@
+"""The one save/resume of both loops: a run's fingerprint, its states, the RNG, the hooks and the results.
+
+A checkpoint is one content-hashed file written atomically (`ctta.io.atomic_torch_save`: a reader never sees a
+partial file, a flipped byte is refused on load) and read with ``weights_only=True``. Re-running with the same output
+folder resumes from it; a checkpoint of another run (other stream, strategy, seed, batch size...) is refused with the
+fields that differ, before anything is written into the folder. Under torchrun rank 0 reads it and sends it on.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ctta.io import atomic_torch_save, safe_torch_load
+from ctta.loop.parallel import Parallel
+
+FORMAT = 2
+
+
+class RunMismatch(ValueError):
+    """The output folder holds a checkpoint of a different run."""
+
+
+def ensure_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it writable now, before any work (not after the first task has trained)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write results to {out_dir}: {e.strerror or e}; choose another out_dir") from e
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """The fingerprint fields that differ, each as ``key: saved -> current`` (values shortened)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            out.append(f"{key}: {_short(saved.get(key))} -> {_short(current.get(key))}")
+    return out
+
+
+def _short(v: Any, n: int = 80) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+class Checkpoint:
+    """``out_dir/name`` for the run whose identity is ``fingerprint`` (plain values)."""
+
+    def __init__(self, out_dir: Path | None, name: str, fingerprint: dict, par: Parallel):
+        self.path = out_dir / name if out_dir is not None else None
+        self.fingerprint, self.par = fingerprint, par
+
+    def read(self, map_location: torch.device | str) -> dict | None:
+        """The saved state, or None for a fresh run. Raises `RunMismatch` for another run's checkpoint."""
+        if self.path is None:
+            return None
+        state: Any = None
+        if self.par.main and self.path.exists():
+            state = safe_torch_load(self.path, map_location="cpu" if self.par.active else map_location)
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                state = RunMismatch(f"{self.path} is not a checkpoint of this version of ctta "
+                                    f"(format {state.get('format') if isinstance(state, dict) else '?'}); "
+                                    f"use another out_dir")
+            elif state["fingerprint"] != self.fingerprint:
+                diff = "; ".join(differences(state["fingerprint"], self.fingerprint))
+                state = RunMismatch(f"{self.path} belongs to a different run ({diff}). Use another out_dir, or "
+                                    f"the saved run's settings to resume it.")
+        state = self.par.from_main(state, "checkpoint")
+        if isinstance(state, Exception):
+            raise state
+        return state
+
+    def write(self, state: dict) -> None:
+        """Save ``state`` (plus the fingerprint) atomically; rank 0 alone writes."""
+        if self.path is not None and self.par.main:
+            atomic_torch_save(self.path, {"format": FORMAT, "fingerprint": self.fingerprint, **state})
+
+
+def hook_states(hooks: Sequence[Any]) -> list[Any]:
+    return [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks]
+
+
+def load_hook_states(hooks: Sequence[Any], states: list[Any], where: Path | None) -> None:
+    if len(states) != len(hooks):
+        raise RunMismatch(f"{where} was written with {len(states)} hooks, this run has {len(hooks)}; "
+                          f"use the same hooks to resume, or another out_dir")
+    for h, s in zip(hooks, states):
+        if s is not None:
+            h.load_state_dict(s)
+
+
+# --------------------------------------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states, as tensors and plain values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, internal, g = state["python"]
+    random.setstate((v, tuple(internal), g))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

@@ -1,0 +1,58 @@
+"""`RunContext`, what every hook sees, and `call`, the whole hook mechanism."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from torch import Tensor
+
+from ctta.model import Clip
+from ctta.strategy import Strategy
+from ctta.stream import LabelSpace, Task, TaskStream
+
+if TYPE_CHECKING:
+    from ctta.online import OnlineAdapter
+
+
+@dataclass
+class RunContext:
+    """What hooks see, for task and sample streams alike. Hooks read it and write only into ``results``.
+
+    ``on_run_start`` comes before the strategy touches the model (no setup, no adapters, no resumed weights), so a
+    hook measures the untouched model there through ``model`` (``strategy`` is not usable yet)."""
+
+    model: Clip
+    strategy: Strategy
+    stream: TaskStream
+    out_dir: Path | None = None
+    seed: int = 0
+    config: Any = None
+    results: dict[str, Any] = field(default_factory=dict)
+    task_index: int = -1
+    task: Task | None = None
+    resumed: bool = False
+    last_stats: dict[str, float] = field(default_factory=dict)  # task streams: the last ``learn``'s figures
+    # sample streams: the adapter and the batch just adapted on (read in ``on_batch_end``)
+    adapter: "OnlineAdapter | None" = None
+    space: LabelSpace | None = None
+    position: int = 0            # samples processed in the whole stream, this batch included
+    task_position: int = 0       # samples processed in the current task, this batch included
+    logits: Tensor | None = None  # [B, C] returned by the adapter (over ``space``)
+    labels: Tensor | None = None  # [B] indices into ``space`` (CPU); never passed to the strategy
+    seconds: float = 0.0         # wall time of the adapter call (CUDA synchronised)
+
+
+def call(hooks: Sequence[Any], event: str, ctx: RunContext) -> None:
+    """Duck-typed dispatch: every hook with a method named ``event`` is called, in order."""
+    for h in hooks:
+        fn = getattr(h, event, None)
+        if fn is not None:
+            fn(ctx)
+
+
+def no_bar(progress: bool | None, main: bool = True) -> bool | None:
+    """tqdm's ``disable``: None (auto: only on a terminal) unless ``progress`` says; always off off rank 0."""
+    if not main:
+        return True
+    return None if progress is None else not progress

@@ -1,0 +1,120 @@
+"""The task-stream loop (continual learning), read top to bottom.
+
+Per task: seed → hooks.on_task_start → strategy.begin_task (revealed boundaries only) → strategy.learn over the
+task's training batches → strategy.end_task → hooks.on_task_end (evaluation) → checkpoint. Hooks start before the
+strategy touches the model, so a zero-shot baseline is the untouched model's. Re-running with the same ``out_dir``
+resumes after the last finished task; every task re-seeds from ``seed + task index``, so a resumed run ends with
+exactly the results of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ctta import distributed
+from ctta.data import load_batch
+from ctta.loop.checkpoint import Checkpoint, ensure_writable, hook_states, load_hook_states, seed_everything
+from ctta.loop.context import RunContext, call, no_bar
+from ctta.loop.parallel import Parallel
+from ctta.model import Clip
+from ctta.optim import steps_per_task
+from ctta.state import check_same_structure, strategy_config
+from ctta.strategy import Strategy
+from ctta.stream import Task, TaskStream
+
+CHECKPOINT = "checkpoint.pt"
+log = logging.getLogger("ctta")
+
+
+def fingerprint(stream: TaskStream, strategy: Strategy, seed: int) -> dict:
+    return {"stream": stream.name, "tasks": [t.name for t in stream.tasks],
+            "strategy": type(strategy).__qualname__, "config": strategy_config(strategy), "seed": seed}
+
+
+def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
+              out_dir: str | Path | None = None, seed: int = 0, config: Any = None,
+              progress: bool | None = None) -> dict:
+    """Run a task stream through a strategy; returns the results dict the hooks filled."""
+    par = Parallel()
+    out = Path(out_dir) if out_dir else None
+    if out is not None and par.main:
+        ensure_writable(out)
+    fp = fingerprint(stream, strategy, seed)
+    par.check_same({**fp, "classes": [t.space.classnames for t in stream.tasks]}, "stream, class order and strategy")
+    hooks = list(hooks) if par.main else []  # evaluation and files: rank 0 only
+    ckpt = Checkpoint(out, CHECKPOINT, fp, par)
+    saved = ckpt.read(model.device)  # before anything is trained or written
+    ctx = RunContext(model, strategy, stream, out, seed, config)
+    start = int(saved["next_task"]) if saved else 0
+    if saved:
+        if par.main:  # hooks and results live on rank 0
+            load_hook_states(hooks, saved["hooks"], ckpt.path)
+            ctx.results.update(saved["results"])
+        ctx.resumed = True
+        log.info("resuming %s after task %d/%d", out, start, len(stream))
+    ctx.task_index = start - 1
+    if start < len(stream):
+        call(hooks, "on_run_start", ctx)  # the untouched model: no strategy state exists yet
+    seed_everything(seed)
+    strategy.setup(model)
+    par.install(strategy)
+    try:
+        if saved:  # checked against this run's shapes first: a failed load changes nothing
+            check_same_structure(saved["model"], model.net.state_dict(), f"{ckpt.path}: model")
+            check_same_structure(saved["strategy"], strategy.state_dict(), f"{ckpt.path}: strategy state")
+            model.net.load_state_dict(saved["model"])
+            strategy.load_state_dict(distributed.to_device(saved["strategy"], model.device))
+        if start >= len(stream):
+            log.info("run already finished (%d tasks): nothing to do", len(stream))
+            return ctx.results
+        tasks = tqdm(range(start, len(stream)), initial=start, total=len(stream), desc="tasks",
+                     disable=no_bar(progress, par.main))
+        for t in tasks:
+            task = stream.tasks[t]
+            ctx.task_index, ctx.task = t, task
+            seed_everything(seed + 1000 * (t + 1))
+            space, offset = stream.train_space(t)
+            call(hooks, "on_task_start", ctx)
+            if task.boundary:
+                strategy.begin_task(task, space)
+            if strategy.learns and task.train is not None and len(task.train) > 0:
+                tasks.set_postfix_str(f"{task.name}: train")
+                _train(ctx, hooks, par, task, space, offset, progress)
+            strategy.end_task(task, space)
+            tasks.set_postfix_str(f"{task.name}: evaluate")
+            call(hooks, "on_task_end", ctx)
+            ckpt.write({"next_task": t + 1, "model": model.net.state_dict(), "strategy": strategy.state_dict(),
+                        "hooks": hook_states(hooks), "results": ctx.results})
+        tasks.close()
+        call(hooks, "on_run_end", ctx)  # no closing barrier: the other ranks need not wait for rank 0's evaluation
+        return ctx.results
+    finally:
+        par.uninstall(strategy)
+
+
+def _train(ctx: RunContext, hooks, par: Parallel, task: Task, space, offset: int, progress: bool | None) -> None:
+    """Feed the task's training data: ``strategy.iterations`` steps if set (cycling), else ``epochs`` passes.
+
+    Every rank draws the same global batches (same generator) and loads only its shard of each."""
+    s = ctx.strategy
+    gen = torch.Generator().manual_seed(ctx.seed + 7919 * (ctx.task_index + 1))
+    n = len(task.train)
+    total = steps_per_task(n, s.batch_size, s.epochs, s.iterations)
+    bar = tqdm(total=total, desc=f"train {task.name}", leave=False, disable=no_bar(progress, par.main))
+    done = 0
+    while done < total:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, s.batch_size):
+            batch = order[start:start + s.batch_size]
+            images, labels = load_batch(task.train, batch[par.batch_rows(len(batch))])
+            ctx.last_stats = s.learn(images.to(ctx.model.device), labels.to(ctx.model.device) + offset, space)
+            call(hooks, "on_batch_end", ctx)
+            done += 1
+            bar.update(1)
+            if done >= total:
+                break
+    bar.close()
