@@ -9,7 +9,8 @@ from ctta.strategies.tda import TDA
 from ctta.strategies.tent import Tent
 from ctta.strategies.tpt import TPT
 from ctta.strategies.vr_lwf import VRLwF
+from ctta.strategies.zero import ZERO
 from ctta.strategies.zeroshot import ZeroShot
 
 __all__ = ["BoostAdapter", "Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent", "VRLwF",
-           "ZeroShot"]
+           "ZERO", "ZeroShot"]
