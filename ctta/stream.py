@@ -207,6 +207,38 @@ def class_order(num_classes: int, seed: int | None) -> list[int]:
     return [int(i) for i in np.random.RandomState(seed).permutation(num_classes)]
 
 
+def _count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def split_sizes(num_classes: int, increment: int, initial: int = 0) -> list[int]:
+    """The task sizes of a B{initial}-Inc{increment} split of ``num_classes`` classes, or a `ValueError` saying
+    which value to change. Recipes call it before reading any data, so a bad split fails at once."""
+    increment, initial = _count(increment, "increment"), _count(initial, "initial")
+    if increment < 1:
+        raise ValueError(f"increment must be at least 1 class per task, got {increment}")
+    if not 0 <= initial <= num_classes:
+        raise ValueError(f"initial must be between 0 (B0) and {num_classes} (the number of classes), got {initial}")
+    rest = num_classes - initial
+    if rest % increment:
+        raise ValueError(f"{rest} classes{f' after the first task of {initial}' if initial else ''} do not split "
+                         f"into tasks of {increment}; choose an increment that divides {rest}")
+    return ([initial] if initial else []) + [increment] * (rest // increment)
+
+
+def split_into_tasks(num_classes: int, n_tasks: int) -> int:
+    """The increment that splits ``num_classes`` classes into ``n_tasks`` equal tasks, or a `ValueError`."""
+    n_tasks = _count(n_tasks, "n_tasks")
+    if not 1 <= n_tasks <= num_classes:
+        raise ValueError(f"n_tasks must be between 1 and {num_classes} (the number of classes), got {n_tasks}")
+    if num_classes % n_tasks:
+        raise ValueError(f"{num_classes} classes do not split into {n_tasks} equal tasks; choose n_tasks among "
+                         f"{[k for k in range(1, num_classes + 1) if num_classes % k == 0]}")
+    return num_classes // n_tasks
+
+
 def class_incremental(
     space: LabelSpace,
     train: Dataset,
@@ -227,14 +259,10 @@ def class_incremental(
     follow the order, so the union of the seen tasks is the first classes of the order.
     """
     n = len(space)
+    sizes = split_sizes(n, increment, initial)
     order = list(order) if order is not None else class_order(n, seed)
     if sorted(order) != list(range(n)):
         raise ValueError(f"class order must be a permutation of range({n})")
-    if increment <= 0 or initial < 0 or initial > n:
-        raise ValueError(f"bad split: initial={initial}, increment={increment} for {n} classes")
-    sizes = ([initial] if initial else []) + [increment] * ((n - initial) // increment)
-    if sum(sizes) != n:
-        raise ValueError(f"{n} classes do not split into initial={initial} + k*{increment}")
     train_targets, test_targets = dataset_targets(train), dataset_targets(test)
     tasks, start = [], 0
     for k, size in enumerate(sizes):

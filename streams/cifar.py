@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ctta.stream import LabelSpace, TaskStream, class_incremental, class_order
+from ctta.stream import LabelSpace, TaskStream, class_incremental, class_order, split_sizes
 from streams.images import TensorImages
 from streams.manifest import DatasetError, Level, load_meta, manifests, verify
 
@@ -174,6 +174,7 @@ def cifar100_cil(data_root: str | Path = "data", *, increment: int = 10, initial
     ``templates``: ``"continual_clip"`` ("a bad photo of a {}."), ``"rapf"`` ("a good photo of a {}."),
     ``"cifar_ensemble"`` (CLIP's 18) or a list. ``order``: ``"seed1993"``, ``"rapf"``, ``"natural"``, a seed, a list.
     """
+    split_sizes(100, increment, initial)  # a bad split fails before any file is read
     root = cifar_root(data_root)
     verify(manifests()["cifar100"], root, verify_level)
     meta = load_meta("cifar100")

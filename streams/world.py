@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ctta.data import ImageTensorDataset
-from ctta.stream import LabelSpace, Task, TaskStream, class_incremental, domain_incremental
+from ctta.stream import LabelSpace, Task, TaskStream, class_incremental, domain_incremental, split_into_tasks
 from streams import synthetic as W
 from streams.corruptions import CORRUPTIONS, corrupt
 
@@ -49,11 +49,10 @@ def cil_stream(n_tasks: int = 10, *, train_per_class: int = 50, test_per_class: 
     """Class-incremental over the 100 colour×shape classes in ``n_tasks`` equal tasks (B0-Inc(100/n)), seeded
     class order, evaluation over all seen classes."""
     combos = combo_classes()
-    if len(combos) % n_tasks:
-        raise ValueError(f"{len(combos)} classes do not split into {n_tasks} equal tasks")
+    increment = split_into_tasks(len(combos), n_tasks)  # checked before rendering anything
     train = render_per_class(combos, train_per_class, seed * 1000 + _SPLIT_SEED["train"], styles=styles)
     test = render_per_class(combos, test_per_class, seed * 1000 + _SPLIT_SEED["test"], styles=styles)
-    return class_incremental(combo_space(), train, test, increment=len(combos) // n_tasks, seed=order_seed,
+    return class_incremental(combo_space(), train, test, increment=increment, seed=order_seed,
                              name=f"world-cil{n_tasks}")
 
 

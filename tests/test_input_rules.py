@@ -164,3 +164,49 @@ def test_preprocess_and_file_loading_use_the_same_conversion(tiny_clip, tmp_path
     assert x.shape == (3, 16, 16) and 0.02 < float(x.mean()) < 0.98  # not the near-white of clipping
     rgb = Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8))
     assert torch.allclose(tiny_clip.preprocess(rgb), tiny_clip.preprocess(pil_to_rgb(rgb)))
+
+
+# --------------------------------------------------------------------------------------- stream sizes
+from ctta.stream import class_incremental, split_into_tasks, split_sizes  # noqa: E402
+from streams import cifar, world  # noqa: E402
+from tests.conftest import make_dataset  # noqa: E402
+
+
+@pytest.mark.parametrize("n_tasks, match", [(0, "n_tasks must be between 1 and 100.*got 0"),
+                                            (-2, "n_tasks must be between 1 and 100.*got -2"),
+                                            (101, "n_tasks must be between 1 and 100.*got 101"),
+                                            (3, r"do not split into 3 equal tasks; choose n_tasks among \[1, 2, 4, 5")])
+def test_world_n_tasks_is_validated_before_rendering(n_tasks, match):
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        world.cil_stream(n_tasks)
+    assert time.perf_counter() - t < 1.0  # refused before any image is rendered
+
+
+def test_n_tasks_must_be_a_whole_number():
+    with pytest.raises(TypeError, match="n_tasks must be a whole number, got 2.5"):
+        split_into_tasks(100, 2.5)
+    assert split_into_tasks(100, 20) == 5 and split_into_tasks(100, 100) == 1
+
+
+@pytest.mark.parametrize("increment, initial, match", [
+    (0, 0, "increment must be at least 1 class per task, got 0"),
+    (-5, 0, "increment must be at least 1"),
+    (10, -1, r"initial must be between 0 \(B0\) and 100"),
+    (10, 101, "initial must be between"),
+    (7, 0, "100 classes do not split into tasks of 7"),
+    (10, 45, "55 classes after the first task of 45 do not split into tasks of 10"),
+])
+def test_class_incremental_splits_are_validated_with_clear_messages(increment, initial, match):
+    with pytest.raises(ValueError, match=match):
+        split_sizes(100, increment, initial)
+
+
+def test_class_incremental_and_cifar_refuse_a_bad_split_before_reading_data(tmp_path):
+    from ctta import LabelSpace
+    space = LabelSpace([f"c{i}" for i in range(6)])
+    with pytest.raises(ValueError, match="increment must be at least 1"):
+        class_incremental(space, make_dataset(12, 6), make_dataset(6, 6), increment=0)
+    with pytest.raises(ValueError, match="increment must be at least 1"):  # not "dataset folder does not exist"
+        cifar.cifar100_cil(tmp_path / "nothing-here", increment=0)
+    assert split_sizes(100, 10, 50) == [50] + [10] * 5 and split_sizes(6, 2) == [2, 2, 2]
