@@ -69,7 +69,9 @@ class FineTuning:
         """Unfreeze the trainable set of a frozen ``model``, snapshot the WiSE anchor and build a placeholder
         optimizer and one-step schedule (a revealed task boundary rebuilds the schedule; a resumed run loads into
         the placeholder). The loop attaches before it loads a checkpoint, so the anchor is the zero-shot model;
-        a checkpoint brings its own anchor anyway (`load_state_dict`)."""
+        a checkpoint brings its own anchor anyway (`load_state_dict`). Caution: a stream that never reveals a
+        boundary trains on this one-step schedule, so with ``"cosine"`` the lr is 0 after the first step (kept as
+        it was; ``"constant"`` does not have the problem)."""
         self.trainable = model.unfreeze(self.params)  # refuses a selection that matches nothing
         self.text_trainable = any(p.requires_grad for p in model.text_parameters())
         self.optimizer = None

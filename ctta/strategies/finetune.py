@@ -8,8 +8,8 @@ The optimizer and schedule are rebuilt at each task, as the reference does (``re
 ``schedule``: see `ctta.finetuning.FineTuning`, which owns the trainable set, optimizer, schedule and WiSE anchor).
 
 WiSE-FT (Wortsman et al., CVPR 2022; mlfoundations/wise-ft): ``wise_alpha`` interpolates with the zero-shot
-weights after every task, ``θ ← (1−α)·θ_zs + α·θ``. ZSCL's continual WiSE-FT baseline (``--wise_merge``, α = 0.8)
-interpolates with the task-start weights instead; ours keeps the zero-shot anchor of the WiSE-FT paper.
+weights after every task, ``θ ← (1−α)·θ_zs + α·θ``. ZSCL's ``--wise_merge`` (α = ``--wise_ft_alpha``) does the same
+with ``--wise_ft_model zeroshot`` and with the task-start weights otherwise; we keep the zero-shot anchor.
 """
 from __future__ import annotations
 
