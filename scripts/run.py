@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import ctta
 from ctta import distributed
 from ctta.report import format_summary
+from streams.manifest import DatasetError
 
 
 @hydra.main(config_path="../configs", config_name="run", version_base="1.3")
@@ -30,9 +31,11 @@ def main(cfg: DictConfig) -> dict:
         if distributed.world_size() > 1:
             # every rank must agree on where results go (${now} differs by a second between processes)
             cfg.out_dir = distributed.broadcast_object(str(cfg.out_dir), "out_dir")
+        # The stream first: a real-data recipe verifies its dataset against the manifest, so a missing or damaged
+        # dataset fails in seconds with what to download, before any model weights are loaded or downloaded.
+        stream = _build_stream(cfg.stream)
         model = instantiate(cfg.model)
         strategy = instantiate(cfg.strategy)
-        stream = instantiate(cfg.stream)
         hooks = [instantiate(h) for h in cfg.hooks.values() if h is not None]
         results = ctta.run(model, strategy, stream, hooks, out_dir=cfg.out_dir, seed=cfg.seed,
                            config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.progress,
@@ -42,6 +45,18 @@ def main(cfg: DictConfig) -> dict:
                   + (f" ({distributed.world_size()} ranks)" if distributed.world_size() > 1 else ""))
             print(format_summary(results))
     return results
+
+
+def _build_stream(cfg_stream: DictConfig):
+    """Instantiate the stream; a missing or damaged dataset ends the run with the manifest's message as written
+    (what is wrong, what to download, how to lay it out) rather than Hydra's one-line repr of the exception."""
+    try:
+        return instantiate(cfg_stream)
+    except Exception as e:
+        cause = e.__cause__ if isinstance(e.__cause__, DatasetError) else e
+        if isinstance(cause, DatasetError):
+            raise SystemExit(f"error: {cause}") from None
+        raise
 
 
 def _quiet_other_ranks() -> None:

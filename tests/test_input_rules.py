@@ -210,3 +210,22 @@ def test_class_incremental_and_cifar_refuse_a_bad_split_before_reading_data(tmp_
     with pytest.raises(ValueError, match="increment must be at least 1"):  # not "dataset folder does not exist"
         cifar.cifar100_cil(tmp_path / "nothing-here", increment=0)
     assert split_sizes(100, 10, 50) == [50] + [10] * 5 and split_sizes(6, 2) == [2, 2, 2]
+
+
+# --------------------------------------------------------------------------------------- run.py order
+def test_real_data_experiment_checks_its_dataset_before_loading_weights(tmp_path):
+    """No dataset and no network: the run fails in seconds naming the dataset and what to download, and never
+    reaches the weights (before, it tried to download ViT-B/16's weights and never mentioned the data)."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), "experiment=zeroshot_cifar100",
+                        f"data_root={empty}", f"out_dir={tmp_path / 'out'}", "threads=1"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - t
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "CIFAR-100: missing file 'cifar-100-python/train'" in out and "cifar-100-python.tar.gz" in out, out[-2000:]
+    assert "weights" not in out.lower() and "open_clip_pytorch_model" not in out and "QuickGELU" not in out
+    assert took < 120, took  # imports dominate; no download retries
