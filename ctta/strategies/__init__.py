@@ -1,5 +1,6 @@
 """One strategy per module; import them from here."""
 from ctta.strategies.boost_adapter import BoostAdapter
+from ctta.strategies.dmn import DMN
 from ctta.strategies.finetune import Finetune
 from ctta.strategies.lora_ft import LoRA
 from ctta.strategies.lwf import LwF
@@ -12,5 +13,5 @@ from ctta.strategies.vr_lwf import VRLwF
 from ctta.strategies.zero import ZERO
 from ctta.strategies.zeroshot import ZeroShot
 
-__all__ = ["BoostAdapter", "Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent", "VRLwF",
+__all__ = ["BoostAdapter", "DMN", "Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent", "VRLwF",
            "ZERO", "ZeroShot"]
