@@ -69,6 +69,19 @@ def atfd(text_features: Tensor) -> Tensor:
     return (t - t.mean(0, keepdim=True)).norm(dim=-1).mean()
 
 
+def info_nce(query: Tensor, positive: Tensor, temperature: float = 0.1) -> Tensor:
+    """InfoNCE with in-batch negatives, one direction, as the ``info-nce-pytorch`` package computes it without
+    explicit negatives (used by DPE's prototype alignment, ``InfoNCE(temperature=0.01)``): rows L2-normalised,
+    ``logits = q·kᵀ / τ``, cross-entropy against the diagonal, mean over rows. Zero for a single row."""
+    if query.dim() != 2 or query.shape != positive.shape:
+        raise ValueError(f"info_nce expects two [N, D] tensors of one shape, got {tuple(query.shape)} and "
+                         f"{tuple(positive.shape)}")
+    q = torch.nn.functional.normalize(query, dim=-1)
+    k = torch.nn.functional.normalize(positive, dim=-1)
+    labels = torch.arange(q.shape[0], device=q.device)
+    return torch.nn.functional.cross_entropy(q @ k.t() / temperature, labels)
+
+
 # ----------------------------------------------------------------------------------------- continual LoRA (CoDyRA)
 def seen_masked_clip_loss(image_features: Tensor, seen_text: Tensor, current_text: Tensor, labels: Tensor,
                           scale: float | Tensor, text_to_image: bool = True) -> Tensor:

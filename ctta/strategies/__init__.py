@@ -1,6 +1,7 @@
 """One strategy per module; import them from here."""
 from ctta.strategies.boost_adapter import BoostAdapter
 from ctta.strategies.dmn import DMN
+from ctta.strategies.dpe import DPE
 from ctta.strategies.finetune import Finetune
 from ctta.strategies.lora_ft import LoRA
 from ctta.strategies.lwf import LwF
@@ -13,5 +14,5 @@ from ctta.strategies.vr_lwf import VRLwF
 from ctta.strategies.zero import ZERO
 from ctta.strategies.zeroshot import ZeroShot
 
-__all__ = ["BoostAdapter", "DMN", "Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent", "VRLwF",
-           "ZERO", "ZeroShot"]
+__all__ = ["BoostAdapter", "DMN", "DPE", "Finetune", "LoRA", "LwF", "RAPF", "RankSelectiveLoRA", "TDA", "TPT", "Tent",
+           "VRLwF", "ZERO", "ZeroShot"]
