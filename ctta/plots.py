@@ -1,4 +1,5 @@
-"""A PNG of a run: the accuracy matrix as a heat map and the per-step accuracy."""
+"""PNGs of runs: one run's accuracy matrix as a heat map and its per-step accuracy; several methods' accuracy
+against step (`scripts/report.py`)."""
 from __future__ import annotations
 
 import io
@@ -34,6 +35,39 @@ def plot_results(results: dict, path: str | Path, title: str = "") -> Path:
         ax2.set_ylim(0, 100)
         ax2.grid(alpha=0.3)
         ax2.set_title("class-incremental step accuracy")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_curves(curves: dict[str, list[float]], path: str | Path, title: str = "",
+                panels: dict[str, str] | None = None) -> Path:
+    """Accuracy (%) against step, one line per method (``curves``: label -> accuracy after each task, fractions).
+    ``panels`` maps a label to a panel name (e.g. its stream): one subplot per panel, as streams of different
+    lengths or label spaces do not share an axis."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        raise ValueError("no accuracy curves to plot (no task-stream runs with step accuracies)")
+    panels = panels or {}
+    names = list(dict.fromkeys(panels.get(k, "") for k in curves))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], names):
+        for label, ys in curves.items():
+            if panels.get(label, "") == panel:
+                ax.plot(np.arange(1, len(ys) + 1), np.asarray(ys) * 100, marker="o", ms=3, label=label)
+        ax.set_xlabel("step (tasks trained)")
+        ax.set_ylabel("accuracy over seen classes (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_title(panel)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

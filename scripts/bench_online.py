@@ -7,29 +7,28 @@ reset policy, strategy.adapt, softmax) plus the online metric hooks — what a d
     python scripts/bench_online.py                                 # 5,000 samples; zeroshot, tent, tent-episodic
     python scripts/bench_online.py --samples 20000 --strategies tent --out runs/bench/online_long.json
 
-Each strategy runs in its own process. Writes JSON (default ``runs/bench/online.json``) and prints a table. Model: the embedded micro-CLIP (its random
-initialisation if the weights are missing: timing does not need trained weights; accuracy then means nothing).
+Each strategy runs in its own process. Writes JSON (default ``runs/bench/online.json``) and prints a table;
+``--quick``: 100 samples of one domain, episodic TENT only. Model: the embedded micro-CLIP (its random initialisation
+if the weights are missing: timing does not need trained weights; accuracy then means nothing).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from benchlib import bench_parser, child, finish, report, start, table
 
 from ctta import Clip
-from ctta.io import atomic_write_json, provenance
+from ctta.loop import run_samples
 from ctta.model import BUILTIN_WEIGHTS
 from ctta.online_hooks import Latency, Memory, OnlineAccuracy
-from ctta.loop import run_samples
 from ctta.strategies.tent import Tent
 from ctta.strategies.zeroshot import ZeroShot
+from streams.corruptions import CORRUPTIONS
 from streams.world import shift_tasks
 
 STRATEGIES = {  # name -> (factory, adapter reset policy)
@@ -38,6 +37,7 @@ STRATEGIES = {  # name -> (factory, adapter reset policy)
     "tent": (Tent, "never"),
     "tent-episodic": (Tent, "episodic"),  # a snapshot restore before every call: must not leak either
 }
+QUICK = {"samples": 100, "corruptions": ["contrast"], "strategies": ["tent-episodic"], "warmup": 5}
 
 
 def load_model(device: str) -> tuple[Clip, str]:
@@ -63,54 +63,45 @@ def bench(name: str, stream, args) -> dict:
             "per_domain_accuracy": {k: v["accuracy"] for k, v in online["per_domain"].items()}}
 
 
-def table(rows: list[dict]) -> str:
-    head = (f"{'strategy':<14} {'samples':>7} {'p50 ms':>7} {'p95 ms':>7} {'samp/s':>7} {'RSS first10%':>12} "
-            f"{'RSS last10%':>11} {'growth':>7} {'2nd half':>8} {'peak RSS':>8} {'acc %':>6} {'ECE':>6}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lat, rss = r["latency"], r["memory"]["rss"]
-        lines.append(f"{r['strategy']:<14} {r['samples']:>7} {lat['p50_ms']:>7.2f} {lat['p95_ms']:>7.2f} "
-                     f"{lat['samples_per_s']:>7.0f} {rss['first_10pct_mb']:>9.1f} MB {rss['last_10pct_mb']:>8.1f} MB "
-                     f"{rss['growth_mb']:>+5.1f}MB {rss['second_half_growth_mb']:>+6.1f}MB {r['memory']['peak_rss_mb']:>6.0f}MB {100 * r['accuracy']:>6.1f} "
-                     f"{r['ece']:>6.3f}")
-    return "\n".join(lines)
+COLUMNS = [("strategy", lambda r: r["strategy"], ""), ("samples", lambda r: r["samples"], "d"),
+           ("p50 ms", lambda r: r["latency"]["p50_ms"], ".2f"), ("p95 ms", lambda r: r["latency"]["p95_ms"], ".2f"),
+           ("samples/s", lambda r: r["latency"]["samples_per_s"], ".0f"),
+           ("RSS first 10% MB", lambda r: r["memory"]["rss"]["first_10pct_mb"], ".1f"),
+           ("RSS last 10% MB", lambda r: r["memory"]["rss"]["last_10pct_mb"], ".1f"),
+           ("growth MB", lambda r: r["memory"]["rss"]["growth_mb"], "+.1f"),
+           ("2nd half MB", lambda r: r["memory"]["rss"]["second_half_growth_mb"], "+.1f"),
+           ("peak RSS MB", lambda r: r["memory"]["peak_rss_mb"], ".0f"),
+           ("acc %", lambda r: 100 * r["accuracy"], ".1f"), ("ECE", lambda r: r["ece"], ".3f")]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> dict | None:
+    p = bench_parser(__doc__, "runs/bench/online.json")
     p.add_argument("--samples", type=int, default=5000, help="stream length (rounded up to whole domains)")
     p.add_argument("--strategies", nargs="+", default=["zeroshot", "tent", "tent-episodic"], choices=list(STRATEGIES))
+    p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=list(CORRUPTIONS))
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--setting", default="continual", help="shift setting of streams.world.shift_tasks")
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--warmup", type=int, default=20, help="calls left out of the latency figures")
     p.add_argument("--memory-every", type=int, default=10, help="sample RSS every N samples")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=Path("runs/bench/online.json"))
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one strategy, print its row as JSON
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # 10 corruptions x 100 classes per image per class: the smallest per_class that gives --samples
-    stream = shift_tasks(severity=args.severity, per_class=max(1, math.ceil(args.samples / 1000)),
-                         setting=args.setting)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one strategy, report its row
+    args = start(p, argv, quick=QUICK)
+    # 100 classes x per_class images per corruption: the smallest per_class that gives --samples
+    stream = shift_tasks(args.corruptions, severity=args.severity, setting=args.setting,
+                         per_class=max(1, math.ceil(args.samples / (100 * len(args.corruptions)))))
     if args.one:
-        print(json.dumps(bench(args.one, stream, args)))
-        return
+        report(bench(args.one, stream, args))
+        return None
     # one process per strategy, so that each one's resident memory is its own (freed memory stays mapped)
-    rows = [json.loads(subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name], check=True,
-                                      capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            for name in args.strategies]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rows = [child(__file__, [*argv, "--one", name]) for name in args.strategies]
     model, _ = load_model(args.device)
-    doc = {"benchmark": "online", "stream": stream.name, "samples": rows[0]["samples"],
-           "batch_size": args.batch_size, "severity": args.severity, "rows": rows,
-           "provenance": provenance(model, seed=0, config=vars(args) | {"out": str(args.out)})}
-    atomic_write_json(args.out, doc)
-    print(f"{stream.name}, {rows[0]['samples']} samples, batch {args.batch_size}, device "
-          f"{doc['provenance']['device']}")
-    print(table(rows))
-    print(f"-> {args.out}")
+    head = (f"{stream.name}, {rows[0]['samples']} samples, batch {args.batch_size}, device "
+            f"{model.device}, {torch.get_num_threads()} threads")
+    return finish(args, {"benchmark": "online", "stream": stream.name, "samples": rows[0]["samples"],
+                         "batch_size": args.batch_size, "severity": args.severity, "rows": rows},
+                  head + "\n" + table(rows, COLUMNS), model=model)
 
 
 if __name__ == "__main__":

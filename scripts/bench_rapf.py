@@ -4,51 +4,51 @@ against the ZeroShot and Finetune baselines on the same stream.
 Every run is the full `ctta.run` (training, the T×T accuracy matrix after every task, zero-shot retention on the
 control tasks before the run and after every task), timed end to end on a fresh model. Image-encoder work is counted
 by a forward pre-hook on the image tower (images that went through it), independently of the cache's own counters.
-Strategy settings come from ``configs/strategy/<name>.yaml`` (overrides: ``--set rapf.threshold=0.7``).
+Strategy settings are composed by Hydra from ``configs/strategy/<name>.yaml`` (overrides, Hydra syntax:
+``--set rapf.threshold=0.7``). ``--quick``: 2 tasks of tiny data, one epoch, ZeroShot and RAPF.
 
     python scripts/bench_rapf.py                      # all runs, micro-CLIP, writes runs/bench/rapf.json
     python scripts/bench_rapf.py --runs rapf rapf_nocache --epochs 3 --out /tmp/quick.json
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
-import yaml
+from benchlib import ROOT, bench_parser, finish, ratio, start, table
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ctta import AccuracyMatrix, Clip, ZeroShotRetention, run
-from ctta.io import atomic_write_json, provenance
 from streams.world import cil_stream, control_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNS = {  # run name -> (strategy config, overrides)
-    "zeroshot": ("zeroshot", {"cache": True}),
-    "zeroshot_nocache": ("zeroshot", {"cache": False}),
-    "rapf": ("rapf", {"cache": True}),
-    "finetune": ("finetune", {}),
-    "rapf_nocache": ("rapf", {"cache": False}),
+RUNS = {  # run name -> (strategy config, overrides in Hydra syntax)
+    "zeroshot": ("zeroshot", ["strategy.cache=true"]),
+    "zeroshot_nocache": ("zeroshot", ["strategy.cache=false"]),
+    "rapf": ("rapf", ["strategy.cache=true"]),
+    "finetune": ("finetune", []),
+    "rapf_nocache": ("rapf", ["strategy.cache=false"]),
 }
+QUICK = {"runs": ["zeroshot", "rapf"], "tasks": 2, "epochs": 1, "per_class": (4, 2), "controls": 20}
 
 
-def strategy_config(name: str, overrides: dict) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs" / "strategy" / f"{name}.yaml").read_text())
-    cfg.pop("defaults", None)
-    cfg.update(overrides)
-    return cfg
+def strategy_config(name: str, overrides: list[str]) -> dict:
+    """``configs/strategy/<name>.yaml`` composed by Hydra (its defaults list followed) with ``overrides``."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("run", overrides=[f"strategy={name}", *overrides])
+    return OmegaConf.to_container(cfg.strategy, resolve=True)
 
 
-def parse_sets(items: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+def parse_sets(items: list[str]) -> dict[str, list[str]]:
+    """``strategy.field=value`` items -> Hydra overrides ``strategy.field=value`` per strategy config name."""
+    out: dict[str, list[str]] = {}
     for item in items:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
         strategy, _, field = key.partition(".")
-        if not field:
+        if not field or not sep:
             raise SystemExit(f"--set expects strategy.field=value, got {item!r}")
-        out.setdefault(strategy, {})[field] = yaml.safe_load(value)
+        out.setdefault(strategy, []).append(f"strategy.{field}={value}")
     return out
 
 
@@ -76,18 +76,28 @@ def one_run(name: str, cfg: dict, stream, controls, weights: str | None, seed: i
             "retention_ratio": ret.get("mean_ratio"), "skipped_steps": strategy.skipped_steps}
 
 
-def table(runs: dict[str, dict]) -> str:
-    # control accuracy after the last task (absolute: RAPF's "before" value is that of its random adapter)
-    head = f"{'run':18s} {'wall s':>8s} {'enc imgs':>9s} {'avg':>6s} {'last':>6s} {'forget':>7s} {'ctrl':>6s}"
-    rows = [head, "-" * len(head)]
-    for r in runs.values():
-        rows.append(f"{r['name']:18s} {r['wall_s']:8.1f} {r['encoder_images']:9d} {100 * r['average']:6.1f} "
-                    f"{100 * r['last']:6.1f} {100 * r['forgetting']:7.1f} {100 * (r['retention_acc'] or 0):6.1f}")
-    return "\n".join(rows)
+# control accuracy after the last task, absolute
+COLUMNS = [("run", lambda r: r["name"], ""), ("wall s", lambda r: r["wall_s"], ".1f"),
+           ("enc imgs", lambda r: r["encoder_images"], "d"), ("avg", lambda r: 100 * r["average"], ".1f"),
+           ("last", lambda r: 100 * r["last"], ".1f"), ("forget", lambda r: 100 * r["forgetting"], ".1f"),
+           ("ctrl", lambda r: 100 * r["retention_acc"], ".1f"), ("ratio", lambda r: r["retention_ratio"], ".3f")]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def ratios(runs: dict[str, dict]) -> dict:
+    """Cache on / off within this run: end-to-end speed-up, images through the encoder, same accuracy matrix."""
+    out = {}
+    for a, b in (("rapf", "rapf_nocache"), ("zeroshot", "zeroshot_nocache")):
+        if a in runs and b in runs:
+            ra, rb = runs[a]["accuracy_matrix"], runs[b]["accuracy_matrix"]
+            out[a] = {"speedup_end_to_end": ratio(runs[b]["wall_s"], runs[a]["wall_s"]),
+                      "encoder_images_ratio": ratio(runs[b]["encoder_images"], max(1, runs[a]["encoder_images"])),
+                      "same_accuracy_matrix": ra == rb,
+                      "max_abs_accuracy_diff": max(abs(x - y) for u, v in zip(ra, rb) for x, y in zip(u, v))}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = bench_parser(__doc__, "runs/bench/rapf.json", threads=None)
     ap.add_argument("--runs", nargs="+", default=["zeroshot", "rapf", "finetune", "rapf_nocache"], choices=RUNS)
     ap.add_argument("--weights", default="builtin", help="'builtin' (embedded micro-CLIP) or 'random'")
     ap.add_argument("--tasks", type=int, default=10)
@@ -97,8 +107,7 @@ def main() -> None:
                     help="images per class in the stream (default 50 20; smaller for quick checks)")
     ap.add_argument("--controls", type=int, default=1000, help="images per retention control task")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "rapf.json"))
-    args = ap.parse_args()
+    args = start(ap, argv, quick=QUICK)
 
     sets = parse_sets(args.set)
     weights = None if args.weights == "random" else args.weights
@@ -106,37 +115,20 @@ def main() -> None:
                         seed=args.seed)
     controls = control_tasks(n=args.controls, seed=args.seed)
     doc = {"bench": "rapf", "stream": stream.name, "tasks": len(stream), "weights": args.weights,
-           "per_class": list(args.per_class), "controls": args.controls,
-           "torch_threads": torch.get_num_threads(),
-           "provenance": provenance(Clip.from_pretrained("micro-clip", weights), seed=args.seed), "runs": {}}
+           "per_class": list(args.per_class), "controls": args.controls, "runs": {}}
     for name in args.runs:
         base, over = RUNS[name]
-        cfg = strategy_config(base, {**over, **sets.get(base, {})})
-        if args.epochs is not None and "epochs" in cfg:
-            cfg["epochs"] = args.epochs
-        doc["runs"][name] = one_run(name, cfg, stream, controls, weights, args.seed)
-        r = doc["runs"][name]
+        epochs = [f"strategy.epochs={args.epochs}"] if args.epochs is not None and base != "zeroshot" else []
+        cfg = strategy_config(base, [*over, *epochs, *sets.get(base, [])])
+        r = doc["runs"][name] = one_run(name, cfg, stream, controls, weights, args.seed)
         print(f"{name}: {r['wall_s']:.1f} s, {r['encoder_images']} images encoded, last {100 * r['last']:.1f}",
               flush=True)
-        _ratios(doc)
-        atomic_write_json(args.out, doc)  # after every run: partial results survive an interruption
-    print(table(doc["runs"]))
-    if "ratios" in doc:
-        print(json.dumps(doc["ratios"], indent=1))
-    print(f"wrote {args.out}")
-
-
-def _ratios(doc: dict) -> None:
-    runs = doc["runs"]
-    for a, b in (("rapf", "rapf_nocache"), ("zeroshot", "zeroshot_nocache")):
-        if a in runs and b in runs:
-            doc.setdefault("ratios", {})[a] = {
-                "speedup_end_to_end": runs[b]["wall_s"] / runs[a]["wall_s"],
-                "encoder_images_ratio": runs[b]["encoder_images"] / max(1, runs[a]["encoder_images"]),
-                "same_accuracy_matrix": runs[a]["accuracy_matrix"] == runs[b]["accuracy_matrix"],
-                "max_abs_accuracy_diff": max(abs(x - y) for ra, rb in zip(runs[a]["accuracy_matrix"],
-                                                                       runs[b]["accuracy_matrix"])
-                                             for x, y in zip(ra, rb))}
+        doc["ratios"] = ratios(doc["runs"])
+        finish(args, doc, seed=args.seed)  # after every run: partial results survive an interruption
+    text = table(list(doc["runs"].values()), COLUMNS)
+    if doc["ratios"]:
+        text += "\n" + "\n".join(f"{k}: {v}" for k, v in doc["ratios"].items())
+    return finish(args, doc, text, model=Clip.from_pretrained("micro-clip", weights), seed=args.seed)
 
 
 if __name__ == "__main__":

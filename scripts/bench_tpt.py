@@ -1,7 +1,7 @@
 """Benchmark: TPT per-sample cost of ``ctta.strategies.tpt.TPT`` against the reference recipe, and the floor.
 
     python scripts/bench_tpt.py [--models micro vitb16] [--classes 10 200 1000] [--samples 3]
-                                [--skip-ref-1000] [--out runs/bench/tpt.json]
+                                [--skip-ref-1000] [--no-memory] [--out runs/bench/tpt.json] [--quick]
 
 - **ours**: `TPT.adapt` on one image (kornia views on the model's device, padding trimmed, view features encoded
   once, chunked text forward with checkpointing beyond 256 classes).
@@ -19,24 +19,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
+from benchlib import bench_parser, child, finish, interleaved, ratio, report, start, timed, write
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ctta import Clip, LabelSpace  # noqa: E402
-from ctta.adapters.prompts import PromptLearner  # noqa: E402
-from ctta.losses import marginal_entropy, select_confident  # noqa: E402
-from ctta.model import BUILTIN_WEIGHTS  # noqa: E402
-from ctta.strategies.tpt import TPT  # noqa: E402
+from ctta import Clip, LabelSpace
+from ctta.adapters.prompts import PromptLearner
+from ctta.losses import marginal_entropy, select_confident
+from ctta.model import BUILTIN_WEIGHTS
+from ctta.strategies.tpt import TPT
 
 WORDS = ("red", "small", "striped", "wooden", "golden", "spotted", "tiny", "great", "white", "northern", "sea",
          "house", "car", "dog", "bird", "shark", "tree", "truck", "fish", "lamp", "chair", "kite", "snake", "frog",
@@ -100,24 +92,6 @@ class Peak:
             self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
         else:
             self.mib = (_rss_kb("VmHWM") * 1024 - self.base) / 2 ** 20
-
-
-def timed(fn, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of ``fn()``. On a shared CPU the CPU time is the steadier figure."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t, c = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, time.process_time() - c
-
-
-def median_times(fn, n: int, device: torch.device, warmup: bool) -> tuple[float, float]:
-    if warmup:
-        fn(0)
-    runs = [timed(lambda: fn(i), device) for i in range(1, n + 1)]
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 # ----------------------------------------------------------------------------------------- the three recipes
@@ -184,14 +158,13 @@ def memory_child(args) -> None:
         fn = lambda: ref(pils[1], space)  # noqa: E731
     with Peak(device) as pk:
         wall, cpu = timed(fn, device)
-    print("RESULT " + json.dumps({"peak_mib": pk.mib, "wall_s": wall, "cpu_s": cpu}), flush=True)
+    report({"peak_mib": pk.mib, "wall_s": wall, "cpu_s": cpu})
 
 
 def run_child(kind: str, name: str, c: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", kind, "--model", name, "--classes", str(c),
-           "--device", args.device, "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    """One sample of ``kind`` in a fresh process: its peak memory is its own."""
+    return child(__file__, ["--memory-child", kind, "--model", name, "--classes", str(c), "--device", args.device,
+                            "--threads", str(args.threads)])
 
 
 def bench_model(name: str, args, device: torch.device, rows: list[dict], save) -> None:
@@ -212,15 +185,14 @@ def bench_model(name: str, args, device: torch.device, rows: list[dict], save) -
         if warm:
             tpt.adapt(images[:1].to(device), space)
             fl()
-        ours, floor = [], []
-        for i in range(1, samples + 1):  # interleaved, so that drifting machine load hits both alike
-            ours.append(timed(lambda: tpt.adapt(images[i:i + 1].to(device), space), device))
-            floor.append(timed(fl, device))
-        row["ours_s"], row["ours_cpu_s"] = (statistics.median(r[k] for r in ours) for k in (0, 1))
-        row["floor_s"], row["floor_cpu_s"] = (statistics.median(r[k] for r in floor) for k in (0, 1))
+        # interleaved, so that drifting machine load hits both alike (warmed up above)
+        t = interleaved({"ours": lambda i: tpt.adapt(images[i:i + 1].to(device), space), "floor": lambda i: fl()},
+                        samples, device, warmup=False)
+        row["ours_s"], row["ours_cpu_s"] = t["ours"]["wall_s"], t["ours"]["cpu_s"]
+        row["floor_s"], row["floor_cpu_s"] = t["floor"]["wall_s"], t["floor"]["cpu_s"]
         row["samples"] = samples
         slow = c >= 1000 and device.type == "cpu" and name != "micro"
-        last = c == max(args.classes)
+        last = c == max(args.classes) and not args.no_memory  # peak memory at the largest C, in child processes
         if last:
             row["ours_peak_mib"] = run_child("ours", name, c, args)["peak_mib"]
         if slow and args.skip_ref_1000:
@@ -230,21 +202,21 @@ def bench_model(name: str, args, device: torch.device, rows: list[dict], save) -
             row["reference_s"], row["reference_cpu_s"], row["reference_peak_mib"] = r["wall_s"], r["cpu_s"], r["peak_mib"]
         else:
             n_ref = min(samples, args.vitb_ref_samples) if name == "vitb16" else samples
-            row["reference_s"], row["reference_cpu_s"] = median_times(lambda i: ref(pils[i], space), n_ref,
-                                                                      device, warm)
+            t = interleaved({"ref": lambda i: ref(pils[i], space)}, n_ref, device, warmup=warm)["ref"]
+            row["reference_s"], row["reference_cpu_s"] = t["wall_s"], t["cpu_s"]
             if last:
                 row["reference_peak_mib"] = run_child("reference", name, c, args)["peak_mib"]
         key = "_cpu_s" if device.type == "cpu" else "_s"
         row["ratio_basis"] = "cpu time" if device.type == "cpu" else "wall time"
-        row["speedup_vs_reference"] = (row["reference" + key] / row["ours" + key]) if row["reference" + key] else None
-        row["ratio_to_floor"] = row["ours" + key] / row["floor" + key]
+        row["speedup_vs_reference"] = ratio(row["reference" + key], row["ours" + key])
+        row["ratio_to_floor"] = ratio(row["ours" + key], row["floor" + key])
         rows.append(row)
         save()
         print(json.dumps(row), flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = bench_parser(__doc__, "runs/bench/tpt.json")
     ap.add_argument("--models", nargs="+", default=["micro", "vitb16"], choices=["micro", "vitb16"])
     ap.add_argument("--classes", nargs="+", type=int, default=[10, 200, 1000])
     ap.add_argument("--samples", type=int, default=3, help="timed samples per setting (after one warm-up)")
@@ -252,42 +224,35 @@ def main() -> None:
     ap.add_argument("--vitb-ref-samples", type=int, default=1, help="timed reference samples for ViT-B/16")
     ap.add_argument("--skip-ref-1000", action="store_true", help="skip the (slow) CPU reference at C >= 1000")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "tpt.json"))
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (child processes)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, measure the rest")
     ap.add_argument("--memory-child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--model", default="micro", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = start(ap, argv, quick={"models": ["micro"], "classes": [10], "samples": 1,
+                                          "no_memory": True})
     if args.memory_child:
         return memory_child(args)
     device = torch.device(args.device)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
-    meta = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def save() -> None:  # after every setting, so a long run that is stopped keeps what it measured
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write(out, {"rows": rows})
 
     for name in args.models:
         bench_model(name, args, device, rows, save)
-    save()
     k = "_cpu_s" if device.type == "cpu" else "_s"
-    print(f"\n({'CPU' if k == '_cpu_s' else 'wall'} seconds per sample)")
-    print(f"{'model':<30} {'C':>5} {'L':>3} {'ours s':>8} {'ref s':>8} {'speedup':>8} {'floor s':>8} "
-          f"{'x floor':>8} {'peak MiB ours/ref':>18}")
+    text = [f"\n({'CPU' if k == '_cpu_s' else 'wall'} seconds per sample)",
+            f"{'model':<30} {'C':>5} {'L':>3} {'ours s':>8} {'ref s':>8} {'speedup':>8} {'floor s':>8} "
+            f"{'x floor':>8} {'peak MiB ours/ref':>18}"]
     for r in rows:
         ref = f"{r['reference' + k]:8.3f}" if r["reference" + k] else f"{'skip':>8}"
         sp = f"{r['speedup_vs_reference']:7.1f}x" if r["speedup_vs_reference"] else f"{'-':>8}"
         mem = (f"{r['ours_peak_mib']:.0f} / {r.get('reference_peak_mib') or float('nan'):.0f}"
                if "ours_peak_mib" in r else "")
-        print(f"{r['model']:<30} {r['classes']:>5} {r['prompt_tokens']:>3} {r['ours' + k]:8.3f} {ref} {sp} "
-              f"{r['floor' + k]:8.3f} {r['ratio_to_floor']:7.2f}x {mem:>18}")
-    print(f"\nwritten to {out} ({meta['device']}, {meta['threads']} threads)")
+        text.append(f"{r['model']:<30} {r['classes']:>5} {r['prompt_tokens']:>3} {r['ours' + k]:8.3f} {ref} {sp} "
+                    f"{r['floor' + k]:8.3f} {r['ratio_to_floor']:7.2f}x {mem:>18}")
+    return finish(args, {"benchmark": "tpt", "device": str(device), "rows": rows}, "\n".join(text))
 
 
 if __name__ == "__main__":

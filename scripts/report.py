@@ -1,0 +1,85 @@
+"""Tables (and a plot) from the results.json files of many runs: the README's figures from the runs that made them.
+
+    python scripts/report.py runs/world_cl                                   # every results.json under the folder
+    python scripts/report.py runs/world_cl 'runs/world_cl_visual/*/seed*' --json benchmarks/results/world_cl.json
+    python scripts/report.py runs/world_lora --png benchmarks/results/world_lora.png
+
+Runs are grouped by experiment name, method and stream, and split by any other config value that differs between
+them (e.g. ``strategy.params=visual.``); seeds are aggregated: mean and a 95 % Student-t interval over the seeds
+(one seed: the value, marked n=1). Task streams print the continual-learning table (average / last / forgetting /
+retention ratio / drop, plus effective rank and drift for LoRA strategies), test-time streams the online table
+(accuracy and ECE as means over domains, latency p50 / p95, samples/s). Unfinished runs are left out and listed.
+The aggregation lives in `ctta.report` (tested); this is the command line around it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+from ctta.io import atomic_write_json, provenance
+from ctta.plots import plot_curves
+from ctta.report import cl_markdown, group_runs, run_record, summarize_groups, tta_markdown
+
+
+def find_results(sources: list[str]) -> list[Path]:
+    """Every results.json under the given folders, plus the files / folders the given glob patterns match."""
+    found: list[Path] = []
+    for s in sources:
+        matches = [Path(p) for p in sorted(glob.glob(s, recursive=True))] or [Path(s)]
+        for p in matches:
+            if p.is_dir():
+                found += sorted(p.rglob("results.json"))
+            elif p.is_file():
+                found.append(p)
+            else:
+                raise SystemExit(f"{s}: no such file or folder")
+    return list(dict.fromkeys(found))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("sources", nargs="+", help="folders (searched for results.json), files or glob patterns")
+    p.add_argument("--json", help="write the aggregated summary here (atomically), e.g. benchmarks/results/x.json")
+    p.add_argument("--png", help="plot accuracy against step per method (task streams) here")
+    p.add_argument("--include-unfinished", action="store_true", help="also tabulate runs that have not finished")
+    a = p.parse_args(argv)
+
+    paths = find_results(a.sources)
+    if not paths:
+        raise SystemExit(f"no results.json under {' '.join(a.sources)}")
+    records, unfinished = [], []
+    for path in paths:
+        doc = json.loads(path.read_text())
+        if not doc.get("finished", False) and not a.include_unfinished:
+            unfinished.append(str(path))
+            continue
+        records.append(run_record(doc, str(path)))
+    rows = summarize_groups(group_runs(records))
+    tasks = [r for r in rows if r["kind"] == "tasks"]
+    samples = [r for r in rows if r["kind"] == "samples"]
+    print(f"{len(records)} runs in {len(rows)} groups (mean ± 95 % t-interval half-width over seeds)\n")
+    if tasks:
+        print("Task streams (%; retention ratio = control accuracy after / before)\n")
+        print(cl_markdown(tasks) + "\n")
+    if samples:
+        print("Test-time sample streams\n")
+        print(tta_markdown(samples) + "\n")
+    if unfinished:
+        print(f"left out, not finished ({len(unfinished)}): " + ", ".join(unfinished), file=sys.stderr)
+    doc = {"sources": a.sources, "runs": len(records), "unfinished": unfinished, "groups": rows,
+           "provenance": provenance()}
+    if a.json:
+        print(f"summary -> {atomic_write_json(a.json, doc)}")
+    if a.png:
+        curves = {f"{r['name']} {r['label']}".strip(): r["curve"] for r in tasks if r["curve"]}
+        panels = {f"{r['name']} {r['label']}".strip(): r["stream"] for r in tasks if r["curve"]}
+        print(f"plot -> {plot_curves(curves, a.png, title=', '.join(a.sources), panels=panels)}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""`ctta.report`'s many-run aggregation on hand-made results documents: grouping, means and t intervals on known
+numbers, tables with "–" for what a run did not measure."""
+import math
+
+import pytest
+
+from ctta import report as R
+
+
+def _doc(method="finetune", seed=0, average=0.5, last=0.4, forgetting=0.1, ratio=0.9, drop=0.05, name="world_cl",
+         stream="world-cil10", finished=True, curve=(0.6, 0.4), **config):
+    cfg = {"name": name, "method": method, "seed": seed, "out_dir": f"runs/{name}/{method}/seed{seed}",
+           "stream": {"seed": seed, "n_tasks": 10}, "strategy": {"lr": 3e-4, **config}}
+    return {"finished": finished, "stream": {"name": stream}, "strategy": "Finetune",
+            "provenance": {"seed": seed, "config": cfg},
+            "results": {"accuracy_matrix": [[0.6, 0.1], [0.5, 0.4]],
+                        "metrics": {"average": average, "last": last, "forgetting": forgetting, "bwt": -forgetting,
+                                    "step_accuracy": list(curve)},
+                        "retention": {"mean_ratio": ratio, "mean_drop": drop}}}
+
+
+def _online_doc(method="tpt", seed=0, accs=(0.2, 0.4), eces=(0.1, 0.3), severity=5):
+    per = {f"d{i}": {"accuracy": a, "ece": e, "n": 10} for i, (a, e) in enumerate(zip(accs, eces))}
+    cfg = {"name": "world_tpt", "method": method, "seed": seed, "stream": {"severity": severity, "seed": seed}}
+    return {"finished": True, "stream": {"name": "world-shift-reset"}, "strategy": "TPT",
+            "provenance": {"config": cfg},
+            "results": {"online": {"per_domain": per, "mean_domain_accuracy": sum(accs) / len(accs), "ece": 0.5,
+                                   "cumulative_accuracy": 0.3},
+                        "latency": {"p50_ms": 12.0, "p95_ms": 20.0, "samples_per_s": 75.0}}}
+
+
+def test_t_interval_on_known_numbers():
+    s = R.mean_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert s["mean"] == pytest.approx(2.0) and s["n"] == 3
+    assert s["half"] == pytest.approx(4.303 / math.sqrt(3), rel=1e-6)
+    assert (s["lo"], s["hi"]) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    two = R.mean_interval([0.5, 0.7])  # sd = 0.1414, t(0.975, 1) = 12.706: half = 12.706 * 0.1 = 1.2706
+    assert two["half"] == pytest.approx(1.2706, rel=1e-4)
+    one = R.mean_interval([0.25])
+    assert one["mean"] == 0.25 and one["half"] is None and one["n"] == 1
+    with pytest.raises(ValueError, match="no values"):
+        R.mean_interval([])
+
+
+def test_t_quantiles_table_and_large_df():
+    assert R.t_quantile(1) == 12.706 and R.t_quantile(30) == 2.042
+    assert R.t_quantile(60) == pytest.approx(2.0003, abs=2e-3)  # tables: 2.000
+    assert R.t_quantile(10_000) == pytest.approx(1.960, abs=1e-3)
+    with pytest.raises(ValueError):
+        R.t_quantile(0)
+
+
+def test_grouping_by_method_and_override_not_by_seed():
+    docs = [_doc("finetune", s, average=a) for s, a in ((0, 0.5), (1, 0.6), (2, 0.7))]
+    docs += [_doc("zeroshot", 0, average=0.8)]
+    docs += [_doc("lwf", s, params="visual.") for s in (0, 1)] + [_doc("lwf", 0, params="")]
+    groups = R.group_runs(R.run_record(d, f"p{i}") for i, d in enumerate(docs))
+    labels = [g[0] for g in groups]
+    # zero-shot first; stream.seed follows the seed and out_dir is ignored, so seeds share a group
+    assert labels == ["zeroshot", "finetune", "lwf (strategy.params='')", "lwf (strategy.params=visual.)"]
+    assert [len(g[2]) for g in groups] == [1, 3, 1, 2]
+    assert groups[3][1] == {"strategy.params": "visual."}
+    rows = R.summarize_groups(groups)
+    ft = rows[1]
+    assert ft["n"] == 3 and ft["seeds"] == [0, 1, 2] and ft["paths"] == ["p0", "p1", "p2"]
+    assert ft["metrics"]["average"]["mean"] == pytest.approx(0.6)
+    assert ft["metrics"]["average"]["half"] == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert ft["curve"] == pytest.approx([0.6, 0.4])
+
+
+def test_different_names_and_streams_never_mix():
+    docs = [_doc(name="world_cl"), _doc(name="world_cl_visual"), _doc(stream="world-dil")]
+    rows = R.summarize_groups(R.group_runs(R.run_record(d) for d in docs))
+    assert sorted((r["name"], r["stream"], r["n"]) for r in rows) == [
+        ("world_cl", "world-cil10", 1), ("world_cl", "world-dil", 1), ("world_cl_visual", "world-cil10", 1)]
+
+
+def test_cl_table_cells_and_missing_metric():
+    docs = [_doc("finetune", s, average=a, last=0.4) for s, a in ((0, 0.5), (1, 0.6), (2, 0.7))]
+    no_retention = _doc("zeroshot")
+    del no_retention["results"]["retention"]
+    rows = R.summarize_groups(R.group_runs([R.run_record(d) for d in docs + [no_retention]]))
+    lines = R.cl_markdown(rows).splitlines()
+    assert lines[0] == ("| experiment | stream | method | seeds | average | last | forgetting | retention ratio | "
+                        "retention drop (pts) |")
+    half = 100 * 4.303 * 0.1 / math.sqrt(3)  # 24.8 points
+    assert lines[2] == "| world_cl | world-cil10 | zeroshot | n=1 | 50.0 | 40.0 | 10.0 | – | – |"
+    assert lines[3] == (f"| world_cl | world-cil10 | finetune | n=3 | 60.0 ± {half:.1f} | 40.0 ± 0.0 | 10.0 ± 0.0 | "
+                        "0.900 ± 0.000 | 5.0 ± 0.0 |")
+
+
+def test_rank_columns_appear_with_lora_summaries():
+    d = _doc("codyra")
+    d["results"]["strategy"] = {"tasks": [{"mean_effective_rank": 8.0, "drift": 1.0},
+                                          {"mean_effective_rank": 6.0, "drift": 2.5}]}
+    rows = R.summarize_groups(R.group_runs([R.run_record(d), R.run_record(_doc("zeroshot"))]))
+    lines = R.cl_markdown(rows).splitlines()
+    assert lines[0].endswith("| mean eff. rank | ‖θ_T − θ_0‖ |")
+    assert lines[2].endswith("| – | – |")  # zero-shot: no adapters
+    assert lines[3].endswith("| 7.00 | 2.50 |")  # mean over tasks; drift after the last task
+
+
+def test_tta_rows_domain_means_and_severity_split():
+    docs = [_online_doc("tpt", s, severity=sev) for s in (0, 1) for sev in (3, 5)]
+    records = [R.run_record(d) for d in docs]
+    assert records[0].kind == "samples" and records[0].metrics["ece"] == pytest.approx(0.2)  # mean over domains
+    rows = R.summarize_groups(R.group_runs(records))
+    assert [r["label"] for r in rows] == ["tpt (stream.severity=3)", "tpt (stream.severity=5)"]
+    line = R.tta_markdown(rows).splitlines()[2]
+    assert line == "| world_tpt | world-shift-reset | tpt (stream.severity=3) | n=2 | 30.0 ± 0.0 | 20.0 ± 0.0 | " \
+                   "12.0 ± 0.0 | 20.0 ± 0.0 | 75 ± 0 |"
+
+
+def test_flatten_keeps_lists_whole():
+    assert R.flatten({"a": {"b": [1, [2, 3]], "c": None}, "d": "x"}) == {"a.b": (1, (2, 3)), "a.c": None, "d": "x"}
