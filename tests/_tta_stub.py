@@ -99,3 +99,32 @@ def no_change(strategy):
     before = copy.deepcopy(before)
     yield
     assert same_state(before, strategy.state_dict())
+
+
+def wrap_check(make, space: LabelSpace) -> None:
+    """Through `ctta.wrap` with each reset policy: finite logits of the right shape, two resets give identical
+    predictions, and an adapter's saved state (weights_only) loaded into a fresh adapter continues identically."""
+    import io
+
+    from ctta.online import wrap
+    from tests.conftest import make_tiny_clip
+    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    for reset in ("never", "episodic", 2):
+        a = wrap(make_tiny_clip(), make(), space, reset=reset)
+        for i in range(3):
+            out = a(x[i:i + 1]).logits
+            assert out.shape == (1, len(space)) and torch.isfinite(out).all(), reset
+        buf = io.BytesIO()
+        torch.save(a.state_dict(), buf)
+        nxt = a(x[3:]).logits
+        b = wrap(make_tiny_clip(), make(), space, reset=reset)
+        buf.seek(0)
+        b.load_state_dict(torch.load(buf, weights_only=True))
+        assert torch.allclose(b(x[3:]).logits, nxt, atol=1e-5), reset
+        a.reset()
+        first = a.predict(x).logits
+        a.reset()
+        assert torch.equal(a.predict(x).logits, first), reset
+        for adapter in (a, b):
+            if hasattr(adapter, "close"):
+                adapter.close()

@@ -11,7 +11,7 @@ from ctta import LabelSpace
 from ctta.strategies import BoostAdapter
 from ctta.strategies._cache import ClassCache, DualCache
 from ctta.strategies.boost_adapter import boosted_items, boosting_samples
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check
+from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])
 SPACE6 = LabelSpace([f"class {i}" for i in range(6)])
@@ -108,3 +108,7 @@ def test_label_space_and_arguments():
     for kw in ({"query": "mean"}, {"delta": -1}, {"boost_p": 1.5}, {"neg_capacity": 0}):
         with pytest.raises(ValueError):
             BoostAdapter(**kw)
+
+
+def test_through_wrap_with_every_reset_policy():
+    wrap_check(lambda: BoostAdapter(n_views=11), SPACE6)

@@ -12,7 +12,7 @@ from ctta import LabelSpace
 from ctta.strategies import DMN
 from ctta.strategies._cache import ClassCache
 from ctta.strategies.dmn import ORACLE_GRID, oracle_mix_weight
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check
+from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
 
 SPACE2 = LabelSpace(["a", "b"])
 SPACE3 = LabelSpace(["a", "b", "c"])
@@ -120,3 +120,7 @@ def test_state_round_trip_and_label_space(tiny_clip):
     for kw in ({"memory_size": 0}, {"selection_p": 0.0}, {"mix_weight": -1.0}):
         with pytest.raises(ValueError):
             DMN(**kw)
+
+
+def test_through_wrap_with_every_reset_policy():
+    wrap_check(lambda: DMN(n_views=5), SPACE6)

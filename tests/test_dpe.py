@@ -14,7 +14,7 @@ from ctta.losses import info_nce
 from ctta.strategies import DPE
 from ctta.strategies._cache import ClassCache
 from ctta.strategies.dpe import class_prototypes
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check
+from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])
 SPACE6 = LabelSpace([f"class {i}" for i in range(6)])
@@ -143,3 +143,7 @@ def test_label_space_and_arguments():
     for kw in ({"final_query": "mean"}, {"shot_capacity": 0}, {"lr_text": -1.0}, {"entropy_norm": "x"}):
         with pytest.raises(ValueError):
             DPE(**kw)
+
+
+def test_through_wrap_with_every_reset_policy():
+    wrap_check(lambda: DPE(n_views=5), SPACE6)

@@ -10,7 +10,7 @@ import torch
 from ctta import LabelSpace
 from ctta.strategies import TDA
 from ctta.strategies._cache import ClassCache, DualCache, affinity_logits, confident_query, normalized_entropy
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check
+from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])
 SPACE6 = LabelSpace([f"class {i}" for i in range(6)])
@@ -182,3 +182,7 @@ def test_bad_arguments():
             TDA(**kw)
     with pytest.raises(RuntimeError, match="setup"):
         TDA().adapt(torch.rand(1, 3, 4, 4), SPACE3)
+
+
+def test_through_wrap_with_every_reset_policy():
+    wrap_check(lambda: TDA(n_views=5), SPACE6)

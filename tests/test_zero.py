@@ -10,7 +10,7 @@ import torch
 from ctta import LabelSpace
 from ctta.strategies import ZERO
 from ctta.strategies.zero import zero_vote
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check
+from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])
 SPACE6 = LabelSpace([f"class {i}" for i in range(6)])
@@ -90,3 +90,7 @@ def test_bad_arguments():
     for kw in ({"gamma": 0.0}, {"gamma": 1.5}, {"n_views": -1}, {"vote_temperature": -1.0}):
         with pytest.raises(ValueError):
             ZERO(**kw)
+
+
+def test_through_wrap_with_every_reset_policy():
+    wrap_check(lambda: ZERO(n_views=5), SPACE6)

@@ -26,6 +26,9 @@ Defaults are the ImageNet-A row (α 2, β 5, δ 3); the per-dataset values (δ: 
 ``int(1·0.1) = 0`` boosting samples (the authors never ran it). Logits are 100·cos (``logit_scale=100.0``; ``None`` =
 the model's learned scale). The ImageNet-A ``"sh"`` filter of the official loader belongs to the stream, not here.
 
+Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
+another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+
 Deliberate deviations:
 - fp32 features, logits and cache values (official: fp16 model, fp16 cache values);
 - the views come from `ctta.views` on the model's device (kornia, bilinear without antialiasing; the official code

@@ -20,6 +20,9 @@ Per sample, with ``logits = 100·cos`` (the official ``logit_scale.exp()``):
 4. ``P = softmax(100·f_0·T) + β₂·P_mem``; the prediction is ``argmax P``. Returned as logits
    ``log(P / (1 + β₂))``: their softmax is the normalised mixture, their argmax the official prediction.
 
+Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
+another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+
 The trap: the official β₂ is grid-searched **after the run on the test labels** over ``ORACLE_GRID`` (the reported
 "Searched Acc"; the author confirms it in YBZh/DMN issue #2). Here β₂ is the fixed ``mix_weight`` (default 1.0, the
 fixed value TTA-VLM uses). The oracle is available only as an explicitly labelled reproduction check:

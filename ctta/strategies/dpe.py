@@ -28,6 +28,9 @@ Defaults are the ImageNet row (α 6, β 5, lr 6e-4, λ 0.5); other datasets in `
 ``entropy_norm`` switches TDA's log2 quirk (the 0.1 threshold is tuned to it); ``logit_scale=None`` uses the model's
 learned scale. The ImageNet-A ``"sh"`` file filter of the official loader belongs to the stream, not here.
 
+Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
+another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+
 Deliberate deviations:
 - fp32 residuals and logits (official: fp16 residual parameters under ``torch.cuda.amp.autocast``);
 - the image features are computed once without a graph: the official code back-propagates through the image

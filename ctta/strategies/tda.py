@@ -23,6 +23,9 @@ values are in ``configs/experiment/tda_*.yaml`` (ImageNet and the cross-domain s
 ``n_views=0``). The state (`state_dict`) is both caches as fixed-capacity tensors plus the view generator; resets
 belong to `ctta.OnlineAdapter`.
 
+Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
+another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+
 Switches for the documented traps (design note ``tta_methods.md`` §0–1):
 - ``entropy_norm="log2"`` (official ``get_entropy``: nats divided by log2 C; the 0.2/0.5 band is tuned to it) or
   ``"ln"`` (a true [0, 1] normalisation);
