@@ -22,16 +22,15 @@ import contextlib
 import math
 import threading
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ctta.data import check_images
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
+from ctta.predictions import Prediction, as_clip, as_space, class_subset, make_prediction, prepare_images, short
 from ctta.state import check_same_structure, clone_tree, strategy_config
 from ctta.strategy import Strategy
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
@@ -69,45 +68,6 @@ class Snapshot:
         model.load_trainable_state(self.model_state)  # in-place copy: the anchor stays untouched
         # torch optimizers keep the loaded tensors by reference: hand them a copy, never the anchor itself
         strategy.load_state_dict(clone_tree(self.strategy_state))
-
-
-@dataclass
-class Prediction:
-    """What one call returns. Tensors are detached, on the model's device."""
-
-    logits: Tensor        # [B, C]
-    probs: Tensor         # [B, C] softmax of logits
-    index: Tensor         # [B] predicted class indices into the label space used
-    classnames: list[str]  # [B] predicted class names
-    entropy: Tensor       # [B] prediction entropy (nats)
-    adapted: bool         # did the strategy adapt on this call (False while paused)
-    skipped: int          # updates skipped on this call because the loss or gradient was non-finite
-    reset: bool           # was the adapted state reset during this call (policy or drift signal)
-
-
-def as_clip(model: Clip | nn.Module, tokenizer: Callable | None = None) -> Clip:
-    """A `Clip` as is, or an open_clip CLIP module (``open_clip.create_model...``) wrapped with its normalisation
-    (``visual.image_mean/std``, OpenAI's otherwise) and ``tokenizer`` (default: CLIP's BPE at the model's context
-    length; pass ``open_clip.get_tokenizer(arch)`` for models with another tokenizer)."""
-    if isinstance(model, Clip):
-        return model
-    if not (isinstance(model, nn.Module) and hasattr(model, "encode_image") and hasattr(model, "visual")):
-        raise TypeError(f"expected a ctta.Clip or an open_clip CLIP model, got {type(model).__name__}")
-    import open_clip
-    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    if tokenizer is None:
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=getattr(model, "context_length", 77))
-    device = next(model.parameters()).device
-    return Clip(model.eval(), tokenizer, mean=mean, std=std, source={"arch": type(model).__name__}).to(device)
-
-
-def as_space(space: LabelSpace | Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> LabelSpace:
-    if isinstance(space, LabelSpace):
-        return space
-    if isinstance(space, str) or not isinstance(space, Sequence):
-        raise TypeError(f"space must be a LabelSpace or a list of class names, got {type(space).__name__}")
-    return LabelSpace(list(space), templates)
 
 
 class OnlineAdapter:
@@ -164,10 +124,10 @@ class OnlineAdapter:
         adapter's class names. ``position``: the stream position of the first image (seeds random draws after a
         reset; default: the number of samples this adapter has adapted on)."""
         with self._lock:
-            x = self._prepare(images)
-            space = self._space(classes)
+            x = prepare_images(self.model, images)
+            space = class_subset(self.space, classes)
             if self._paused:
-                return self._output(self.strategy.predict(x, space), space, adapted=False, skipped=0, reset=False)
+                return make_prediction(self.strategy.predict(x, space), space, self._who, adapted=False, skipped=0, reset=False)
             position = self.samples if position is None else int(position)
             before = self.strategy.skipped_steps
             if self.reset_policy == "episodic":
@@ -181,7 +141,7 @@ class OnlineAdapter:
             self.calls += 1
             self.samples += len(x)
             self._since_reset = 0 if self.reset_policy == "episodic" else self._since_reset + len(x)
-            out = self._output(logits, space, adapted=True, skipped=self.strategy.skipped_steps - before,
+            out = make_prediction(logits, space, self._who, adapted=True, skipped=self.strategy.skipped_steps - before,
                                reset=did_reset)
             if self.drift is not None and self.drift(self._stats(out, len(space))):
                 self._restore()
@@ -252,14 +212,14 @@ class OnlineAdapter:
             mine, theirs = self._fingerprint(), state.get("fingerprint", {})
             for key in mine:
                 if key == "config" and isinstance(theirs.get(key), dict) and mine[key] != theirs[key]:
-                    diff = ", ".join(f"{k} {_short(theirs[key].get(k))} -> {_short(mine[key].get(k))}"
+                    diff = ", ".join(f"{k} {short(theirs[key].get(k))} -> {short(mine[key].get(k))}"
                                      for k in sorted(set(mine[key]) | set(theirs[key]))
                                      if mine[key].get(k) != theirs[key].get(k))
                     raise ValueError(f"saved adapter state is of a differently configured "
                                      f"{type(self.strategy).__name__}: config differs: {diff} (saved -> here)")
                 if mine[key] != theirs.get(key):
                     raise ValueError(f"saved adapter state does not match this adapter: {key} was "
-                                     f"{_short(theirs.get(key))}, is {_short(mine[key])}")
+                                     f"{short(theirs.get(key))}, is {short(mine[key])}")
             check_same_structure(state["model"], self.model.trainable_state(), "saved adapter state: model")
             check_same_structure(state["strategy"], self.strategy.state_dict(), "saved adapter state: strategy")
             backup = Snapshot(self.model, self.strategy)
@@ -294,54 +254,15 @@ class OnlineAdapter:
                 "classnames": list(self.space.classnames),
                 "trainable": {n: list(p.shape) for n, p in self.model.net.named_parameters() if p.requires_grad}}
 
-    def _prepare(self, images: Any) -> Tensor:
-        if isinstance(images, (list, tuple)):
-            if not images:
-                raise ValueError("images is an empty batch")
-            if not all(hasattr(im, "convert") for im in images):
-                raise TypeError("a list of images must hold PIL images; pass tensors as one [B, 3, H, W] tensor")
-            images = torch.stack([self.model.preprocess(im) for im in images])
-        elif hasattr(images, "convert"):  # one PIL image
-            images = self.model.preprocess(images)[None]
-        check_images(images)
-        size = self.model.image_size
-        if images.shape[-2:] != (size, size):
-            raise ValueError(f"images must be {size}x{size} for this model, got {tuple(images.shape[-2:])}; "
-                             f"resize them or pass PIL images (the adapter preprocesses those)")
-        return images.to(self.model.device)
-
-    def _space(self, classes: Sequence[str] | None) -> LabelSpace:
-        if classes is None:
-            return self.space
-        if isinstance(classes, str):
-            raise TypeError("classes must be a list of class names, not one string")
-        unknown = [c for c in classes if c not in self.space.classnames]
-        if unknown:
-            raise ValueError(f"unknown classes {unknown[:5]!r}: this adapter's label space is "
-                             f"{_short(list(self.space.classnames))}")
-        return self.space.subset([self.space.index(c) for c in classes])
-
-    def _output(self, logits: Tensor, space: LabelSpace, *, adapted: bool, skipped: int, reset: bool) -> Prediction:
-        if logits.dim() != 2 or logits.shape[1] != len(space):
-            raise RuntimeError(f"{type(self.strategy).__name__} returned logits of shape {tuple(logits.shape)}; "
-                               f"expected [B, {len(space)}]")
-        logits = logits.detach().float()
-        logp = logits.log_softmax(-1)
-        probs = logp.exp()
-        index = probs.argmax(-1)
-        return Prediction(logits, probs, index, [space.classnames[i] for i in index.tolist()],
-                          -(probs * logp).sum(-1), adapted, skipped, reset)
+    @property
+    def _who(self) -> str:
+        return type(self.strategy).__name__
 
     def _stats(self, out: Prediction, n_classes: int) -> dict[str, float]:
         h = float(out.entropy.mean())
         return {"entropy": h, "entropy_normalized": h / math.log(n_classes) if n_classes > 1 else 0.0,
                 "confidence": float(out.probs.max(-1).values.mean()), "samples": self.samples,
                 "samples_since_reset": self._since_reset, "skipped_steps": self.strategy.skipped_steps}
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 120 else s[:117] + "..."
 
 
 def wrap(model: Clip | nn.Module, strategy: Strategy, space: LabelSpace | Sequence[str], *,

@@ -1,0 +1,104 @@
+"""What goes into and comes out of an adapter call: the model and label space a deployment hands over, input
+checks and preprocessing, class subsets, and the `Prediction` returned."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ctta.data import check_images
+from ctta.model import Clip
+from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
+
+
+@dataclass
+class Prediction:
+    """What one call returns. Tensors are detached, on the model's device."""
+
+    logits: Tensor        # [B, C]
+    probs: Tensor         # [B, C] softmax of logits
+    index: Tensor         # [B] predicted class indices into the label space used
+    classnames: list[str]  # [B] predicted class names
+    entropy: Tensor       # [B] prediction entropy (nats)
+    adapted: bool         # did the strategy adapt on this call (False while paused)
+    skipped: int          # updates skipped on this call because the loss or gradient was non-finite
+    reset: bool           # was the adapted state reset during this call (policy or drift signal)
+
+
+def as_clip(model: Clip | nn.Module, tokenizer: Callable | None = None) -> Clip:
+    """A `Clip` as is, or an open_clip CLIP module (``open_clip.create_model...``) wrapped with its normalisation
+    (``visual.image_mean/std``, OpenAI's otherwise) and ``tokenizer`` (default: CLIP's BPE at the model's context
+    length; pass ``open_clip.get_tokenizer(arch)`` for models with another tokenizer)."""
+    if isinstance(model, Clip):
+        return model
+    if not (isinstance(model, nn.Module) and hasattr(model, "encode_image") and hasattr(model, "visual")):
+        raise TypeError(f"expected a ctta.Clip or an open_clip CLIP model, got {type(model).__name__}")
+    import open_clip
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    if tokenizer is None:
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=getattr(model, "context_length", 77))
+    device = next(model.parameters()).device
+    return Clip(model.eval(), tokenizer, mean=mean, std=std, source={"arch": type(model).__name__}).to(device)
+
+
+def as_space(space: LabelSpace | Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> LabelSpace:
+    if isinstance(space, LabelSpace):
+        return space
+    if isinstance(space, str) or not isinstance(space, Sequence):
+        raise TypeError(f"space must be a LabelSpace or a list of class names, got {type(space).__name__}")
+    return LabelSpace(list(space), templates)
+
+
+def prepare_images(model: Clip, images: Any) -> Tensor:
+    """A float batch ``[B, 3, H, W]`` in [0, 1] at the model's size, on its device, from a tensor, a PIL image or a
+    list of PIL images (preprocessed with `Clip.preprocess`); anything else is refused with the reason."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("images is an empty batch")
+        if not all(hasattr(im, "convert") for im in images):
+            raise TypeError("a list of images must hold PIL images; pass tensors as one [B, 3, H, W] tensor")
+        images = torch.stack([model.preprocess(im) for im in images])
+    elif hasattr(images, "convert"):  # one PIL image
+        images = model.preprocess(images)[None]
+    check_images(images)
+    size = model.image_size
+    if images.shape[-2:] != (size, size):
+        raise ValueError(f"images must be {size}x{size} for this model, got {tuple(images.shape[-2:])}; "
+                         f"resize them or pass PIL images (the adapter preprocesses those)")
+    return images.to(model.device)
+
+
+def class_subset(space: LabelSpace, classes: Sequence[str] | None) -> LabelSpace:
+    """``space`` restricted to ``classes`` (all of it for None); unknown names are refused."""
+    if classes is None:
+        return space
+    if isinstance(classes, str):
+        raise TypeError("classes must be a list of class names, not one string")
+    unknown = [c for c in classes if c not in space.classnames]
+    if unknown:
+        raise ValueError(f"unknown classes {unknown[:5]!r}: this adapter's label space is "
+                         f"{short(list(space.classnames))}")
+    return space.subset([space.index(c) for c in classes])
+
+
+def make_prediction(logits: Tensor, space: LabelSpace, who: str, *, adapted: bool, skipped: int,
+                    reset: bool) -> Prediction:
+    """The `Prediction` of ``logits`` over ``space`` (``who``: the strategy, named if its logits are malformed)."""
+    if logits.dim() != 2 or logits.shape[1] != len(space):
+        raise RuntimeError(f"{who} returned logits of shape {tuple(logits.shape)}; "
+                           f"expected [B, {len(space)}]")
+    logits = logits.detach().float()
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    index = probs.argmax(-1)
+    return Prediction(logits, probs, index, [space.classnames[i] for i in index.tolist()],
+                      -(probs * logp).sum(-1), adapted, skipped, reset)
+
+
+def short(v: Any) -> str:
+    """``repr(v)``, cut to 120 characters for error messages."""
+    s = repr(v)
+    return s if len(s) <= 120 else s[:117] + "..."
