@@ -131,3 +131,96 @@ def test_finetune_learns_the_tiny_stream(tiny_stream):
     # each task is learned while it is current (diagonal well above zero-shot's)
     R, R0 = res["accuracy_matrix"], zs["accuracy_matrix"]
     assert sum(R[i][i] for i in range(3)) > sum(R0[i][i] for i in range(3)) + 0.3
+
+
+class Negated(ZeroShot):
+    """A strategy whose predictions differ from zero-shot from the moment it is set up (as RAPF's adapter does)."""
+
+    def setup(self, model):
+        super().setup(model)
+        self.touched = True
+
+    def predict(self, images, space):
+        return -super().predict(images, space)
+
+
+def test_retention_baseline_is_the_untouched_models_zero_shot(tiny_stream):
+    from ctta import LabelSpace, Task
+    from ctta.hooks import ZeroShotPredictor, evaluate
+    from tests.conftest import make_dataset
+    control = Task("six-way", LabelSpace([f"class {i}" for i in range(6)]), make_dataset(60, 6, seed=5))
+    model = make_tiny_clip()
+    expected = evaluate(ZeroShotPredictor(model), control.test, control.space)["accuracy"]
+    seen = {}
+
+    class Probe:  # on_run_start comes before the strategy is set up
+        def on_run_start(self, ctx):
+            seen["touched"] = getattr(ctx.strategy, "touched", False)
+
+    neg = Negated(cache=False)
+    neg.setup(make_tiny_clip())
+    through_strategy = evaluate(neg, control.test, control.space)["accuracy"]
+    assert through_strategy != pytest.approx(expected)  # the old baseline (through the strategy) would differ
+    hook = ZeroShotRetention([control])
+    run(model, Negated(cache=False), tiny_stream, [Probe(), hook], progress=False)
+    assert not seen["touched"]
+    assert hook.acc0[control.name] == pytest.approx(expected)
+    assert hook.history[control.name][0] == pytest.approx(through_strategy)
+
+
+def test_rapf_retention_ratio_is_measured_against_zero_shot(tiny_stream):
+    from ctta.hooks import ZeroShotPredictor, evaluate
+    from ctta.strategies import RAPF
+    hook = ZeroShotRetention([tiny_stream.tasks[0]])
+    res = run(make_tiny_clip(), RAPF(epochs=1, batch_size=8, cache=False, replay_classes=1), tiny_stream, [hook],
+              progress=False)
+    acc0 = hook.acc0[tiny_stream.tasks[0].name]
+    model = make_tiny_clip()
+    assert acc0 == pytest.approx(evaluate(ZeroShotPredictor(model), tiny_stream.tasks[0].test,
+                                          tiny_stream.tasks[0].space)["accuracy"])
+    assert 0 <= res["retention"]["mean_ratio"] <= 1 / max(acc0, 1e-9)
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path, tiny_stream):
+    import os
+    if os.geteuid() == 0:  # root ignores permission bits: block the folder with a file instead
+        target = tmp_path / "file"
+        target.write_text("x")
+        out = target / "run"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "run"
+    trained = []
+
+    class Spy(Finetune):
+        def learn(self, *a, **k):
+            trained.append(1)
+            return super().learn(*a, **k)
+
+    with pytest.raises(PermissionError, match="cannot write results to"):
+        run(make_tiny_clip(), Spy(lr=1e-3, batch_size=8), tiny_stream, [JsonResults()], out_dir=out, progress=False)
+    assert not trained
+
+
+def test_a_finished_run_is_not_redone_and_a_foreign_one_names_the_differences(tmp_path, tiny_stream):
+    run(make_tiny_clip(), ZeroShot(), tiny_stream, [AccuracyMatrix(), JsonResults()], out_dir=tmp_path, seed=1,
+        progress=False)
+    stamp = (tmp_path / "results.json").stat().st_mtime_ns
+    calls = []
+
+    class Count(AccuracyMatrix):
+        def on_task_end(self, ctx):
+            calls.append(1)
+            super().on_task_end(ctx)
+
+    again = run(make_tiny_clip(), ZeroShot(), tiny_stream, [Count(), JsonResults()], out_dir=tmp_path, seed=1,
+                progress=False)
+    assert not calls and again["accuracy_matrix"] and (tmp_path / "results.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"seed: 1 -> 2"):
+        run(make_tiny_clip(), ZeroShot(), tiny_stream, [AccuracyMatrix(), JsonResults()], out_dir=tmp_path, seed=2,
+            progress=False)
+    with pytest.raises(ValueError, match=r"cache: True -> False"):
+        run(make_tiny_clip(), ZeroShot(cache=False), tiny_stream, [AccuracyMatrix(), JsonResults()],
+            out_dir=tmp_path, seed=1, progress=False)

@@ -37,12 +37,18 @@ def ensure_writable(out_dir: Path) -> None:
         raise PermissionError(f"cannot write results to {out_dir}: {e.strerror or e}; choose another out_dir") from e
 
 
-def differences(saved: dict, current: dict) -> list[str]:
-    """The fingerprint fields that differ, each as ``key: saved -> current`` (values shortened)."""
+def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The fingerprint fields that differ, each as ``key: saved -> current`` (nested dicts as ``a.b``; values
+    shortened)."""
     out = []
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            out.append(f"{key}: {_short(saved.get(key))} -> {_short(current.get(key))}")
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
     return out
 
 
