@@ -8,7 +8,8 @@
 - `affinity_logits`: the cache read of Tip-Adapter/TDA, ``α · exp(−β(1 − q·k)) @ V``.
 - `confident_query`: TDA's ``get_clip_logits`` (mean feature / logits of the 10 % most confident views).
 - `normalized_entropy`: TDA's ``get_entropy`` with its log2 quirk as a switch.
-- `DualCache`: TDA's positive + negative caches, their update rule and their read (TDA and BoostAdapter).
+- `DualCache`, `dual_cache_for`: TDA's positive + negative caches, their update rule and their read, built for a
+  label space on first use (TDA and BoostAdapter).
 - `encode_views`, `class_logits`, `fork_generator`, `ensure_space`: view encoding, the 100·cos logit convention,
   pure prediction with a copy of a strategy's generator, and the label-space check every cache strategy makes.
 """
