@@ -26,7 +26,7 @@ hits = 0
 for x, y in zip(images, labels):
     out = adapter(x[None])                            # logits, probs, predicted class names; adapted on the way
     hits += int(out.index[0] == y)
-print(f"online TPT: {hits}/20 correct, last prediction {out.classnames[0]!r} (p={out.probs.max():.2f}), "
+print(f"episodic TPT: {hits}/20 correct, last prediction {out.classnames[0]!r} (p={out.probs.max():.2f}), "
       f"skipped updates {adapter.skipped_steps}")
 with adapter.paused():                                # serve without adapting
     print("paused:", adapter(images[:4]).classnames)
