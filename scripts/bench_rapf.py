@@ -30,7 +30,7 @@ RUNS = {  # run name -> (strategy config, overrides in Hydra syntax)
     "finetune": ("finetune", []),
     "rapf_nocache": ("rapf", ["strategy.cache=false"]),
 }
-QUICK = {"runs": ["zeroshot", "rapf"], "tasks": 2, "epochs": 1, "per_class": (4, 2), "controls": 20}
+QUICK = {"runs": ["zeroshot", "rapf"], "tasks": 2, "epochs": 1, "per_class": (2, 1), "controls": 10}
 
 
 def strategy_config(name: str, overrides: list[str]) -> dict:

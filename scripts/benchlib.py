@@ -12,7 +12,8 @@ A script does::
     ...
     finish(args, {"rows": rows}, table(rows, COLUMNS), model=model)   # provenance added, written atomically
 
-(``python scripts/bench_x.py`` puts ``scripts/`` on ``sys.path``, so the sibling import needs no path edit.)
+(``python scripts/bench_x.py`` puts the script's own folder first on the import path, so the sibling import needs no
+path edit.)
 """
 from __future__ import annotations
 

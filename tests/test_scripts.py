@@ -1,0 +1,133 @@
+"""The scripts as one set: every world experiment composes, one experiment of each family runs through
+`scripts/run.py -m` on tiny data and `scripts/report.py` tabulates what it wrote, every benchmark runs in its quick
+mode, and no script edits ``sys.path``."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+FAMILIES = ("world_cl", "world_cl_visual", "world_lora", "world_tpt")
+METHODS = sorted(f"{p.parent.name}/{p.stem}" for f in FAMILIES for p in (ROOT / "configs/experiment" / f).glob("*.yaml")
+                 if p.stem != "base")
+OWN_PATHS = ("pretrain_micro.py", "eval_micro.py", "representation.py")  # not part of this set (yet)
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _script(name: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=_env(),
+                       cwd=cwd, timeout=timeout)
+    assert r.returncode == 0, f"{name} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def _resolved(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("run", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.choices...} in out_dir
+        return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+@pytest.mark.parametrize("experiment", METHODS)
+def test_world_experiments_compose_to_their_own_folder(experiment):
+    family, method = experiment.split("/")
+    cfg = _resolved([f"experiment={experiment}", "seed=2"])
+    get_object(cfg["strategy"]["_target_"]), get_object(cfg["stream"]["_target_"])
+    assert cfg["name"] == family and cfg["method"] == method
+    if family == "world_cl_visual":
+        assert cfg["strategy"]["params"] == "visual."
+    assert cfg["out_dir"].startswith(f"runs/{family}/") and cfg["out_dir"].endswith(f"/{method}/seed2")
+    assert cfg["stream"]["seed"] == 2  # the seed sweep changes the world, as the old scripts' --seed did
+
+
+def test_world_experiments_keep_the_old_scripts_settings():
+    ft = _resolved(["experiment=world_cl/finetune"])
+    lwf = _resolved(["experiment=world_cl/lwf"])
+    for key in ("lr", "warmup", "label_smoothing", "batch_size", "iterations", "params"):
+        assert ft["strategy"][key] == lwf["strategy"][key], key  # one schedule for every world_cl method
+    assert (ft["strategy"]["lr"], ft["strategy"]["iterations"], ft["strategy"]["batch_size"]) == (3e-4, 10, 32)
+    assert ft["stream"]["test_per_class"] == 5 and ft["hooks"]["retention"]["controls"]["n"] == 200
+    assert _resolved(["experiment=world_cl/wise_ft"])["strategy"]["wise_alpha"] == 0.5
+    dil = _resolved(["experiment=world_lora/codyra", "stream=world_dil"])
+    assert dil["out_dir"] == "runs/world_lora/world_dil/codyra/seed0" and dil["stream"]["test_per_class"] == 5
+    assert dil["strategy"]["kappa_max"] == pytest.approx(0.005 * 500 / dil["strategy"]["iterations"])
+    online = _resolved(["experiment=world_tpt/online_tpt", "stream.severity=3"])
+    assert online["samples"]["reset"] == "never" and online["stream"]["setting"] == "reset"
+    assert online["out_dir"] == "runs/world_tpt/severity3/online_tpt/seed0"
+    assert _resolved(["experiment=world_tpt/tpt"])["samples"]["reset"] is None  # TPT's default: episodic
+    assert _resolved(["experiment=world_tpt/ctpt"])["strategy"]["ctpt_lambda"] == 20.0
+
+
+def test_world_cl_sweep_runs_and_report_tabulates_it(tmp_path):
+    tiny = ["stream.n_tasks=2", "stream.train_per_class=2", "stream.test_per_class=1", "hooks.retention.controls.n=10",
+            "++strategy.iterations=2", "++strategy.batch_size=4", "+hooks.results.plot=false", "progress=false",
+            "threads=1"]
+    _script("run.py", "-m", "experiment=world_cl/wise_ft,world_cl/finetune", "seed=0,1", *tiny, cwd=tmp_path)
+    for method in ("wise_ft", "finetune"):
+        for seed in (0, 1):
+            assert json.loads((tmp_path / f"runs/world_cl/{method}/seed{seed}/results.json").read_text())["finished"]
+    out = tmp_path / "summary.json"
+    r = _script("report.py", "runs/world_cl", "--json", str(out), "--png", str(tmp_path / "steps.png"), cwd=tmp_path)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| world_cl |")]
+    assert [row.split(" | ")[2:4] for row in rows] == [["finetune", "n=2"], ["wise_ft", "n=2"]]
+    assert all(" ± " in row and "–" not in row for row in rows)
+    summary = json.loads(out.read_text())
+    assert summary["runs"] == 4 and [g["n"] for g in summary["groups"]] == [2, 2]
+    assert summary["groups"][0]["seeds"] == [0, 1] and len(summary["groups"][0]["curve"]) == 2
+    assert (tmp_path / "steps.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_world_lora_and_tpt_experiments_run_and_report(tmp_path):
+    _script("run.py", "experiment=world_lora/codyra", "stream=world_dil", "stream.train_per_class=1",
+            "stream.test_per_class=1", "strategy.iterations=2", "strategy.batch_size=8",
+            "hooks.retention.controls.n=10", "progress=false", "threads=1", cwd=tmp_path)
+    _script("run.py", "experiment=world_tpt/online_tpt", "stream.corruptions=[contrast]", "strategy.n_views=3",
+            "hooks.latency.warmup=1", "progress=false", "threads=1", cwd=tmp_path)
+    r = _script("report.py", "runs", cwd=tmp_path)
+    lora = next(line for line in r.stdout.splitlines() if "| codyra |" in line)
+    assert lora.startswith("| world_lora | world-dil | codyra | n=1 |") and "–" not in lora  # ranks and drift
+    tpt = next(line for line in r.stdout.splitlines() if "| online_tpt |" in line)
+    assert tpt.startswith("| world_tpt | world-shift-reset | online_tpt | n=1 |") and "–" not in tpt
+
+
+@pytest.mark.parametrize("bench", ["bench_world.py", "bench_rapf.py", "bench_tpt.py",
+                                   pytest.param("bench_online.py", marks=pytest.mark.slow)])
+def test_benchmarks_run_in_quick_mode(bench, tmp_path):
+    out = tmp_path / "bench.json"
+    _script(bench, "--quick", "--threads", "1", "--out", str(out), cwd=tmp_path)
+    doc = json.loads(out.read_text())
+    assert doc["quick"] is True and doc["provenance"]["torch_threads"] == 1
+    assert {"packages", "git_commit", "load_average"} <= set(doc["provenance"])
+
+
+def test_no_script_edits_sys_path():
+    offenders = [p.name for p in SCRIPTS.glob("*.py") if p.name not in OWN_PATHS and "sys.path" in p.read_text()]
+    assert offenders == []
+
+
+def test_benchlib_table_and_ratio():
+    sys.path.insert(0, str(SCRIPTS))  # (the test process, not a script: scripts/ is not on its path)
+    try:
+        import benchlib
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    text = benchlib.table([{"a": "x", "b": 1.234}, {"a": "long", "b": None}],
+                          [("name", lambda r: r["a"], ""), ("b", lambda r: r["b"], ".1f"),
+                           ("c", lambda r: r["c"], "d")])
+    assert text.splitlines() == ["name    b  c", "------------", "x     1.2  –", "long    –  –"]
+    assert benchlib.ratio(3.0, 1.5) == 2.0 and benchlib.ratio(None, 1.0) is None and benchlib.ratio(1.0, 0) is None
+    calls = []
+    t = benchlib.interleaved({"a": calls.append, "b": lambda i: calls.append(-i)}, 2)
+    assert calls == [0, 0, 1, -1, 2, -2] and set(t) == {"a", "b"} and t["a"]["n"] == 2
