@@ -147,3 +147,15 @@ def test_label_space_and_arguments():
 
 def test_through_wrap_with_every_reset_policy():
     wrap_check(lambda: DPE(n_views=5), SPACE6)
+
+
+def test_non_finite_features_leave_the_prototypes_untouched():
+    s = _dpe()
+    model = s.model
+    s.adapt(images_for([[1.0, 0.2, 0.0]]), SPACE3)
+    before = (s.text.clone(), s.n_avg, s.cache.count.clone(), s.steps)
+    encode = model.encode_image
+    model.encode_image = lambda x: encode(x) * float("nan")
+    s.adapt(images_for([[1.0, 0.2, 0.0]]), SPACE3)
+    assert torch.equal(s.text, before[0]) and s.n_avg == before[1] and torch.equal(s.cache.count, before[2])
+    assert s.steps == before[3] and s.skipped_steps == 1

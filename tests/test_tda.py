@@ -186,3 +186,18 @@ def test_bad_arguments():
 
 def test_through_wrap_with_every_reset_policy():
     wrap_check(lambda: TDA(n_views=5), SPACE6)
+
+
+def test_non_finite_features_never_enter_the_caches():
+    s, model = _stub_tda()
+    good, bad = images_for([[1.0, 0.2, 0.0]]), images_for([[1.0, 0.2, 0.0]])
+    encode = model.encode_image
+    model.encode_image = lambda x: encode(x) * float("nan")
+    s.adapt(bad, SPACE3)
+    assert s.cache is None and s.skipped_steps == 1  # nothing built from a non-finite sample
+    model.encode_image = encode
+    s.adapt(good, SPACE3)
+    model.encode_image = lambda x: encode(x) * float("nan")
+    s.adapt(bad, SPACE3)
+    assert s.cache.pos.count.tolist() == [1, 0, 0] and s.skipped_steps == 2
+    assert torch.isfinite(s.cache.pos.keys).all() and torch.isfinite(s.cache.pos.entropy).all()

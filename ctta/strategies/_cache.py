@@ -10,8 +10,9 @@
 - `normalized_entropy`: TDA's ``get_entropy`` with its log2 quirk as a switch.
 - `DualCache`, `dual_cache_for`: TDA's positive + negative caches, their update rule and their read, built for a
   label space on first use (TDA and BoostAdapter).
-- `encode_views`, `class_logits`, `fork_generator`, `ensure_space`: view encoding, the 100·cos logit convention,
-  pure prediction with a copy of a strategy's generator, and the label-space check every cache strategy makes.
+- `encode_views`, `class_logits`, `fork_generator`, `ensure_space`, `finite_samples`: view encoding, the 100·cos
+  logit convention, pure prediction with a copy of a strategy's generator, the label-space check every cache
+  strategy makes, and the guard that keeps non-finite features out of every cache.
 """
 from __future__ import annotations
 
@@ -86,6 +87,13 @@ def encode_views(strategy: Any, images: Tensor, n_views: int, *, augmix: bool, g
     with strategy.autocast():
         feats = torch.cat([m.encode_image(views[i:i + view_batch]) for i in range(0, views.shape[0], view_batch)])
     return feats.float().view(images.shape[0], 1 + n_views, -1)
+
+
+def finite_samples(feats: Tensor) -> Tensor:
+    """``[B]``: whether every view feature of each sample ``feats [B, V, D]`` is finite. A sample that is not (an fp16
+    overflow, a corrupt input) is never admitted to a cache or memory: the strategies count it in
+    ``skipped_steps``, as `Strategy.step` counts a non-finite loss, and leave their state untouched."""
+    return torch.isfinite(feats).flatten(1).all(1)
 
 
 def fork_generator(generator: torch.Generator) -> torch.Generator:

@@ -38,7 +38,9 @@ Deliberate deviations:
   and the boosting samples of that class in the official insertion order; other classes are read as stored — the
   same items as the official deep copy, without copying the cache;
 - a batch is processed sample after sample in stream order; `predict` boosts with the sample's views but stores
-  nothing (views from a copy of the generator).
+  nothing (views from a copy of the generator);
+- a sample with non-finite features (an fp16 overflow, a corrupt input) is not admitted to the state; it is
+  counted in ``skipped_steps`` (the official code would store the NaNs).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
 from ctta.strategies._cache import (ClassCache, DualCache, DualCacheConfig, class_logits, confident_query,
-                                    dual_cache_for, encode_views, fork_generator)
+                                    dual_cache_for, encode_views, finite_samples, fork_generator)
 
 
 def boosting_samples(feats: Tensor, logits: Tensor, p: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,12 +145,18 @@ class BoostAdapter(Strategy):
         m = self._model()
         head = m.text_head(space)  # frozen text tower: cached by the Clip, never re-encoded per sample
         cache = dual_cache_for(self.cache, head, self.cfg, type(self).__name__)
-        if adapt:
-            self.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
         gen = self.generator if adapt else fork_generator(self.generator)
         feats = encode_views(self, images, self.n_views, augmix=self.augmix, generator=gen,
                              view_batch=self.view_batch)
-        return torch.stack([self._sample(feats[b], head, cache, adapt) for b in range(feats.shape[0])])
+        ok = finite_samples(feats)
+        if adapt and bool(ok.any()):
+            self.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
+        out = []
+        for b in range(feats.shape[0]):
+            if adapt and not ok[b]:
+                self.skipped_steps += 1  # non-finite features never enter the caches
+            out.append(self._sample(feats[b], head, cache, adapt and bool(ok[b])))
+        return torch.stack(out)
 
     @torch.no_grad()
     def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:

@@ -35,7 +35,9 @@ Deliberate deviations:
 - fp32 throughout (official: the fp16 OpenAI model); views from `ctta.views` (kornia, bilinear, no antialiasing);
 - the never-read ``image_prediction_mem`` and local-feature memories are not kept;
 - confident views chosen with a stable sort (at least one); a batch is processed sample after sample in stream order;
-- `predict` reads the memory with the original view and writes nothing (it needs no augmented views).
+- `predict` reads the memory with the original view and writes nothing (it needs no augmented views);
+- a sample with non-finite features (an fp16 overflow, a corrupt input) is not admitted to the state; it is
+  counted in ``skipped_steps`` (the official code would store the NaNs).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from torch import Tensor
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
-from ctta.strategies._cache import ClassCache, class_logits, encode_views, ensure_space
+from ctta.strategies._cache import ClassCache, class_logits, encode_views, ensure_space, finite_samples
 
 # the official post-hoc search grid for β₂ (dmn_main.py, beta2_list)
 ORACLE_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000)
@@ -130,14 +132,17 @@ class DMN(Strategy):
     def _run(self, images: Tensor, space: LabelSpace, adapt: bool) -> Tensor:
         m = self._model()
         head = m.text_head(space)  # frozen text tower: cached by the Clip
-        memory = self._memory_for(head, keep=adapt)
         n_views = self.n_views if adapt else 0  # the views only choose the pseudo-label of the write
         feats = encode_views(self, images, n_views, augmix=self.augmix, generator=self.generator,
                              scale=self.crop_scale, view_batch=self.view_batch)
+        ok = finite_samples(feats)
+        memory = self._memory_for(head, keep=adapt and bool(ok.any()))
         p_text, p_mem = [], []
-        for f in feats:
+        for f, fine in zip(feats, ok.tolist()):
             logits = class_logits(m, f, head, self.logit_scale)
-            if adapt:  # write first (official order), then read with the original view
+            if adapt and not fine:
+                self.skipped_steps += 1  # non-finite features are never written
+            elif adapt:  # write first (official order), then read with the original view
                 y, h = self.pseudo_label(logits)
                 memory.insert(y, f[0], h)
             p_text.append(logits[0].softmax(-1))

@@ -39,7 +39,9 @@ Deliberate deviations:
 - the class text features are the label space's (`Clip.text_head`); the official ones add CuPL GPT-3 sentences;
 - views from `ctta.views` (kornia); confident views by a stable sort; a batch is processed in stream order;
 - `predict` is the prediction of the current prototypes and cache (step 4 with zero residuals, no insertion, no
-  optimisation step, no evolution).
+  optimisation step, no evolution);
+- a sample with non-finite features (an fp16 overflow, a corrupt input) is not admitted to the state; it is
+  counted in ``skipped_steps`` (the official code would store the NaNs).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
 from ctta.strategies._cache import (ClassCache, class_logits, confident_query, encode_views, ensure_space,
-                                    fork_generator, normalized_entropy)
+                                    finite_samples, fork_generator, normalized_entropy)
 
 
 def class_prototypes(cache: ClassCache) -> tuple[Tensor, Tensor]:
@@ -170,13 +172,20 @@ class DPE(Strategy):
         """Cache, residual step, prediction and textual evolution for each image in stream order. ``[B, C]``."""
         head = self._model().text_head(space)  # frozen text tower: cached by the Clip
         text, cache, fresh = self._state_for(head)
-        if fresh:
-            self.text, self.cache, self.n_avg = text, cache, 0
         feats = encode_views(self, images, self.n_views, augmix=self.augmix, generator=self.generator,
                              view_batch=self.view_batch)
+        ok = finite_samples(feats)
+        if fresh and bool(ok.any()):
+            self.text, self.cache, self.n_avg = text, cache, 0
         out = []
-        for f in feats:
-            logits, self.text = self._sample(f, self.text, self.cache)
+        for f, fine in zip(feats, ok.tolist()):
+            if not fine:  # non-finite features: no cache entry, no step, no evolution
+                self.skipped_steps += 1
+                protos, present = class_prototypes(cache)
+                out.append(self._final(f, text, protos, present))
+                continue
+            logits, text = self._sample(f, text, cache)
+            self.text = text
             out.append(logits)
         return torch.stack(out)
 

@@ -44,7 +44,9 @@ Deliberate deviations:
   stable) and at least one is kept when ``int(V·0.1) = 0`` (the official code would average zero views);
 - a batch of B images is processed sample after sample in stream order (sample i+1 sees the caches after sample
   i), with the views of the whole batch encoded in one go;
-- `predict` runs the same read on a copy of the view generator and changes nothing (no cache update).
+- `predict` runs the same read on a copy of the view generator and changes nothing (no cache update);
+- a sample with non-finite features (an fp16 overflow, a corrupt input) is not admitted to the state; it is
+  counted in ``skipped_steps`` (the official code would store the NaNs).
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
 from ctta.strategies._cache import (DualCache, DualCacheConfig, class_logits, confident_query, dual_cache_for,
-                                    encode_views, fork_generator)
+                                    encode_views, finite_samples, fork_generator)
 
 
 class TDA(Strategy):
@@ -107,12 +109,18 @@ class TDA(Strategy):
         m = self._model()
         head = m.text_head(space)  # frozen text tower: encoded once per label space, then cached by the Clip
         cache = dual_cache_for(self.cache, head, self.cfg, type(self).__name__)
-        if adapt:
-            self.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
         gen = self.generator if adapt else fork_generator(self.generator)
         feats = encode_views(self, images, self.n_views, augmix=self.augmix, generator=gen,
                              view_batch=self.view_batch)
-        return torch.stack([self._sample(feats[b], head, cache, adapt) for b in range(feats.shape[0])])
+        ok = finite_samples(feats)
+        if adapt and bool(ok.any()):
+            self.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
+        out = []
+        for b in range(feats.shape[0]):
+            if adapt and not ok[b]:
+                self.skipped_steps += 1  # non-finite features never enter the caches
+            out.append(self._sample(feats[b], head, cache, adapt and bool(ok[b])))
+        return torch.stack(out)
 
     @torch.no_grad()
     def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:
