@@ -23,9 +23,11 @@ def clone_tree(obj: Any) -> Any:
 def check_same_structure(saved: Any, current: Any, what: str, path: str = "") -> None:
     """Raise ValueError unless ``saved`` has the keys and tensor shapes of ``current`` (dicts recursively; list
     lengths of tensors; other leaves are values, free to differ; an empty dict here, such as an optimizer's state
-    before its first step, accepts any dict). Called before a load so that it changes nothing when it would fail
+    before its first step, accepts any dict, and a saved None, a part not built yet, fits anything). Called before a load so that it changes nothing when it would fail
     half-way."""
     where = f"{what}{' at ' + path if path else ''}"
+    if saved is None:  # saved before the thing was built (an empty cache): the owner's load handles it
+        return
     if isinstance(current, Tensor):
         if not isinstance(saved, Tensor):
             raise ValueError(f"{where}: expected a tensor of shape {tuple(current.shape)}, the file has "
