@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from benchlib import bench_parser, child, finish, interleaved, ratio, report, start, timed, write
+from benchlib import bench_parser, child, finish, interleaved, ratio, report, start, table, timed, write
 
 from ctta import Clip, LabelSpace
 from ctta.adapters.prompts import PromptLearner
@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, measure the rest")
     ap.add_argument("--memory-child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--model", default="micro", help=argparse.SUPPRESS)
-    args = start(ap, argv, quick={"models": ["micro"], "classes": [10], "samples": 1,
-                                          "no_memory": True})
+    args = start(ap, argv, quick={"models": ["micro"], "classes": [10], "samples": 1, "no_memory": True})
     if args.memory_child:
         return memory_child(args)
     device = torch.device(args.device)
@@ -242,17 +241,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     for name in args.models:
         bench_model(name, args, device, rows, save)
     k = "_cpu_s" if device.type == "cpu" else "_s"
-    text = [f"\n({'CPU' if k == '_cpu_s' else 'wall'} seconds per sample)",
-            f"{'model':<30} {'C':>5} {'L':>3} {'ours s':>8} {'ref s':>8} {'speedup':>8} {'floor s':>8} "
-            f"{'x floor':>8} {'peak MiB ours/ref':>18}"]
-    for r in rows:
-        ref = f"{r['reference' + k]:8.3f}" if r["reference" + k] else f"{'skip':>8}"
-        sp = f"{r['speedup_vs_reference']:7.1f}x" if r["speedup_vs_reference"] else f"{'-':>8}"
-        mem = (f"{r['ours_peak_mib']:.0f} / {r.get('reference_peak_mib') or float('nan'):.0f}"
-               if "ours_peak_mib" in r else "")
-        text.append(f"{r['model']:<30} {r['classes']:>5} {r['prompt_tokens']:>3} {r['ours' + k]:8.3f} {ref} {sp} "
-                    f"{r['floor' + k]:8.3f} {r['ratio_to_floor']:7.2f}x {mem:>18}")
-    return finish(args, {"benchmark": "tpt", "device": str(device), "rows": rows}, "\n".join(text))
+    columns = [("model", lambda r: r["model"], ""), ("C", lambda r: r["classes"], "d"),
+               ("L", lambda r: r["prompt_tokens"], "d"), ("ours s", lambda r: r["ours" + k], ".3f"),
+               ("ref s", lambda r: r["reference" + k], ".3f"), ("speed-up", lambda r: r["speedup_vs_reference"], ".1f"),
+               ("floor s", lambda r: r["floor" + k], ".3f"), ("x floor", lambda r: r["ratio_to_floor"], ".2f"),
+               ("peak MiB ours", lambda r: r["ours_peak_mib"], ".0f"),
+               ("peak MiB ref", lambda r: r["reference_peak_mib"], ".0f")]
+    text = f"\n({'CPU' if k == '_cpu_s' else 'wall'} seconds per sample)\n" + table(rows, columns)
+    return finish(args, {"benchmark": "tpt", "device": str(device), "rows": rows}, text)
 
 
 if __name__ == "__main__":
