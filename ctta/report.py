@@ -87,6 +87,8 @@ class RunRecord:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     curve: list[float] = field(default_factory=list)  # accuracy after each task (task streams)
+    commit: str | None = None  # code revision and model weights the run used (provenance)
+    weights: str | None = None
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -130,7 +132,8 @@ def run_record(doc: dict, path: str = "") -> RunRecord:
                      stream=str((doc.get("stream") or {}).get("name", "?")), seed=config.get("seed", prov.get("seed")),
                      kind="tasks" if "accuracy_matrix" in res else "samples" if on else "other",
                      config=flatten(config), metrics={k: float(v) for k, v in metrics.items() if v is not None},
-                     curve=list(m.get("step_accuracy") or []))
+                     curve=list(m.get("step_accuracy") or []), commit=prov.get("git_commit"),
+                     weights=(prov.get("model") or {}).get("checkpoint_sha256"))
 
 
 def _follows_seed(key: str, runs: Sequence[RunRecord]) -> bool:
@@ -198,7 +201,8 @@ def summarize_groups(groups: Sequence[tuple[str, dict[str, Any], list[RunRecord]
         rows.append({"label": label, "name": runs[0].name, "method": runs[0].method, "stream": runs[0].stream,
                      "kind": runs[0].kind, "overrides": overrides, "n": len(runs),
                      "seeds": [r.seed for r in runs], "paths": [r.path for r in runs], "metrics": metrics,
-                     "curve": curve})
+                     "curve": curve, "commits": sorted({str(r.commit) for r in runs}),
+                     "weights": sorted({str(r.weights) for r in runs})})
     return rows
 
 
@@ -217,7 +221,8 @@ def markdown(rows: Sequence[dict], columns: Sequence[tuple[str, str, float, int]
     head = ["experiment", "stream", "method", "seeds", *(c[0] for c in columns)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"] or MISSING, r["stream"], r["label"], f"n={r['n']}", *(cell(r, k, s, d) for _, k, s, d in columns)]
+        cells = [r["name"] or MISSING, r["stream"], r["label"], f"n={r['n']}",
+                 *(cell(r, k, s, d) for _, k, s, d in columns)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -40,8 +40,8 @@ def find_results(sources: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="folders (searched for results.json), files or glob patterns")
     p.add_argument("--json", help="write the aggregated summary here (atomically), e.g. benchmarks/results/x.json")
     p.add_argument("--png", help="plot accuracy against step per method (task streams) here")
