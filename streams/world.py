@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from torch import Tensor
 
 from ctta.data import ImageTensorDataset
 from ctta.stream import LabelSpace, Task, TaskStream, class_incremental, domain_incremental, split_into_tasks
@@ -93,41 +94,151 @@ def control_tasks(names: Sequence[str] = ("shape", "size", "colour"), *, n: int 
     return out
 
 
-def shift_tasks(corruptions: Sequence[str] = CORRUPTIONS, severity: int | Sequence[int] = 5, *,
-                per_class: int = 2, seed: int = 0, setting: str = "reset",
-                styles: Sequence[str] = PRETRAIN_STYLES) -> TaskStream:
-    """Test-time shift streams over the 100-way combo task, one task per (corruption, severity) domain.
+# ------------------------------------------------------------------------------------------ test-time shift
+SHIFT_SETTINGS = ("reset", "episodic", "continual", "gradual", "mixed", "label_correlated")
+SHIFT_LABELS = ("combo", "shape", "colour")
+SHIFT_CHUNK = 512  # images corrupted per call: bounds the float copies (peak memory) for long domains
 
-    ``setting``: ``"reset"`` (each shift announced: the boundary is revealed, strategies may reset),
-    ``"continual"`` (the same sequence, boundaries hidden), ``"gradual"`` (severities 1→s→1 per corruption,
-    hidden boundaries), ``"mixed"`` (all domains shuffled into one task), ``"label_correlated"`` (continual, but
-    each domain's samples sorted by class: the non-i.i.d. order of RoTTA/NOTE-style benchmarks).
-    """
-    if setting not in ("reset", "continual", "gradual", "mixed", "label_correlated"):
-        raise ValueError(f"unknown shift setting {setting!r}")
+
+def shift_space(labels: str = "combo") -> LabelSpace:
+    """The label space of a shift stream: ``"combo"`` (100 colour×shape classes, "a {}." — the default),
+    ``"shape"`` (10 shapes, "a {}.") or ``"colour"`` (10 colours, "a {} shape."), the micro-CLIP's caption forms."""
+    if labels == "combo":
+        return combo_space()
+    if labels == "shape":
+        return LabelSpace(list(W.SHAPES), ["a {}."], name="world-shapes")
+    if labels == "colour":
+        return LabelSpace(list(W.COLOURS), ["a {} shape."], name="world-colours")
+    raise ValueError(f"unknown shift label space {labels!r}; choose from {SHIFT_LABELS}")
+
+
+def render_labels(labels: str, per_class: int, seed: int, *, styles: Iterable[str] | None = PRETRAIN_STYLES,
+                  chunk: int = 4096) -> ImageTensorDataset:
+    """``per_class`` clean images of each class of `shift_space` ``labels``, class-sorted, stored as uint8.
+
+    ``"combo"`` is `render_per_class` over the 100 combos (the same pixels as before the 10-class options existed);
+    ``"shape"`` / ``"colour"`` fix that factor and draw the other one uniformly, like every nuisance."""
+    if labels == "combo":
+        return render_per_class(combo_classes(), per_class, seed, styles=styles, chunk=chunk)
+    vocab = {"shape": W.SHAPES, "colour": W.COLOURS}.get(labels)
+    if vocab is None:
+        raise ValueError(f"unknown shift label space {labels!r}; choose from {SHIFT_LABELS}")
+    if per_class <= 0:
+        raise ValueError(f"per_class must be positive, got {per_class}")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(len(vocab)).repeat_interleave(per_class)
+    f = W.sample_factors(len(y), g, styles=styles)
+    setattr(f, labels, y)
+    images = torch.cat([W.to_uint8(W.render(f[i:i + chunk])) for i in range(0, len(y), chunk)])
+    return ImageTensorDataset(images, y)
+
+
+def _chunk_seed(seed: int, domain: int, chunk: int) -> int:
+    # far above the domain seeds (seed * 1000 + 7 k + 1), one per (seed, domain, chunk)
+    return 2**40 + (seed * 4099 + domain) * 65537 + chunk
+
+
+def _corrupt_domain(images: Tensor, name: str, severity: int, g: torch.Generator, seed: int, domain: int,
+                    chunk: int) -> Tensor:
+    """uint8 images -> corrupted uint8, ``chunk`` images at a time. The first chunk draws from the domain's
+    generator ``g`` (so a domain of at most ``chunk`` images has the pixels of the unchunked code), each later
+    chunk from its own seeded generator: the result does not depend on how the stream is batched later."""
+    out = torch.empty_like(images)
+    for j, a in enumerate(range(0, len(images), chunk)):
+        gen = g if j == 0 else torch.Generator().manual_seed(_chunk_seed(seed, domain, j))
+        out[a:a + chunk] = W.to_uint8(corrupt(images[a:a + chunk].float().div(255), name, severity, generator=gen))
+    return out
+
+
+def _check_shift_args(corruptions: Sequence[str], severity: int | Sequence[int], setting: str, labels: str,
+                      per_class: int | None, per_domain: int | None) -> tuple[list[int], int]:
+    """Everything checked before any image is rendered; returns (severities, images per class)."""
+    if setting not in SHIFT_SETTINGS:
+        raise ValueError(f"unknown shift setting {setting!r}; choose from {SHIFT_SETTINGS}")
+    if labels not in SHIFT_LABELS:
+        raise ValueError(f"unknown shift label space {labels!r}; choose from {SHIFT_LABELS}")
+    if isinstance(corruptions, str) or not list(corruptions):
+        raise ValueError(f"corruptions must be a non-empty list of names from {list(CORRUPTIONS)}, got {corruptions!r}")
     unknown = sorted(set(corruptions) - set(CORRUPTIONS))
     if unknown:
         raise ValueError(f"unknown corruptions {unknown}; available: {list(CORRUPTIONS)}")
-    combos = combo_classes()
-    clean = render_per_class(combos, per_class, seed * 1000 + _SPLIT_SEED["shift"], styles=styles)
-    sev = [severity] if isinstance(severity, int) else list(severity)
-    domains = [(c, s) for c in corruptions for s in (
-        list(range(1, max(sev) + 1)) + list(range(max(sev) - 1, 0, -1)) if setting == "gradual" else sev)]
-    space = combo_space()
+    if len(set(corruptions)) != len(corruptions):
+        raise ValueError(f"corruptions are listed twice: {list(corruptions)} (each domain must be unique)")
+    sev = list(severity) if isinstance(severity, Sequence) and not isinstance(severity, str) else [severity]
+    if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
+        raise ValueError(f"severity must be an int in 1..5 or a non-empty list of them, got {severity!r}")
+    if len(set(sev)) != len(sev):
+        raise ValueError(f"severities are listed twice: {sev} (each domain must be unique)")
+    n_classes = len(shift_space(labels))
+    if per_domain is not None:
+        if per_class is not None:
+            raise ValueError(f"set per_class or per_domain, not both (got per_class={per_class}, "
+                             f"per_domain={per_domain}); per_domain = per_class x {n_classes} classes")
+        if isinstance(per_domain, bool) or not isinstance(per_domain, int) or per_domain <= 0 \
+                or per_domain % n_classes:
+            raise ValueError(f"per_domain must be a positive multiple of the {n_classes} classes of labels="
+                             f"{labels!r} (balanced classes), got {per_domain!r}")
+        per_class = per_domain // n_classes
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class <= 0:
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
+    return sev, per_class
+
+
+def shift_tasks(corruptions: Sequence[str] = CORRUPTIONS, severity: int | Sequence[int] = 5, *,
+                per_class: int | None = 2, per_domain: int | None = None, seed: int = 0, setting: str = "reset",
+                labels: str = "combo", styles: Sequence[str] = PRETRAIN_STYLES,
+                chunk: int = SHIFT_CHUNK) -> TaskStream:
+    """Test-time shift streams: the world's test images under each corruption, one task per (corruption,
+    severity) domain, in the order given (each domain the same clean images, each in its own seeded order).
+
+    Length: ``per_class`` images of each class per domain, or ``per_domain`` in all (a multiple of the class
+    count); a domain holds ``per_class x C`` images, the stream that times the number of domains. Stream methods
+    (caches, memories) need long domains: ``configs/stream/world_shift_long.yaml`` uses 2,000 per domain.
+    ``labels``: ``"combo"`` (100 colour×shape classes), ``"shape"`` or ``"colour"`` (10 classes; `shift_space`).
+    ``severity``: 1–5, or a list (each corruption at each severity, corruption-major).
+
+    ``setting`` (the ordering):
+
+    - ``"reset"`` — domain blocks, each boundary revealed (the runner resets the adapter there when
+      ``samples.reset_on_shift``): every domain is its own episode. ``"episodic"`` is the same stream (the name
+      the TTA literature uses for it; the stream is named ``...-reset``). Episodes of one sample (TPT's protocol)
+      are a reset policy of the runner (``samples.reset=episodic``), not an ordering;
+    - ``"continual"`` — the same domain blocks, boundaries hidden (CoTTA's continual setting);
+    - ``"gradual"`` — per corruption, severities 1→s→1 as blocks (``s`` = the highest severity given; the way
+      back is named ``<corruption>-<severity>-down``), boundaries hidden;
+    - ``"mixed"`` — every domain's images shuffled together into one task named ``"mixed"`` (so per-corruption
+      accuracy is not separated);
+    - ``"label_correlated"`` — continual, but each domain's samples sorted by class (the non-i.i.d. order of
+      RoTTA/NOTE-style benchmarks).
+
+    Reproducible: the clean images, each domain's order and its corruption noise are functions of ``seed`` only
+    (not of batching). Memory: images are kept as uint8, 3 KB each (2,000 x 10 domains = 61 MB; ``gradual`` at
+    severity 5 has 9 severities per corruption, 9x that); corruption runs ``chunk`` images at a time.
+    """
+    sev, per_class = _check_shift_args(corruptions, severity, setting, labels, per_class, per_domain)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    setting = "reset" if setting == "episodic" else setting
+    clean = render_labels(labels, per_class, seed * 1000 + _SPLIT_SEED["shift"], styles=styles)
+    # gradual: up 1..s then back down; the way back is named "<corruption>-<severity>-down" (task names are unique)
+    steps = ([(s, "") for s in range(1, max(sev) + 1)] + [(s, "-down") for s in range(max(sev) - 1, 0, -1)]
+             if setting == "gradual" else [(s, "") for s in sev])
+    domains = [(c, s, tag) for c in corruptions for s, tag in steps]
+    space = shift_space(labels)
     tasks = []
-    for k, (name, s) in enumerate(domains):
+    for k, (name, s, tag) in enumerate(domains):
         g = torch.Generator().manual_seed(seed * 1000 + 7 * k + 1)
         order = torch.randperm(len(clean), generator=g)
         if setting == "label_correlated":
             order = order[torch.argsort(clean.targets[order], stable=True)]
-        images = clean.images[order].float().div(255)
-        x = W.to_uint8(corrupt(images, name, s, generator=g))
-        tasks.append(Task(name=f"{name}-{s}", space=space, test=ImageTensorDataset(x, clean.targets[order]),
+        x = _corrupt_domain(clean.images[order], name, s, g, seed, k, chunk)
+        tasks.append(Task(name=f"{name}-{s}{tag}", space=space, test=ImageTensorDataset(x, clean.targets[order]),
                           boundary=setting == "reset"))
     if setting == "mixed":
         g = torch.Generator().manual_seed(seed * 1000 + 99)
         images = torch.cat([t.test.images for t in tasks])
-        labels = torch.cat([t.test.targets for t in tasks])
-        perm = torch.randperm(len(labels), generator=g)
-        tasks = [Task(name="mixed", space=space, test=ImageTensorDataset(images[perm], labels[perm]))]
-    return TaskStream(tasks, scope="own", name=f"world-shift-{setting}")
+        targets = torch.cat([t.test.targets for t in tasks])
+        perm = torch.randperm(len(targets), generator=g)
+        tasks = [Task(name="mixed", space=space, test=ImageTensorDataset(images[perm], targets[perm]))]
+    suffix = "" if labels == "combo" else f"-{labels}"
+    return TaskStream(tasks, scope="own", name=f"world-shift-{setting}{suffix}")
