@@ -13,8 +13,11 @@ templates are OpenAI's 80 (``OPENAI_IMAGENET_TEMPLATES``); TPT itself uses the s
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream, class_incremental
 from streams.cifar import resolve_order
@@ -89,8 +92,16 @@ def variant_space(variant: str, templates: str | Sequence[str] = "tpt") -> Label
 
 
 def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
-                    verify_level: Level = "structure") -> ImageFiles:
-    """The variant's images with labels in `variant_space` order. ``root`` = the variant's own folder."""
+                    verify_level: Level = "structure", sh_filter: bool = False) -> ImageFiles:
+    """The variant's images with labels in `variant_space` order. ``root`` = the variant's own folder.
+
+    ``sh_filter``: drop every image whose **file name** contains ``"sh"`` (case-sensitive), as the data loaders of
+    TDA, DPE and BoostAdapter do by accident: their ``datasets/utils.py`` defines ``listdir_nohidden`` twice and
+    the second definition, which wins, also skips names containing ``"sh"`` (TDA issue #10). On ImageNet-A this keeps
+    6,862 of the 7,500 images ("fish", "shovel", "mushroom", ... appear in its file names), and their ImageNet-A
+    figures are on that subset. Off by default: the full set is the benchmark every other method reports on.
+    Class folders are wnids (``n`` + digits), which never contain "sh", so labels are unchanged. The release is
+    verified (``verify_level``) before the filter."""
     idx, folders = variant_classes(variant)
     if verify_level != "none":
         verify(manifests()[variant], root, verify_level)
@@ -98,21 +109,41 @@ def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
     # order), so this is exactly torchvision's ImageFolder labelling.
     assert folders == sorted(folders)
     data, _ = image_folder(root, image_size, classes=folders)
+    if sh_filter:
+        data = _subset(data, [i for i, p in enumerate(data.paths) if "sh" not in os.path.basename(p)])
     return data
+
+
+def _subset(data: ImageFiles, keep: Sequence[int]) -> ImageFiles:
+    return ImageFiles([(data.paths[i], int(data.targets[i])) for i in keep], data.image_size)
 
 
 def tta_stream(variants: Sequence[str] = ("imagenet_a",), *, data_root: str | Path = "data", image_size: int = 224,
                templates: str | Sequence[str] = "tpt", roots: dict[str, str] | None = None,
-               verify_level: Level = "structure", setting: str = "reset", name: str | None = None) -> TaskStream:
+               verify_level: Level = "structure", setting: str = "reset", shuffle: bool = False,
+               shuffle_seed: int = 1, sh_filter: bool = False, name: str | None = None) -> TaskStream:
     """One test-only task per variant (each in its own label space). ``setting="reset"`` reveals the boundaries
-    (strategies may reset between variants); ``"continual"`` hides them. ``roots`` overrides a variant's folder."""
+    (strategies may reset between variants); ``"continual"`` hides them. ``roots`` overrides a variant's folder.
+
+    ``shuffle``: present each variant's images in a seeded random order (``torch.randperm`` with a generator seeded
+    by ``shuffle_seed``, the same seed for every variant), as the online methods' official runs do (TDA, DPE,
+    BoostAdapter: ``DataLoader(shuffle=True)`` after seed 1; DMN and TPT: seed 0). Without it the order is the
+    folder order, **sorted by class**: a label-correlated stream, which changes what any cache or memory method
+    holds. The official permutation itself depends on each script's whole random-number history and cannot be
+    reproduced here; the protocol (a fixed-seed shuffle) is. ``sh_filter``: see `variant_dataset` (ImageNet-A's
+    6,862-image subset of TDA / DPE / BoostAdapter); applied to every variant of the stream."""
     if setting not in ("reset", "continual"):
         raise ValueError(f"setting must be 'reset' or 'continual', got {setting!r}")
+    if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int):
+        raise ValueError(f"shuffle_seed must be an int, got {shuffle_seed!r}")
     tasks = []
     for v in variants:
         root = Path((roots or {}).get(v) or Path(data_root) / FOLDERS[v])
-        tasks.append(Task(name=v, space=variant_space(v, templates), boundary=setting == "reset",
-                          test=variant_dataset(v, root, image_size, verify_level=verify_level)))
+        data = variant_dataset(v, root, image_size, verify_level=verify_level, sh_filter=sh_filter)
+        if shuffle:
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(shuffle_seed))
+            data = _subset(data, order.tolist())
+        tasks.append(Task(name=v, space=variant_space(v, templates), boundary=setting == "reset", test=data))
     return TaskStream(tasks, scope="own", name=name or "tta-" + "+".join(variants))
 
 

@@ -1,4 +1,6 @@
 """ImageNet variants (TPT label spaces) and ImageNet-100 split files, on tiny trees with the real folder names."""
+from pathlib import Path
+
 import pytest
 import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
@@ -113,3 +115,67 @@ def test_imagenet_c_tree(tmp_path):
     assert y.tolist() == [1, 999] and s.tasks[0].space.classnames[1] == "goldfish" and not s.tasks[0].boundary
     with pytest.raises(DatasetError, match="missing .*fog/5"):
         imagenet_c_stream(tmp_path, corruptions=["fog"], severity=5)
+
+
+def _imagenet_a_tree(root, names_per_folder):
+    """ImageNet-A's 200 wnid folders; ``names_per_folder``: {folder index: [file names]} (red = 30 x order)."""
+    v = load_meta("imagenet_variants")
+    wn = IN.imagenet_wnids()
+    folders = [wn[i] for i in v["a_indices"]]
+    make_tree(root, folders, [])
+    k = 0
+    for f, names in names_per_folder.items():
+        for n in names:
+            Image.new("RGB", (6, 6), (30 * k, 0, 0)).save(root / folders[f] / n)
+            k += 1
+    return root
+
+
+def test_imagenet_a_sh_filter_drops_the_files_the_official_loaders_skip(tmp_path):
+    # ImageNet-A file names carry the class name; TDA/DPE/BoostAdapter's listdir_nohidden skips any containing "sh"
+    names = {0: ["0.01_stingray_0.9.jpg", "0.02_fish_0.4.jpg"], 7: ["0.3_mushroom_0.1.jpg", "0.4_Shovel_0.2.jpg"],
+             199: ["0.5_bushes_0.7.jpg", "0.6_goose_0.8.jpg", "0.7_sh.jpg"]}
+    root = _imagenet_a_tree(tmp_path / "imagenet-a", names)
+    full = IN.tta_stream(["imagenet_a"], roots={"imagenet_a": str(root)}, image_size=8, verify_level="none")
+    sub = IN.tta_stream(["imagenet_a"], roots={"imagenet_a": str(root)}, image_size=8, verify_level="none",
+                        sh_filter=True)
+    kept = [Path(p).name for p in sub.tasks[0].test.paths]
+    # case-sensitive, anywhere in the name: "Shovel" stays, "fish", "mushroom", "bushes", "sh" go
+    assert kept == ["0.01_stingray_0.9.jpg", "0.4_Shovel_0.2.jpg", "0.6_goose_0.8.jpg"]
+    assert sub.tasks[0].test.targets.tolist() == [0, 7, 199] and len(full.tasks[0].test) == 7
+    x, y, _ = next(iter_batches(sub.tasks[0].test, 8))
+    assert (x[:, 0, 0, 0] * 255 / 30).round().tolist() == [0, 3, 5]  # the images themselves, not only the names
+
+
+def test_tta_stream_seeded_shuffle(tmp_path):
+    names = {f: [f"img_{f}_{j}.jpg" for j in range(3)] for f in (0, 1, 2, 3)}  # 12 images, class-sorted on disk
+    root = _imagenet_a_tree(tmp_path / "imagenet-a", names)
+    kw = dict(roots={"imagenet_a": str(root)}, image_size=8, verify_level="none")
+    plain = IN.tta_stream(["imagenet_a"], **kw).tasks[0].test
+    assert plain.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # folder order: label-correlated
+    a = IN.tta_stream(["imagenet_a"], shuffle=True, **kw).tasks[0].test
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(1)).tolist()  # the default seed, 1
+    assert a.paths == [plain.paths[i] for i in order] and a.targets.tolist() == [plain.targets[i] for i in order]
+    assert a.paths == IN.tta_stream(["imagenet_a"], shuffle=True, **kw).tasks[0].test.paths  # reproducible
+    b = IN.tta_stream(["imagenet_a"], shuffle=True, shuffle_seed=0, **kw).tasks[0].test
+    assert sorted(b.paths) == sorted(plain.paths) and b.paths != a.paths
+    both = IN.tta_stream(["imagenet_a"], shuffle=True, sh_filter=True, **kw).tasks[0].test  # no "sh" here: same
+    assert both.paths == a.paths
+    with pytest.raises(ValueError, match="shuffle_seed"):
+        IN.tta_stream(["imagenet_a"], shuffle=True, shuffle_seed="1", **kw)
+
+
+@pytest.mark.parametrize("method", ["tda", "dpe", "boost_adapter"])
+def test_official_online_recipes_shuffle_and_filter_imagenet_a(method, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    root = _imagenet_a_tree(tmp_path / "imagenet-a", {0: ["a_fish.jpg", "b.jpg"], 3: ["c.jpg", "d_shark.jpg"]})
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        a = compose("run", overrides=[f"experiment={method}_imagenet_a", f"data_root={tmp_path}",
+                                      "stream.verify_level=none"]).stream
+        r = compose("run", overrides=[f"experiment={method}_imagenet_r"]).stream
+    assert a.shuffle and a.shuffle_seed == 1 and a.sh_filter  # the official loader: shuffled, "sh" files skipped
+    assert r.shuffle and r.shuffle_seed == 1 and not r.get("sh_filter", False)
+    data = instantiate(a).tasks[0].test
+    assert sorted(Path(p).name for p in data.paths) == ["b.jpg", "c.jpg"]
