@@ -37,6 +37,8 @@ def check_same_structure(saved: Any, current: Any, what: str, path: str = "") ->
                              f"(saved by a differently configured model or strategy)")
         return
     if isinstance(current, dict):
+        if not any(isinstance(v, (Tensor, dict, list, tuple)) for v in current.values()):
+            return  # a dict of plain values (a scheduler's milestones, hyperparameters) is a value, free to differ
         if not isinstance(saved, dict):
             raise ValueError(f"{where}: expected a dict, the file has {type(saved).__name__}")
         if not current:

@@ -20,8 +20,8 @@ from tests.conftest import make_dataset, make_tiny_clip
 # Small settings that keep each strategy's algorithm intact (fewer views, steps and samples than the papers').
 TINY = {
     "Finetune": dict(lr=1e-3, batch_size=4, epochs=1),
-    "LwF": dict(lr=1e-3, batch_size=4, epochs=1, warmup=0),
-    "VRLwF": dict(lr=1e-3, batch_size=4, epochs=1, warmup=0, n_sentences=8, length=4),
+    "LwF": dict(lr=1e-3, batch_size=4, iterations=3, warmup=0),
+    "VRLwF": dict(lr=1e-3, batch_size=4, iterations=3, warmup=0, n_sentences=8, length=4),
     "LoRA": dict(rank=2, lr=1e-2, batch_size=4, iterations=2),
     "RankSelectiveLoRA": dict(rank=2, lr=1e-2, batch_size=4, iterations=2),
     "RAPF": dict(epochs=1, batch_size=4, cache=False, replay_classes=1),
