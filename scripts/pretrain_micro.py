@@ -40,6 +40,9 @@ from ctta.io import atomic_write_bytes  # noqa: E402
 from streams import synthetic as W  # noqa: E402
 
 TRAIN_STYLES = ("filled", "outline")  # "textured" is held out: the domain-incremental stream's new domain
+# Stage 1 of the default run: the v3 recipe (its flags; v3 ran 3,160 steps on a 30-minute budget)
+BASE_RECIPE = {"lr": 2e-3, "warmup": 0.04, "hard_frac": 0.6, "group": 16, "combo_frac": 0.0, "shape_frac": 0.0,
+               "flip": 0, "crop_frac": 0.0, "grey_frac": 0.0, "solo_frac": 0.2, "mention_p": None}
 
 
 def shape_group(k: int, g: torch.Generator) -> W.Factors:
@@ -176,6 +179,11 @@ def save(model: torch.nn.Module, out: Path, meta: dict) -> None:
     atomic_write_bytes(out.with_suffix("").with_suffix(".meta.json"), (json.dumps(meta, indent=2) + "\n").encode())
 
 
+def _sha256(path: str) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=30.0, help="training time budget (schedule follows it)")
@@ -198,6 +206,11 @@ def main() -> None:
     ap.add_argument("--solo-frac", type=float, default=0.2, help="share of captions naming exactly one factor")
     ap.add_argument("--mention-p", type=float, nargs=5, default=None, metavar="P",
                     help=f"probability of naming each of {W.MENTIONED} in a caption (default {W._MENTION_P})")
+    ap.add_argument("--init", default=None,
+                    help="start stage 2 from this checkpoint (safetensors of the same config); skips stage 1")
+    ap.add_argument("--base-steps", type=int, default=0,
+                    help="stage 1: steps of the v3 recipe (BASE_RECIPE) from random weights before the stage these "
+                         "flags describe (ignored with --init)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--config", default=str(ROOT / "ctta/assets/micro-clip.json"))
     ap.add_argument("--out", default=str(ROOT / "ctta/assets/micro-clip.safetensors"))
@@ -214,13 +227,51 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
     open_clip.add_model_config(args.config)
-    model = open_clip.create_model("micro-clip")
+    model = open_clip.create_model("micro-clip", pretrained=args.init)
+    model.float()  # an fp16 checkpoint loads into fp32 master weights
     tokenizer = open_clip.get_tokenizer("micro-clip")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"micro-clip: {n_params / 1e6:.2f} M params (vision {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M)",
           flush=True)
+    out = Path(args.out)
+    base = None
+    if args.init is None and args.base_steps > 0:
+        # stage 1: the v3 recipe from random weights, at a fixed step count (v3 itself ran on a time budget)
+        print(f"stage 1 (base recipe): {args.base_steps} steps", flush=True)
+        b = argparse.Namespace(**{**vars(args), **BASE_RECIPE, "steps": args.base_steps})
+        base = {"steps": train(model, tokenizer, b, out), **BASE_RECIPE}
+        print("stage 2", flush=True)
+    wall0 = time.time()
+    steps = train(model, tokenizer, args, out)
+    wall = time.time() - wall0
+    model.eval()
+    meta = {"world_version": W.WORLD_VERSION, "steps": steps, "batch": args.batch, "wall_time_s": round(wall, 1),
+            "seed": args.seed, "init": args.init, "init_sha256": _sha256(args.init) if args.init else None,
+            "base_stage": base, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
+            "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
+            "combo_frac": args.combo_frac, "shape_frac": args.shape_frac, "flip": args.flip,
+            "crop_frac": args.crop_frac, "crop_scale": list(args.crop_scale), "precision": args.precision,
+            "grey_frac": args.grey_frac, "solo_frac": args.solo_frac, "mention_p": args.mention_p,
+            "threads": args.threads,
+            "train_styles": list(TRAIN_STYLES), "held_out_combos": sorted(map(list, W.HELD_OUT)),
+            "param_count": n_params, "config": json.loads(Path(args.config).read_text()),
+            "eval_normalisation": {"mean": list(eval_micro.MEAN), "std": list(eval_micro.STD)},
+            "torch": torch.__version__, "open_clip": open_clip.__version__}
+    save(model, out, meta)
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {steps} steps, {wall / 60:.1f} min", flush=True)
+    res = eval_micro.evaluate(model, tokenizer, n=args.eval_n)
+    meta["eval_n"] = args.eval_n
+    meta["zeroshot"] = {k: round(v, 2) for k, v in res.items()}
+    save(model, out, meta)
+    print(eval_micro.markdown(res, meta), flush=True)
+
+
+def train(model: torch.nn.Module, tokenizer, args: argparse.Namespace, out: Path) -> int:
+    """One training stage with a fresh AdamW and a fresh batch generator seeded by ``args.seed`` (so a stage
+    started from a saved checkpoint with ``--init`` draws the same batches as the same stage run in one
+    process); returns the steps taken. Interim checkpoints go to ``out``."""
+    g = torch.Generator().manual_seed(args.seed)
     mean = torch.tensor(eval_micro.MEAN)[:, None, None]
     std = torch.tensor(eval_micro.STD)[:, None, None]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -279,43 +330,29 @@ def main() -> None:
                   f"scale {model.logit_scale.exp().item():.1f} pos/img {positives.sum(1).float().mean():.1f}",
                   flush=True)
         if time.time() - last_save > args.save_every_min * 60:  # interim checkpoint, in case of a crash
-            save(model, Path(args.out), {"interim": True, "steps": step, "world_version": W.WORLD_VERSION})
+            save(model, out, {"interim": True, "steps": step, "world_version": W.WORLD_VERSION})
             last_save = time.time()
         if step % args.eval_every == 0:
             model.eval()
-            head = eval_micro.encode_texts(model, tokenizer, eval_micro.COMBO_PROMPTS)
-            shape_head = eval_micro.encode_texts(model, tokenizer, eval_micro.CONTROL_TASKS["shape"][0])
-            msg = []
-            for k in ("seen", "held_out"):
-                feats = eval_micro.encode_images(model, W.render(quick[k]))
-                msg.append(f"100way_{k} {eval_micro.accuracy(feats, head, quick[k].combo_index()):.1f} "
-                           f"shape_{k} {eval_micro.accuracy(feats, shape_head, quick[k].shape):.1f}")
-            rep = eval_micro.report(model, tokenizer, per_class=5, severities=(3,), crops=False)
-            msg.append(f"nn_clean {rep['nn_same_class']:.1f} nn_s3 {rep['nn_same_class_s3']:.1f} "
-                       f"zs_s3 {rep['zs100_s3']:.1f} cos {rep['cos_same_class']:.2f}/"
-                       f"{rep['cos_same_colour_other_shape']:.2f}")
-            print(f"  eval step {step}: " + " ".join(msg), flush=True)
+            print(f"  eval step {step}: {quick_eval(model, tokenizer, quick)}", flush=True)
             model.train()
-    wall = time.time() - t0
-    model.eval()
-    meta = {"world_version": W.WORLD_VERSION, "steps": step, "batch": args.batch, "wall_time_s": round(wall, 1),
-            "seed": args.seed, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
-            "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
-            "combo_frac": args.combo_frac, "shape_frac": args.shape_frac, "flip": args.flip,
-            "crop_frac": args.crop_frac, "crop_scale": list(args.crop_scale), "precision": args.precision, "grey_frac": args.grey_frac,
-            "solo_frac": args.solo_frac, "mention_p": args.mention_p,
-            "train_styles": list(TRAIN_STYLES), "held_out_combos": sorted(map(list, W.HELD_OUT)),
-            "param_count": n_params, "config": json.loads(Path(args.config).read_text()),
-            "eval_normalisation": {"mean": list(eval_micro.MEAN), "std": list(eval_micro.STD)},
-            "torch": torch.__version__, "open_clip": open_clip.__version__}
-    out = Path(args.out)
-    save(model, out, meta)
-    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB) after {step} steps, {wall / 60:.1f} min", flush=True)
-    res = eval_micro.evaluate(model, tokenizer, n=args.eval_n)
-    meta["eval_n"] = args.eval_n
-    meta["zeroshot"] = {k: round(v, 2) for k, v in res.items()}
-    save(model, out, meta)
-    print(eval_micro.markdown(res, meta), flush=True)
+    return step
+
+
+def quick_eval(model, tokenizer, quick: dict) -> str:
+    """Periodic progress line: 100-way and shape zero-shot on 500 seen / held-out images, and the quick
+    representation figures (5 images per class: NN same class clean and at severity 3, class vs colour cosines)."""
+    head = eval_micro.encode_texts(model, tokenizer, eval_micro.COMBO_PROMPTS)
+    shape_head = eval_micro.encode_texts(model, tokenizer, eval_micro.CONTROL_TASKS["shape"][0])
+    msg = []
+    for k in ("seen", "held_out"):
+        feats = eval_micro.encode_images(model, W.render(quick[k]))
+        msg.append(f"100way_{k} {eval_micro.accuracy(feats, head, quick[k].combo_index()):.1f} "
+                   f"shape_{k} {eval_micro.accuracy(feats, shape_head, quick[k].shape):.1f}")
+    rep = eval_micro.report(model, tokenizer, per_class=5, severities=(3,), crops=False)
+    msg.append(f"nn_clean {rep['nn_same_class']:.1f} nn_s3 {rep['nn_same_class_s3']:.1f} zs_s3 {rep['zs100_s3']:.1f} "
+               f"cos {rep['cos_same_class']:.2f}/{rep['cos_same_colour_other_shape']:.2f}")
+    return " ".join(msg)
 
 
 if __name__ == "__main__":

@@ -127,13 +127,15 @@ def test_loss_drops_invalid_pairs_exactly():
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_two_bf16_steps_write_a_loadable_checkpoint(tmp_path):
+def test_two_stage_bf16_run_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "micro.safetensors"
-    subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), "--steps", "2", "--batch", "16",
+    subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), "--base-steps", "1", "--steps", "2",
+                    "--batch", "32", "--shape-frac", "0.5", "--group", "8", "--flip", "1", "--crop-frac", "0.5",
                     "--precision", "bf16", "--solo-frac", "0.3", "--threads", "1", "--eval-n", "10",
                     "--eval-every", "1000", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
     meta = json.loads(out.with_suffix("").with_suffix(".meta.json").read_text())
     assert meta["steps"] == 2 and meta["precision"] == "bf16" and meta["solo_frac"] == 0.3
+    assert meta["base_stage"]["steps"] == 1 and meta["base_stage"]["shape_frac"] == 0.0 and meta["shape_frac"] == 0.5
     assert set(meta["zeroshot"]) and all(math.isfinite(v) for v in meta["zeroshot"].values())
     from ctta import Clip
     model = Clip.from_pretrained("micro-clip", str(out))
