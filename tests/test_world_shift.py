@@ -123,3 +123,45 @@ def test_seeded_and_reproducible_and_chunked_like_the_unchunked_code():
     assert torch.equal(whole.targets, parts.targets) and torch.equal(whole.images[:100], parts.images[:100])
     assert not torch.equal(whole.images[100:], parts.images[100:])
     assert SHIFT_CHUNK >= 200  # the short streams of earlier experiments (<= 200 per domain) kept their pixels
+
+
+# ------------------------------------------------------------------------------- world_tta experiment configs
+FAMILY = ("zeroshot", "tpt", "ctpt", "zero", "tda", "tda_1view", "dmn", "dpe", "boost_adapter", "tent")
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_world_tta_experiments_compose_to_their_own_folder(method):
+    from tests.test_scripts import _resolved
+    cfg = _resolved([f"experiment=world_tta/{method}", "seed=2", "stream.severity=5"])
+    assert cfg["name"] == "world_tta" and cfg["method"] == method
+    assert cfg["out_dir"] == f"runs/world_tta/reset/severity5/{method}/seed2"
+    assert cfg["stream"]["seed"] == 2 and cfg["stream"]["per_class"] * 100 == 2000 and cfg["stream"]["labels"] == "combo"
+    assert len(cfg["stream"]["corruptions"]) == 10 and cfg["samples"]["batch_size"] == 1
+    assert cfg["samples"]["reset"] is None  # each strategy's default: episodic TPT/C-TPT/ZERO, online the rest
+    if method in ("tda", "tda_1view", "dmn", "dpe", "boost_adapter", "zero"):
+        assert cfg["strategy"]["logit_scale"] == 100.0  # the official 100·cos
+    if method == "tda_1view":
+        assert cfg["strategy"]["n_views"] == 0 and not cfg["strategy"]["augmix"]
+    if method == "ctpt":
+        assert cfg["strategy"]["ctpt_lambda"] == 20.0 and cfg["strategy"]["augmix"]
+    if method in ("tpt", "ctpt"):
+        assert cfg["strategy"]["ctx_init"] == "a"  # untuned prompt = the world's zero-shot prompt "a {}."
+    if method == "zeroshot":
+        assert cfg["strategy"]["cache"] is False
+
+
+def test_world_tta_sweep_runs_and_report_tabulates_it(tmp_path):
+    from tests.test_scripts import _script
+    # under -m, Hydra checks the fixed overrides against the defaults (stream=world_cil) first: ++ for these keys
+    tiny = ["++stream.per_class=1", "++stream.corruptions=[contrast,jpeg]", "++hooks.latency.warmup=1",
+            "progress=false", "threads=1", "seed=0,1"]
+    _script("run.py", "-m", "experiment=world_tta/zeroshot,world_tta/tda_1view", *tiny, cwd=tmp_path)
+    for method in ("zeroshot", "tda_1view"):
+        for seed in (0, 1):
+            assert (tmp_path / f"runs/world_tta/reset/severity3/{method}/seed{seed}/results.json").is_file()
+    r = _script("report.py", "runs/world_tta", cwd=tmp_path)
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| world_tta |")]
+    assert [row.split(" | ")[1:4] for row in rows] == [["world-shift-reset", "zeroshot", "n=2"],
+                                                       ["world-shift-reset", "tda_1view", "n=2"]]
+    # online accuracy (mean over the corruptions), ECE, p50, p95 with intervals, samples/s: nothing missing
+    assert all(row.count(" ± ") >= 4 and "–" not in row for row in rows)
