@@ -9,7 +9,8 @@ import torch
 
 from ctta import LabelSpace
 from ctta.strategies import BoostAdapter
-from ctta.strategies._cache import ClassCache, DualCache
+from ctta.strategies._cache import ClassCache
+from ctta.strategies._dual_cache import DualCache
 from ctta.strategies.boost_adapter import boosted_items, boosting_samples
 from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
 

@@ -9,7 +9,8 @@ import torch
 
 from ctta import LabelSpace
 from ctta.strategies import TDA
-from ctta.strategies._cache import ClassCache, DualCache, affinity_logits, confident_query, normalized_entropy
+from ctta.strategies._cache import ClassCache, affinity_logits, confident_query, normalized_entropy
+from ctta.strategies._dual_cache import DualCache
 from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])

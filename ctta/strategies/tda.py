@@ -58,8 +58,9 @@ from torch import Tensor
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
-from ctta.strategies._cache import (DualCache, DualCacheConfig, class_logits, confident_query, dual_cache_for,
-                                    encode_views, finite_samples, fork_generator)
+from ctta.strategies._cache import class_logits, confident_query
+from ctta.strategies._dual_cache import (DualCache, DualCacheConfig, dual_cache_state, load_dual_cache_state,
+                                         run_dual_cache)
 
 
 class TDA(Strategy):
@@ -106,21 +107,7 @@ class TDA(Strategy):
         return cache.read(f, z)
 
     def _run(self, images: Tensor, space: LabelSpace, adapt: bool) -> Tensor:
-        m = self._model()
-        head = m.text_head(space)  # frozen text tower: encoded once per label space, then cached by the Clip
-        cache = dual_cache_for(self.cache, head, self.cfg, type(self).__name__)
-        gen = self.generator if adapt else fork_generator(self.generator)
-        feats = encode_views(self, images, self.n_views, augmix=self.augmix, generator=gen,
-                             view_batch=self.view_batch)
-        ok = finite_samples(feats)
-        if adapt and bool(ok.any()):
-            self.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
-        out = []
-        for b in range(feats.shape[0]):
-            if adapt and not ok[b]:
-                self.skipped_steps += 1  # non-finite features never enter the caches
-            out.append(self._sample(feats[b], head, cache, adapt and bool(ok[b])))
-        return torch.stack(out)
+        return run_dual_cache(self, images, space, adapt, self._sample)
 
     @torch.no_grad()
     def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:
@@ -134,13 +121,8 @@ class TDA(Strategy):
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(generator=self.generator.get_state(),
-                     cache=self.cache.state_dict() if self.cache is not None else None)
-        return state
+        return {**super().state_dict(), **dual_cache_state(self)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        dev = self.model.device if self.model is not None else None
-        self.cache = DualCache.from_state(state["cache"], self.cfg, dev) if state["cache"] is not None else None
-        self.generator.set_state(state["generator"].clone())
+        load_dual_cache_state(self, state)

@@ -1,0 +1,134 @@
+"""TDA's positive and negative caches (`DualCache`), and the per-batch frame TDA and BoostAdapter share: one text
+head per label space, the views of the batch encoded once, samples taken in stream order (update before predict),
+non-finite samples never admitted, and the caches' state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ctta.stream import LabelSpace
+from ctta.strategies._cache import (ClassCache, Policy, affinity_logits, encode_views, ensure_space, finite_samples,
+                                    fork_generator, normalized_entropy)
+
+
+@dataclass(frozen=True)
+class DualCacheConfig:
+    """TDA's cache settings (official ``configs/*.yaml``; the negative ones are the same for every dataset)."""
+
+    pos_alpha: float = 2.0
+    pos_beta: float = 5.0
+    pos_capacity: int = 3
+    neg_alpha: float = 0.117
+    neg_beta: float = 1.0
+    neg_capacity: int = 2
+    neg_entropy: tuple[float, float] = (0.2, 0.5)  # strict band on the normalised entropy
+    neg_mask: tuple[float, float] = (0.03, 1.0)    # strict band on the stored probabilities, applied at read time
+    pos_enabled: bool = True
+    neg_enabled: bool = True
+    entropy_norm: str = "log2"
+    neg_policy: Policy = "entropy"  # BoostAdapter's negative cache is "fifo"
+
+    def __post_init__(self):
+        if self.pos_capacity < 1 or self.neg_capacity < 1:
+            raise ValueError(f"cache capacities must be >= 1, got {self.pos_capacity} and {self.neg_capacity}")
+        normalized_entropy(0.0, 2, self.entropy_norm)  # validates the switch
+
+
+class DualCache:
+    """TDA's positive cache (items ``(f, H)``, always offered) and negative cache (items ``(f, H, p)``, offered
+    when ``lo < H/norm(C) < hi``), and their read ``z + α_p·A_pos(f) − α_n·A_neg(f)``."""
+
+    def __init__(self, n_classes: int, dim: int, cfg: DualCacheConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.pos = ClassCache(n_classes, cfg.pos_capacity, dim, device=device)
+        self.neg = ClassCache(n_classes, cfg.neg_capacity, dim, policy=cfg.neg_policy, with_probs=True,
+                              device=device)
+
+    @property
+    def n_classes(self) -> int:
+        return self.pos.n_classes
+
+    def __len__(self) -> int:
+        return len(self.pos) + len(self.neg)
+
+    def update(self, f: Tensor, h: Tensor | float, p: Tensor, pred: int) -> None:
+        """Offer one query (feature, entropy in nats, probabilities, pseudo-label) to both caches."""
+        cfg = self.cfg
+        if cfg.pos_enabled:
+            self.pos.insert(pred, f, h)
+        lo, hi = cfg.neg_entropy
+        if cfg.neg_enabled and lo < normalized_entropy(h, self.n_classes, cfg.entropy_norm) < hi:
+            self.neg.insert(pred, f, h, p)
+
+    def read(self, f: Tensor, z: Tensor, pos_items: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``z + α_p·Σ_pos exp(−β_p(1 − f·k))·onehot − α_n·Σ_neg exp(−β_n(1 − f·k))·1[lo < p_k < hi]`` (official
+        ``run_test_tda``); ``pos_items = (keys, classes)`` replaces the positive items (BoostAdapter)."""
+        cfg, c = self.cfg, z.shape[-1]
+        out = z.clone()
+        if cfg.pos_enabled:
+            keys, classes = pos_items if pos_items is not None else self.pos.items()[:2]
+            out += affinity_logits(f, keys, None, classes, cfg.pos_alpha, cfg.pos_beta, c)
+        if cfg.neg_enabled:
+            keys, _, _, probs = self.neg.items()
+            lo, hi = cfg.neg_mask
+            mask = ((probs > lo) & (probs < hi)).to(f.dtype)
+            out -= affinity_logits(f, keys, mask, None, cfg.neg_alpha, cfg.neg_beta, c)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos.state_dict(), "neg": self.neg.state_dict()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], cfg: DualCacheConfig, device: torch.device | str | None = None
+                   ) -> "DualCache":
+        out = cls.__new__(cls)
+        out.cfg = cfg
+        out.pos = ClassCache.from_state(state["pos"], device=device)
+        out.neg = ClassCache.from_state(state["neg"], policy=cfg.neg_policy, with_probs=True, device=device)
+        if (out.pos.capacity, out.neg.capacity) != (cfg.pos_capacity, cfg.neg_capacity):
+            raise ValueError(f"cache state of capacities ({out.pos.capacity}, {out.neg.capacity}) does not fit "
+                             f"({cfg.pos_capacity}, {cfg.neg_capacity})")
+        return out
+
+
+def dual_cache_for(current: DualCache | None, head: Tensor, cfg: DualCacheConfig, who: str) -> DualCache:
+    """The `DualCache` to use for a label space whose class head is ``head [C, D]``: ``current`` if it was built for
+    C classes, else a new empty one (allowed only while ``current`` is None or empty; see `ensure_space`)."""
+    n = current.n_classes if current is not None else 0
+    if not ensure_space(n, current is None or len(current) == 0, head.shape[0], who):
+        return current
+    return DualCache(head.shape[0], head.shape[1], cfg, head.device)
+
+
+def run_dual_cache(s: Any, images: Tensor, space: LabelSpace, adapt: bool,
+                   sample: Callable[[Tensor, Tensor, DualCache, bool], Tensor]) -> Tensor:
+    """Logits ``[B, C]`` of ``images``, one ``sample(view_features, head, cache, admit)`` call per image in stream
+    order. ``s`` is the strategy (``cache``, ``cfg``, ``generator``, ``n_views``, ``augmix``, ``view_batch``);
+    ``adapt`` False draws views from a copy of the generator and keeps nothing (``predict``)."""
+    head = s._model().text_head(space)  # frozen text tower: encoded once per label space, then cached by the Clip
+    cache = dual_cache_for(s.cache, head, s.cfg, type(s).__name__)
+    gen = s.generator if adapt else fork_generator(s.generator)
+    feats = encode_views(s, images, s.n_views, augmix=s.augmix, generator=gen, view_batch=s.view_batch)
+    ok = finite_samples(feats)
+    if adapt and bool(ok.any()):
+        s.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
+    out = []
+    for b in range(feats.shape[0]):
+        if adapt and not ok[b]:
+            s.skipped_steps += 1  # non-finite features never enter the caches
+        out.append(sample(feats[b], head, cache, adapt and bool(ok[b])))
+    return torch.stack(out)
+
+
+def dual_cache_state(s: Any) -> dict[str, Any]:
+    """The caches and the view generator of a TDA-style strategy, for its ``state_dict``."""
+    return {"generator": s.generator.get_state(), "cache": s.cache.state_dict() if s.cache is not None else None}
+
+
+def load_dual_cache_state(s: Any, state: dict[str, Any]) -> None:
+    dev = s.model.device if s.model is not None else None
+    s.cache = DualCache.from_state(state["cache"], s.cfg, dev) if state["cache"] is not None else None
+    s.generator.set_state(state["generator"].clone())
