@@ -3,7 +3,7 @@
 Per task, as CoDyRA's reference (Lu et al., arXiv 2412.01004; Artificer-AI-Lab/CoDyRA ``models/codyra.py``,
 ``loralib/codyra.py``, ``runner_codyra.sh``) trains its adapters and the "LoRA r=16" baseline of its tables:
 
-- a fresh rank-r LoRA on the chosen targets of both towers (`ctta.adapters.lora.inject_lora`; gated for CoDyRA);
+- a fresh rank-r LoRA on the chosen targets of both towers (`ctta.adapters.inject.inject_lora`; gated for CoDyRA);
 - AdamW on the LoRA factors (and gates) with a cosine schedule over the task's steps, rebuilt every task;
 - the loss `ctta.losses.seen_masked_clip_loss`: image→text CE over [seen; current] classes with the seen columns at
   −inf, plus the text→image soft CE; current-class text features recomputed every step through the LoRA'd text tower
@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from ctta.adapters.lora import TARGETS, TOWERS, LoRA, inject_lora, merge_and_remove
+from ctta.adapters.inject import inject_lora, merge_and_remove
+from ctta.adapters.lora import TARGETS, TOWERS, LoRA
 from ctta.finetuning import class_prompts
 from ctta.losses import seen_masked_clip_loss
 from ctta.model import Clip

@@ -7,16 +7,8 @@ import torch
 from open_clip.transformer import Attention
 from torch import nn
 
-from ctta.adapters.lora import (
-    LoRA,
-    LoRAAttention,
-    LoRALinear,
-    inject_lora,
-    lora_modules,
-    lora_wrappers,
-    merge_and_remove,
-    remove_lora,
-)
+from ctta.adapters.inject import inject_lora, lora_modules, lora_wrappers, merge_and_remove, remove_lora
+from ctta.adapters.lora import LoRA, LoRAAttention, LoRALinear
 from ctta.task_lora import MergeHistory
 from tests.conftest import make_tiny_clip
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ctta import AccuracyMatrix, run
-from ctta.adapters.lora import LoRAAttention, lora_modules, merge_and_remove
+from ctta.adapters.inject import lora_modules, merge_and_remove
+from ctta.adapters.lora import LoRAAttention
 from ctta.hooks import StrategySummary
 from ctta.losses import seen_masked_clip_loss
 from ctta.finetuning import class_prompts
