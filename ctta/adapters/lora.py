@@ -14,8 +14,9 @@ adapter leaves the model's outputs unchanged). Two wrappers replace the wrapped 
 `LoRAAttention` (``attn``: ``nn.MultiheadAttention.forward`` reads ``in_proj_weight`` and ``out_proj.weight``
 directly, never calling ``out_proj``'s forward, so the wrapper runs the untouched base module with the effective
 weights ``W + ΔW`` substituted through ``torch.func.functional_call``: open_clip's forward and torch's attention
-kernels stay exactly as they are). `ctta.adapters.inject` puts them into a tower (`inject_lora`); its `merge_and_remove` folds every delta into the base weights and puts the original
-modules back, so the result has exactly the base model's parameters, modules and forward cost.
+kernels stay exactly as they are). `ctta.adapters.inject` puts them into a tower (`inject_lora`); its
+`merge_and_remove` folds every delta into the base weights and puts the original modules back, so the result has
+exactly the base model's parameters, modules and forward cost.
 
 Supported: open_clip 3.x ``ResidualAttentionBlock`` (``nn.MultiheadAttention`` with ``_qkv_same_embed_dim``) and
 ``CustomResidualAttentionBlock`` (open_clip's own ``Attention``, also a fused ``in_proj_weight [3d, d]`` and an
