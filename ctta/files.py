@@ -1,7 +1,8 @@
 """Files you can trust: atomic writes, content-hashed checkpoint files, and removal of interrupted writes.
 
 - **Atomic**: every file is written to a temporary file beside the target, flushed, fsynced and renamed over it,
-  so a reader never sees a partial file.
+  so a reader never sees a partial file. The file gets the permissions ``open()`` would give it (``0o666`` less the
+  process umask, e.g. ``rw-r--r--``), not ``mkstemp``'s private ``0o600``: results are shared like any other file.
 - **Interrupted writes are cleaned up**: a process killed mid-write leaves its ``.<name>.<host>.<pid>.<rand>.tmp``
   behind; the next write of the same target removes the leftovers of writers that are gone (a process of this host
   that no longer runs, or any leftover older than `STALE_TMP_S`), never those of a write still in progress.
@@ -82,6 +83,21 @@ def remove_stale_tmp(path: str | Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    """The process umask. Read from /proc on Linux: setting it to read it back (``os.umask``) would change it for
+    every thread for a moment, and a file another thread creates then would get the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Write through a temporary file in the same directory, then rename: readers never see a partial file.
     Leftovers of earlier interrupted writes of the same target are removed first (`remove_stale_tmp`)."""
@@ -90,6 +106,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     remove_stale_tmp(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0o600; the renamed file should look like any file the user makes
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

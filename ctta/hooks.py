@@ -8,7 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import math
+
 import torch
+from tqdm.auto import tqdm
 
 from ctta.data import Dataset, iter_batches
 from ctta.io import atomic_write_json, provenance
@@ -32,16 +35,26 @@ class ZeroShotPredictor:
         return out
 
 
+def evaluation_bar(datasets: Sequence[Dataset], batch_size: int, desc: str, progress: bool | None) -> tqdm:
+    """A transient bar (``leave=False``) over the evaluation batches of ``datasets``: evaluation can take minutes
+    (10 tasks x 10 rows of a CIL matrix). ``progress``: None = only on a terminal, True = always, False = never."""
+    total = sum(math.ceil(len(d) / batch_size) for d in datasets)
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress)
+
+
 @torch.no_grad()
-def evaluate(strategy, dataset: Dataset, space: LabelSpace, offset: int = 0, batch_size: int | None = None) -> dict:
+def evaluate(strategy, dataset: Dataset, space: LabelSpace, offset: int = 0, batch_size: int | None = None,
+             bar: tqdm | None = None) -> dict:
     """Top-1 accuracy of ``strategy.predict`` (anything with ``predict``, ``model`` and ``eval_batch_size``) on
-    ``dataset`` over ``space``; labels are shifted by ``offset``."""
+    ``dataset`` over ``space``; labels are shifted by ``offset``. ``bar`` is advanced by one per batch."""
     correct, total = 0, 0
     device = strategy.model.device
     for images, labels, _ in iter_batches(dataset, batch_size or strategy.eval_batch_size):
         pred = strategy.predict(images.to(device), space).argmax(-1).cpu()
         correct += int((pred == labels + offset).sum())
         total += len(labels)
+        if bar is not None:
+            bar.update(1)
     if total == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     return {"accuracy": correct / total, "n": total}
@@ -49,20 +62,26 @@ def evaluate(strategy, dataset: Dataset, space: LabelSpace, offset: int = 0, bat
 
 class AccuracyMatrix:
     """After each task, evaluates every task of the stream (future ones included) in the stream's scope:
-    row ``t`` of ``R``. Writes ``accuracy_matrix``, ``test_sizes`` and ``metrics`` (see `ctta.metrics.summarize`)."""
+    row ``t`` of ``R``. Writes ``accuracy_matrix``, ``test_sizes`` and ``metrics`` (see `ctta.metrics.summarize`).
+    ``progress``: the evaluation bar (None: only on a terminal; scripts/run.py sets it from its ``progress``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool | None = None) -> None:
         self.R: list[list[float]] = []
         self.sizes: list[int] = []
+        self.progress = progress
 
     def on_task_end(self, ctx) -> None:
         stream, t = ctx.stream, ctx.task_index
         row, sizes = [], []
+        bs = ctx.strategy.eval_batch_size
+        bar = evaluation_bar([task.test for task in stream.tasks], bs,
+                             f"evaluate after task {t + 1}/{len(stream)}", self.progress)
         for j, task in enumerate(stream.tasks):
             space, offset = stream.space_for(t, j)
-            r = evaluate(ctx.strategy, task.test, space, offset)
+            r = evaluate(ctx.strategy, task.test, space, offset, bar=bar)
             row.append(r["accuracy"])
             sizes.append(r["n"])
+        bar.close()
         self.R.append(row)
         self.sizes = sizes
         ctx.results["accuracy_matrix"] = self.R
@@ -81,17 +100,23 @@ class ZeroShotRetention:
     """Held-out control tasks the stream never trains on, measured before the run and after every task:
     ``ratio = acc_t / acc_0`` and ``drop = acc_0 - acc_t`` per control task, and their means. ``acc_0`` is the
     untouched model's zero-shot accuracy, measured in ``on_run_start``, before the strategy exists (a strategy's
-    own ``predict`` at setup, e.g. RAPF's untrained adapter, is not zero-shot)."""
+    own ``predict`` at setup, e.g. RAPF's untrained adapter, is not zero-shot). ``progress`` as for
+    `AccuracyMatrix`."""
 
-    def __init__(self, controls: Sequence[Task]):
+    def __init__(self, controls: Sequence[Task], progress: bool | None = None):
         if not controls:
             raise ValueError("ZeroShotRetention needs at least one control task")
         self.controls = list(controls)
         self.acc0: dict[str, float] = {}
         self.history: dict[str, list[float]] = {c.name: [] for c in self.controls}
+        self.progress = progress
 
     def _measure(self, predictor) -> dict[str, float]:
-        return {c.name: evaluate(predictor, c.test, c.space)["accuracy"] for c in self.controls}
+        bar = evaluation_bar([c.test for c in self.controls], predictor.eval_batch_size, "zero-shot controls",
+                             self.progress)
+        out = {c.name: evaluate(predictor, c.test, c.space, bar=bar)["accuracy"] for c in self.controls}
+        bar.close()
+        return out
 
     def on_run_start(self, ctx) -> None:
         if not self.acc0:  # (a resumed run brings its baseline along)

@@ -10,10 +10,13 @@ import numpy as np
 from ctta.io import atomic_write_bytes
 
 
-def plot_results(results: dict, path: str | Path, title: str = "") -> Path:
+def results_figure(results: dict, title: str = ""):
+    """The figure `plot_results` saves. Tasks and steps are numbered from 1 on every axis: row i of the heat map
+    is "after training task i", column j "task j", and step k of the curve is the accuracy after task k."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     R = np.asarray(results["accuracy_matrix"], dtype=float) * 100
     steps = results.get("metrics", {}).get("step_accuracy")
@@ -23,14 +26,19 @@ def plot_results(results: dict, path: str | Path, title: str = "") -> Path:
     if R.shape[1] <= 12:
         for (i, j), v in np.ndenumerate(R):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="w" if v < 60 else "k")
+    from_one = FuncFormatter(lambda v, _: f"{int(round(v)) + 1}")  # imshow's cells sit at 0..n-1
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+        axis.set_major_formatter(from_one)
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("after training task i")
-    ax.set_title("accuracy R[i][j] (%)")
+    ax.set_title("accuracy R[i][j] (%), tasks from 1")
     fig.colorbar(im, ax=ax, fraction=0.046)
     if steps:
         ax2 = axes[0, 1]
         ax2.plot(np.arange(1, len(steps) + 1), np.asarray(steps) * 100, marker="o")
-        ax2.set_xlabel("step")
+        ax2.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+        ax2.set_xlabel("after training task (step)")
         ax2.set_ylabel("accuracy over seen classes (%)")
         ax2.set_ylim(0, 100)
         ax2.grid(alpha=0.3)
@@ -38,6 +46,14 @@ def plot_results(results: dict, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_results(results: dict, path: str | Path, title: str = "") -> Path:
+    """Save `results_figure` as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(results, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -1,72 +1,348 @@
 """Run a strategy on a stream: python scripts/run.py strategy=finetune stream=world_cil [experiment=...]
 
-Hydra builds the model, strategy, stream and hooks from configs/ (`_target_` paths, so a user's own strategy plugs
+Hydra composes the model, strategy, stream and hooks from configs/ (`_target_` paths, so a user's own strategy plugs
 in with `-cd my_configs strategy=my_strategy` or `strategy._target_=my_pkg.MyStrategy`). Results, the accuracy-
 matrix plot and a resumable checkpoint go to `out_dir`; re-running with the same `out_dir=...` resumes.
 Under `torchrun --nproc_per_node=N scripts/run.py ...` it runs data-parallel (see `ctta.distributed`).
+
+What a user sees, in order (tested by tests/test_cli.py):
+1. A first line within a second or two, before torch is imported (`--help` never imports it).
+2. Set-up, cheapest first, so that a mistake costs seconds: every ``_target_`` entry is checked against its
+   signature (`ctta.validate`: unknown keys, simple types), then the stream is built (a real-data recipe verifies
+   its dataset), then the strategy and hooks, then the output folder's checkpoint is compared with this run (a
+   foreign one is refused with the fields that differ), and only then are weights loaded.
+3. Errors of the user's making at set-up (a bad value, a missing dataset, a foreign checkpoint, an unwritable
+   folder) are printed as plain text with a hint in command-line terms and exit code 2, without a traceback;
+   ``--debug`` or ``HYDRA_FULL_ERROR=1`` keeps tracebacks.
+4. Nothing is written into out_dir before those checks pass. Hydra itself writes nothing (``hydra.run.dir: .``,
+   ``hydra.output_subdir: null`` in configs/run.yaml): this script writes ``.hydra/config.yaml`` and
+   ``.hydra/overrides.yaml`` (for a new run, or a folder without them) and appends to ``run.log`` once the checks
+   have passed. The alternative, Hydra's per-attempt output subfolders, would still create and log into the
+   folder before the check, and scatter a run's config over attempts. A run that fails at set-up removes what it
+   created (the folder itself when it made it and nothing else is in it).
+5. The summary, also appended to ``run.log``, with a line saying what each printed metric means.
 """
+from __future__ import annotations
+
+import logging
 import os
+import re
 import sys
 import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 import hydra
-import torch
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import ctta
-from ctta import distributed
-from ctta.report import format_summary
-from streams.manifest import DatasetError
+log = logging.getLogger("ctta")
+
+TOP_LEVEL_TYPES = {"seed": (int,), "progress": (bool, type(None)), "threads": (int, type(None)), "device": (str,),
+                   "dist_timeout_s": (int, float), "out_dir": (str,), "data_root": (str,)}
+
+
+class SetupError(Exception):
+    """A user's mistake found at set-up: ``message`` and ``hint`` are printed as they are, exit code 2."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message, self.hint = message, hint
 
 
 @hydra.main(config_path="../configs", config_name="run", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    # Under torchrun: one process group for the run, one device per rank (cuda:LOCAL_RANK when there are GPUs).
+    choices = HydraConfig.get().runtime.choices
+    log.info("ctta: %s on %s -> %s; setting up (imports, stream, strategy, model) ...",
+             choices.get("strategy"), choices.get("stream"), cfg.out_dir)
+    t0 = time.monotonic()
+    try:
+        _check_top_level(cfg)
+    except SetupError as e:
+        _report(e, cfg, at_setup=True)
+        raise
+    from ctta import distributed  # torch: seconds; the line above comes first
+
     with distributed.launched(timeout_s=float(cfg.dist_timeout_s)) as device:
         if device is not None and device.type == "cuda":
             cfg.device = str(device)
         if distributed.world_size() > 1:
             # every rank must agree on where results go (${now} differs by a second between processes)
             cfg.out_dir = distributed.broadcast_object(str(cfg.out_dir), "out_dir")
-        # The stream first: a real-data recipe verifies its dataset against the manifest, so a missing or damaged
-        # dataset fails in seconds with what to download, before any model weights are loaded or downloaded.
-        stream = _build_stream(cfg.stream)
-        model = instantiate(cfg.model)
-        strategy = instantiate(cfg.strategy)
-        hooks = [instantiate(h) for h in cfg.hooks.values() if h is not None]
-        results = ctta.run(model, strategy, stream, hooks, out_dir=cfg.out_dir, seed=cfg.seed,
-                           config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.progress,
+        folder = RunFolder(Path(str(cfg.out_dir)), main=distributed.is_main())
+        try:
+            run = _set_up(cfg, folder)
+        except BaseException as e:
+            folder.discard()
+            _report(e, cfg, at_setup=True)
+            raise
+        log.info("set up in %.1f s; running", time.monotonic() - t0)
+        import ctta
+        try:
+            return _run(ctta, cfg, run, folder)
+        finally:
+            folder.close()  # under -m, the next job's run.log is another file
+
+
+def _run(ctta, cfg: DictConfig, run: dict[str, Any], folder: "RunFolder") -> dict:
+    """The loop, then the summary (printed, and appended to run.log)."""
+    from ctta import distributed
+    from ctta.report import format_summary
+    try:
+        results = ctta.run(run["model"], run["strategy"], run["stream"], run["hooks"], out_dir=cfg.out_dir,
+                           seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True), progress=cfg.progress,
                            samples=OmegaConf.to_container(cfg.samples, resolve=True))
-        if distributed.is_main():
-            print(f"{type(strategy).__name__} on {stream.name} -> {cfg.out_dir}"
-                  + (f" ({distributed.world_size()} ranks)" if distributed.world_size() > 1 else ""))
-            print(format_summary(results))
+    except BaseException as e:
+        if _raised_at_loop_setup(e):  # the loop's own checks (a foreign hook state, samples.* values)
+            folder.discard()
+            _report(e, cfg, at_setup=True)
+        raise
+    if distributed.is_main():
+        head = (f"{type(run['strategy']).__name__} on {run['stream'].name} -> {cfg.out_dir}"
+                + (f" ({distributed.world_size()} ranks)" if distributed.world_size() > 1 else ""))
+        summary = "\n".join([head, format_summary(results), *legend(results)])
+        print(summary, flush=True)
+        folder.log_summary(summary)
     return results
 
 
-def _build_stream(cfg_stream: DictConfig):
-    """Instantiate the stream; a missing or damaged dataset ends the run with the manifest's message as written
-    (what is wrong, what to download, how to lay it out) rather than Hydra's one-line repr of the exception."""
+# ------------------------------------------------------------------------------------------------ set-up
+def _set_up(cfg: DictConfig, folder: "RunFolder") -> dict[str, Any]:
+    """Check, build and prepare everything but the loop; raises `SetupError` (or the target's own error)."""
+    from ctta.validate import check_config
+
+    if cfg.get("threads"):
+        import torch
+        torch.set_num_threads(int(cfg.threads))
+    plain = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "strategy", "stream")}
+    hooks_cfg = OmegaConf.to_container(cfg.hooks, resolve=True) if cfg.get("hooks") else {}
+    samples = OmegaConf.to_container(cfg.samples, resolve=True) if cfg.get("samples") else {}
+    for group, entry in plain.items():
+        check_config(entry, group)
+    for name, entry in hooks_cfg.items():
+        check_config(entry, f"hooks.{name}")
+    check_config({"_target_": "ctta.loop.samples.run_samples", "_partial_": True, **samples}, "samples")
+
+    t = time.monotonic()
+    # The stream first: a real-data recipe verifies its dataset against the manifest, so a missing or damaged
+    # dataset fails in seconds with what to download, before any model weights are loaded or downloaded.
+    stream = _build("stream", cfg.stream, cfg)
+    log.info("stream %s: %d tasks, %d test images (%.1f s)", stream.name, len(stream),
+             sum(len(task.test) for task in stream.tasks), time.monotonic() - t)
+    strategy = _build("strategy", cfg.strategy, cfg)
+    hooks = [_build(f"hooks.{k}", h, cfg) for k, h in (cfg.hooks or {}).items() if h is not None]
+    for h in hooks:  # hooks with evaluation bars follow the run's progress setting
+        if hasattr(h, "progress"):
+            h.progress = cfg.progress
+    if folder.main:
+        folder.check_resume(stream, strategy, int(cfg.seed), samples)
+        folder.open(cfg)
+    t = time.monotonic()
+    log.info("loading model %s (%s) ...", cfg.model.get("arch", "?"), cfg.model.get("pretrained", "?"))
+    model = _build("model", cfg.model, cfg)
+    log.info("model ready (%.1f s)", time.monotonic() - t)
+    return {"stream": stream, "strategy": strategy, "hooks": hooks, "model": model}
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    for key, types in TOP_LEVEL_TYPES.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise SetupError(f"{key}={value!r}: expected {want}", f"e.g. {key}={_example(types)}")
+
+
+def _example(types: tuple) -> str:
+    return {int: "0", float: "1.5", bool: "true", str: "cpu"}.get(types[0], "null")
+
+
+def _build(where: str, entry: DictConfig, cfg: DictConfig) -> Any:
+    """``instantiate`` one entry; an error of the target's own checks becomes a `SetupError` naming the key."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
     try:
-        return instantiate(cfg_stream)
-    except Exception as e:
-        cause = e.__cause__ if isinstance(e.__cause__, DatasetError) else e
-        if isinstance(cause, DatasetError):
-            raise SystemExit(f"error: {cause}") from None
-        raise
+        return instantiate(entry)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if not isinstance(cause, (ValueError, TypeError, FileNotFoundError, PermissionError)):
+            raise  # not a value the user set: a bug, with its traceback
+        keys = [k for k in entry if not str(k).startswith("_") and re.search(rf"\b{re.escape(str(k))}\b", str(cause))]
+        target = entry.get("_target_", "?")
+        if type(cause).__name__ == "DatasetError":
+            raise SetupError(str(cause), f"data_root=PATH (now {cfg.data_root}) must hold the dataset in the "
+                                         "layout above (the CTTA_DATA variable sets it too)") from cause
+        named = ", ".join(f"{where}.{k}" for k in keys) or f"the {where}.* keys"
+        raise SetupError(f"{where} ({target}): {cause}",
+                         f"check {named}; the defaults are in configs/{where.split('.')[0]}/") from cause
+
+
+# --------------------------------------------------------------------------------------------- the folder
+class _Solo:
+    """The `Parallel` surface `Checkpoint.read` uses, for rank 0's early look at the folder (no collectives)."""
+    main, active = True, False
+
+    @staticmethod
+    def from_main(state: Any, what: str) -> Any:
+        return state
+
+
+class RunFolder:
+    """``out_dir`` as this attempt found it: what it may write there, and what to remove if set-up fails."""
+
+    def __init__(self, path: Path, main: bool = True):
+        self.path, self.main = path, main
+        self.existed = path.exists()
+        self.created: list[Path] = []  # files this attempt wrote, in order
+        self.handler: logging.Handler | None = None
+
+    def check_resume(self, stream, strategy, seed: int, samples: dict) -> None:
+        """Compare the folder's checkpoint with this run before anything is written (the loop checks it again
+        when it reads the checkpoint to resume)."""
+        from ctta.loop import samples as sample_loop
+        from ctta.loop import tasks as task_loop
+        from ctta.loop.checkpoint import Checkpoint, ensure_writable
+        from ctta.online import resolve_policy
+
+        if any(t.train is not None for t in stream.tasks):
+            name, fp = task_loop.CHECKPOINT, task_loop.fingerprint(stream, strategy, seed)
+        else:
+            policy = resolve_policy(samples.get("reset"), strategy)
+            name = sample_loop.CHECKPOINT
+            fp = sample_loop.fingerprint(stream, strategy, seed, samples.get("batch_size", 1), policy)
+        if (self.path / name).exists():
+            Checkpoint(self.path, name, fp, _Solo()).read("cpu")  # raises RunMismatch naming the fields
+        ensure_writable(self.path)
+
+    def open(self, cfg: DictConfig) -> None:
+        """Write the run's config (new runs) and start appending this attempt's log lines to run.log."""
+        from ctta.files import atomic_write_bytes
+        hydra_dir = self.path / ".hydra"
+        if not (hydra_dir / "config.yaml").exists():
+            self.created.append(atomic_write_bytes(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode()))
+            overrides = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
+            self.created.append(atomic_write_bytes(hydra_dir / "overrides.yaml", overrides.encode()))
+        logfile = self.path / "run.log"
+        if not logfile.exists():
+            self.created.append(logfile)
+        self.handler = logging.FileHandler(logfile, mode="a", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(self.handler)
+        log.info("run %s: python scripts/run.py %s", self.path, " ".join(HydraConfig.get().overrides.task))
+
+    def log_summary(self, text: str) -> None:
+        if self.handler is not None:
+            self.handler.emit(logging.LogRecord("ctta.summary", logging.INFO, __file__, 0, "results:\n%s",
+                                                (text,), None))
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+    def discard(self) -> None:
+        """Set-up failed: remove what this attempt wrote, and the folder when it made it and it is now empty."""
+        if not self.main:
+            return
+        self.close()
+        for p in reversed(self.created):
+            p.unlink(missing_ok=True)
+        for d in (self.path / ".hydra", self.path):
+            try:
+                if d.is_dir() and not any(d.iterdir()) and (d != self.path or not self.existed or self._fresh()):
+                    d.rmdir()
+            except OSError:
+                pass
+
+    def _fresh(self) -> bool:
+        """An empty folder that existed before: one Hydra's sweep made for this job (``hydra.sweep.subdir``)."""
+        return HydraConfig.get().mode.name == "MULTIRUN"
+
+
+# --------------------------------------------------------------------------------------------- messages
+def _raised_at_loop_setup(e: BaseException) -> bool:
+    """Whether ``e`` came from the loop's own checks before any work (`RunMismatch`; a ValueError raised directly
+    in run_tasks / run_samples, e.g. samples.batch_size=0) rather than from inside training."""
+    if type(e).__name__ in ("RunMismatch", "PermissionError"):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not isinstance(e, (ValueError, TypeError)):
+        return False
+    code = tb.tb_frame.f_code
+    return code.co_name in ("run", "run_tasks", "run_samples") and f"{os.sep}loop{os.sep}" in code.co_filename
+
+
+def _report(e: BaseException, cfg: DictConfig, at_setup: bool) -> None:
+    """Print a user error found at set-up plainly and exit 2; anything else (a bug) goes on with its traceback."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(e, Exception):
+        return
+    name = type(e).__name__
+    if isinstance(e, SetupError):
+        message, hint = e.message, e.hint
+    elif name == "ConfigError":
+        message, hint = str(e), "fix that key on the command line (python scripts/run.py --help lists the groups)"
+    elif name == "RunMismatch":
+        message = str(e)
+        hint = (f"out_dir={cfg.out_dir} holds another run: resume it with its settings ({cfg.out_dir}/.hydra/"
+                f"config.yaml), or give this run another out_dir=...")
+    elif name in ("PermissionError", "CorruptFileError"):
+        message, hint = str(e), "choose another out_dir=..."
+    elif at_setup and isinstance(e, (ValueError, TypeError)):
+        message, hint = str(e), "check the values you set on the command line (python scripts/run.py --help)"
+    else:
+        return
+    rank = os.environ.get("RANK", "0")
+    prefix = "" if rank == "0" else f"rank {rank}: "
+    print(f"{prefix}error: {message}" + (f"\n{prefix}hint: {hint}" if hint else "")
+          + f"\n{prefix}(--debug shows the traceback)", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def legend(results: dict) -> list[str]:
+    """What each printed metric means, a few indented lines (the run's summary and run.log)."""
+    import textwrap
+    out = []
+    m = results.get("metrics")
+    if m and "step_accuracy" in m:
+        out.append("average: mean over steps of the accuracy on all classes seen so far; last: that accuracy after "
+                   "the final task; forgetting: mean drop of each earlier task from its best accuracy to its final "
+                   "one; BWT: mean change on earlier tasks since each was learnt (negative = forgotten). For a "
+                   "zero-shot model, forgetting and BWT only measure the growth of the label space (more classes "
+                   "to tell apart), not lost knowledge.")
+    elif m:
+        out.append("transfer: accuracy on tasks before they are trained; average: mean over all evaluations; "
+                   "last: after the final task; forgetting: drop from each task's best accuracy; BWT: change since "
+                   "each task was learnt (negative = forgotten).")
+    if results.get("retention", {}).get("mean_ratio") is not None:
+        out.append("zero-shot retention: accuracy on held-out control tasks the stream never trains on, after the "
+                   "run / before it (ratio 1.000: zero-shot ability kept; drop in points).")
+    if results.get("online"):
+        out.append("online: accuracy of each prediction, made before adapting on that sample, per domain and "
+                   "cumulative; ECE: calibration error (20 bins).")
+    return [line for text in out for line in textwrap.wrap(text, 110, initial_indent="  ", subsequent_indent="  ")]
 
 
 def _quiet_other_ranks() -> None:
-    """Under torchrun only rank 0 writes: the other ranks' Hydra keeps its config and log files out of the run
-    folder (and ${now} may differ by a second between processes; rank 0's out_dir is broadcast in main)."""
+    """Under torchrun only rank 0 writes: the other ranks' Hydra logs nothing to the console twice (and ${now} may
+    differ by a second between processes; rank 0's out_dir is broadcast in main)."""
     if os.environ.get("RANK", "0") != "0":
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+        sys.argv += ["hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
                      f"hydra.run.dir={tempfile.gettempdir()}"]
 
 
+def _debug_flag() -> None:
+    """``--debug``: keep tracebacks (Hydra's own errors included) by setting HYDRA_FULL_ERROR=1."""
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+
+
 if __name__ == "__main__":
+    _debug_flag()
     _quiet_other_ranks()
     main()

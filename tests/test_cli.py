@@ -1,0 +1,268 @@
+"""The command line as a user meets it (issue #21): `scripts/run.py` in a subprocess on tiny settings, checked on what
+it prints and leaves on disk, plus the pieces behind it (config validation, file permissions, plot axes).
+
+Subprocess runs take ~5-20 s each on a loaded 2-core machine, most of it importing torch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["stream.n_tasks=2", "stream.train_per_class=2", "stream.test_per_class=2", "hooks=minimal", "threads=1"]
+
+
+class Run:
+    def __init__(self, rc: int, stdout: str, stderr: str, first_line_s: float | None, wall_s: float):
+        self.rc, self.stdout, self.stderr, self.first_line_s, self.wall_s = rc, stdout, stderr, first_line_s, wall_s
+
+    @property
+    def out(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(*args: str, cwd: Path = ROOT, umask: int = 0o022, timeout: int = 300) -> Run:
+    """Run scripts/run.py; note when its first line of output arrives (stderr is unbuffered, stdout may not be)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    t0 = time.monotonic()
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run.py"), *args], cwd=cwd, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.umask(umask))
+    lines: list[tuple[float, str]] = []
+
+    def read_stderr() -> None:
+        for line in p.stderr:
+            lines.append((time.monotonic() - t0, line))
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    stdout = p.stdout.read()
+    p.wait(timeout)
+    reader.join()
+    return Run(p.returncode, stdout, "".join(line for _, line in lines), lines[0][0] if lines else None,
+               time.monotonic() - t0)
+
+
+# ------------------------------------------------------------------------------------- a run, re-runs, resume
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Run]:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    r = run_cli(f"out_dir={out}", *TINY, "progress=true", umask=0o027)
+    assert r.rc == 0, r.out[-3000:]
+    return out, r
+
+
+def test_progress_shows_within_seconds(finished):
+    _, r = finished
+    assert r.first_line_s is not None and r.first_line_s < 5.0, (r.first_line_s, r.stderr[:500])
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("ctta: zeroshot on world_cil") and "setting up" in first
+    assert "stream world-cil2: 2 tasks, 200 test images" in r.stderr
+    assert "loading model micro-clip (builtin)" in r.stderr
+    assert "tasks:" in r.stderr and "world-cil2/t1: evaluate" in r.stderr  # the outer bar, "task: step"
+    assert "evaluate after task 1/2" in r.stderr and "evaluate after task 2/2" in r.stderr  # the evaluation bar
+    # third-party INFO lines are quiet by default
+    assert "Loaded built-in micro-clip model config" not in r.out and "[INFO]" not in r.out
+
+
+def test_summary_explains_its_metrics_and_is_in_run_log(finished):
+    out, r = finished
+    assert "ZeroShot on world-cil2" in r.stdout and "accuracy (%): average" in r.stdout
+    words = " ".join(r.stdout.split())
+    assert "BWT: mean change on earlier tasks" in words
+    assert "For a zero-shot model, forgetting and BWT only measure the growth of the label space" in words
+    assert max(len(line) for line in r.stdout.splitlines()) <= 120
+    log = (out / "run.log").read_text()
+    assert "accuracy (%): average" in log and "BWT: mean change" in " ".join(log.split())
+    assert "python scripts/run.py" in log and "stream.n_tasks=2" in log  # how the run was started
+
+
+def test_result_files_follow_the_umask(finished):
+    out, _ = finished
+    for name in ("results.json", "results.png", "checkpoint.pt", "run.log", ".hydra/config.yaml",
+                 ".hydra/overrides.yaml"):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name  # 0o666 less umask 027 (mkstemp gave 0o600)
+
+
+def test_rerun_of_a_finished_run_says_so_and_rewrites_nothing(finished):
+    out, _ = finished
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in
+              (out / "results.json", out / "checkpoint.pt", out / ".hydra" / "config.yaml")}
+    r = run_cli(f"out_dir={out}", *TINY, "progress=false")
+    assert r.rc == 0, r.out[-3000:]
+    assert "resuming" in r.stderr and "after task 2/2" in r.stderr
+    assert "run already finished (2 tasks): nothing to do" in r.stderr
+    assert "accuracy (%): average" in r.stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+
+
+def test_a_foreign_resume_is_refused_before_anything_is_written(finished):
+    out, _ = finished
+    before = {p.name: p.read_bytes() for p in (out / ".hydra" / "config.yaml", out / "run.log")}
+    r = run_cli(f"out_dir={out}", *TINY, "strategy=finetune", "progress=false")
+    assert r.rc == 2, r.out[-3000:]
+    assert "Traceback" not in r.out
+    assert "error: " in r.stderr and "belongs to a different run" in r.stderr
+    assert "strategy: 'ZeroShot' -> 'Finetune'" in r.stderr and "config.lr: None -> 1e-05" in r.stderr
+    assert f"hint: out_dir={out} holds another run" in r.stderr
+    assert "loading model" not in r.stderr  # refused before the weights
+    assert {p.name: p.read_bytes() for p in (out / ".hydra" / "config.yaml", out / "run.log")} == before
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _no_run_folder(cwd: Path) -> bool:
+    return not (cwd / "runs").exists() or not any((cwd / "runs").rglob("*"))
+
+
+def test_a_bad_value_fails_plainly_naming_the_key(tmp_path):
+    """No out_dir: the default runs/<name>/<time>/ is not left behind by a run that fails at set-up."""
+    r = run_cli(*TINY, "strategy=finetune", "strategy.lr=abc", cwd=tmp_path)
+    assert r.rc == 2, r.out[-3000:]
+    assert "error: strategy.lr='abc': Finetune expects lr: float" in r.stderr
+    assert "hint:" in r.stderr and "Traceback" not in r.out
+    assert "loading model" not in r.stderr and "stream world-cil2" not in r.stderr  # before any data or weights
+    assert _no_run_folder(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_value_the_target_refuses_is_named_too(tmp_path):
+    """A value of the right type that the stream itself refuses: its message, the key named, no folder."""
+    r = run_cli(*TINY, "stream.n_tasks=-1", cwd=tmp_path)
+    assert r.rc == 2, r.out[-3000:]
+    assert "error: stream (streams.world.cil_stream): n_tasks must be between 1 and 100" in r.stderr
+    assert "hint: check stream.n_tasks" in r.stderr and "Traceback" not in r.out
+    assert _no_run_folder(tmp_path)
+
+
+def test_debug_keeps_the_traceback(tmp_path):
+    plain = run_cli(f"out_dir={tmp_path / 'x'}", "seed=abc")  # a top-level key: refused before torch is imported
+    assert plain.rc == 2 and "error: seed='abc': expected int" in plain.stderr and "Traceback" not in plain.out
+    debug = run_cli(f"out_dir={tmp_path / 'x'}", "seed=abc", "--debug")
+    assert debug.rc != 0 and "Traceback" in debug.out and "SetupError" in debug.out
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_describes_the_tool(tmp_path):
+    r = run_cli("--help", cwd=tmp_path)
+    assert r.rc == 0, r.out[-2000:]
+    for text in ("Runs a continual-learning or test-time-adaptation strategy", "== Config groups (group=option) ==",
+                 "strategy: ", "finetune", "stream: ", "world_cil", "== Examples ==", "strategy.lr", "--debug",
+                 "resumes", "progress=true|false"):
+        assert text in r.stdout, text
+    assert r.wall_s < 30  # no torch import for --help
+
+
+# ------------------------------------------------------------------------------------------- the pieces
+def test_validation_names_the_key_and_the_expected_type():
+    from ctta.validate import ConfigError, accepts, check_config
+
+    ft = {"_target_": "ctta.strategies.finetune.Finetune", "lr": 1e-5, "epochs": 1}
+    check_config(ft, "strategy")
+    check_config({**ft, "lr": 3}, "strategy")  # an int is a fine float
+    with pytest.raises(ConfigError, match=r"strategy\.lr='abc': Finetune expects lr: float"):
+        check_config({**ft, "lr": "abc"}, "strategy")
+    with pytest.raises(ConfigError, match=r"strategy\.iterations=2\.5: Finetune expects iterations: int \| None"):
+        check_config({**ft, "iterations": 2.5}, "strategy")
+    with pytest.raises(ConfigError, match=r"strategy\.reset_optimizer_per_task='no'"):
+        check_config({**ft, "reset_optimizer_per_task": "no"}, "strategy")
+    # an unknown key, also one that only a base class could take (Finetune passes nothing on)
+    with pytest.raises(ConfigError, match=r"strategy\.lrr: Finetune takes no argument 'lrr' \(did you mean lr"):
+        check_config({**ft, "lrr": 1e-5}, "strategy")
+    with pytest.raises(ConfigError, match=r"strategy\.eval_batch_size: Finetune takes no argument"):
+        check_config({**ft, "eval_batch_size": 8}, "strategy")
+    # nested _target_ entries are checked too, and required arguments are asked for
+    controls = {"_target_": "streams.world.control_tasks", "names": ["shape"], "n": "many"}
+    with pytest.raises(ConfigError, match=r"hooks\.retention\.controls\.n='many'"):
+        check_config({"_target_": "ctta.ZeroShotRetention", "controls": controls}, "hooks.retention")
+    with pytest.raises(ConfigError, match=r"hooks\.retention: ZeroShotRetention needs controls"):
+        check_config({"_target_": "ctta.ZeroShotRetention"}, "hooks.retention")
+    with pytest.raises(ConfigError, match=r"strategy\._target_: cannot import 'no_such_pkg\.X'"):
+        check_config({"_target_": "no_such_pkg.X"}, "strategy")
+    # the judge of simple annotations, and what it leaves alone
+    from typing import Literal, Sequence
+    assert accepts(Literal["a", "b"], "a") and accepts(Literal["a", "b"], "c") is False
+    assert accepts(tuple[float, float], [0.9, 0.999]) and accepts(tuple[float, float], [0.9]) is False
+    assert accepts(Sequence[str], ["a"]) and accepts(Sequence[str], 3) is False and accepts(Sequence[str], "a") is None
+    assert accepts(bool, 1) is False and accepts(int, True) is False and accepts(float, True) is False
+    assert accepts(object, "anything") is None
+
+
+@pytest.mark.slow
+def test_every_shipped_group_option_passes_validation():
+    """No false alarms: each option of each group composes and passes the checks run.py makes."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from ctta.validate import check_config
+
+    configs = ROOT / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        for group in ("strategy", "stream", "model", "hooks"):
+            for option in sorted(p.stem for p in (configs / group).glob("*.yaml")):
+                cfg = compose("run", overrides=[f"{group}={option}"], return_hydra_config=True)
+                HydraConfig.instance().set_config(cfg)
+                for key in ("model", "strategy", "stream"):
+                    check_config(OmegaConf.to_container(cfg[key], resolve=True), key)
+                for name, hook in (cfg.hooks or {}).items():
+                    check_config(OmegaConf.to_container(hook, resolve=True), f"hooks.{name}")
+
+
+@pytest.mark.slow
+def test_every_experiment_passes_validation():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from ctta.validate import check_config
+
+    configs = ROOT / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        for p in sorted((configs / "experiment").rglob("*.yaml")):
+            if p.stem == "base":
+                continue
+            cfg = compose("run", overrides=[f"experiment={p.relative_to(configs / 'experiment').with_suffix('')}"],
+                          return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            for key in ("model", "strategy", "stream"):
+                check_config(OmegaConf.to_container(cfg[key], resolve=True), key)
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    from ctta.files import atomic_torch_save, atomic_write_bytes
+
+    old = os.umask(0o007)
+    try:
+        a = atomic_write_bytes(tmp_path / "a.json", b"{}")
+        b = atomic_torch_save(tmp_path / "b.pt", {"x": 1})
+    finally:
+        os.umask(old)
+    assert a.stat().st_mode & 0o777 == 0o660 and b.stat().st_mode & 0o777 == 0o660
+    assert json.loads(a.read_text()) == {}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_plot_numbers_tasks_from_one_on_every_axis():
+    import matplotlib.pyplot as plt
+
+    from ctta.plots import results_figure
+
+    R = [[0.9, 0.5, 0.4], [0.8, 0.9, 0.5], [0.7, 0.8, 0.9]]
+    fig = results_figure({"accuracy_matrix": R, "metrics": {"step_accuracy": [0.9, 0.85, 0.8]}})
+    fig.canvas.draw()
+
+    def visible(ax, which):
+        lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+        labels = ax.get_xticklabels() if which == "x" else ax.get_yticklabels()
+        return [t.get_text() for t in labels if lo <= t.get_position()[0 if which == "x" else 1] <= hi]
+
+    heat, steps = (next(ax for ax in fig.axes if ax.get_xlabel().startswith(s)) for s in ("evaluated", "after"))
+    assert visible(heat, "x") == ["1", "2", "3"] and visible(heat, "y") == ["1", "2", "3"]
+    assert visible(steps, "x") == ["1", "2", "3"]
+    plt.close(fig)
