@@ -22,7 +22,7 @@ so that the load of a shared machine hits them alike; the cached methods carry t
 episodic ones (TPT, ZERO) are restored to their anchor after each sample as `ctta.OnlineAdapter` does (the restore is
 timed with them). Models: the micro-CLIP (``Clip.from_pretrained("micro-clip", "builtin")``) on the world's shift
 images (gaussian noise, severity 3) over the 100 colour x shape classes; a ViT-B/16-sized model with random weights
-(timing needs no pretrained weights) on random 256 px images at C = ``--classes`` (200, like ImageNet-A/R). The class
+(timing needs no pretrained weights) on random 224 px images at C = ``--classes`` (200, like ImageNet-A/R). The class
 text head is built before timing (it is encoded once per label space in a run). On a CPU the ratios use process
 CPU time (steadier on a shared machine), on a GPU wall time; both are recorded.
 
@@ -93,8 +93,9 @@ def images_and_space(name: str, model, n: int, classes: int) -> tuple[torch.Tens
         task = shift_tasks(["gaussian_noise"], 3, per_class=max(1, -(-n // 100)), seed=0, setting="continual").tasks[0]
         return task.test.get_batch(torch.arange(n))[0], task.space, "world gaussian_noise-3, 100 classes"
     g = torch.Generator().manual_seed(0)
-    return (torch.rand(n, 3, 256, 256, generator=g), LabelSpace(class_names(classes), name=f"bench{classes}"),
-            f"random 256 px images, {classes} classes")
+    side = model.image_size  # zero-shot encodes the image itself; the view methods crop their views from it
+    return (torch.rand(n, 3, side, side, generator=g), LabelSpace(class_names(classes), name=f"bench{classes}"),
+            f"random {side} px images, {classes} classes")
 
 
 def bench_model(name: str, args, device: torch.device) -> dict:
@@ -121,7 +122,8 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     for m, t in times.items():
         s = contenders[m].strategy if m in contenders else None  # None: the reference (64 views, episodic)
         rows.append({"model": desc, "model_key": name, "classes": len(space), "data": data, "method": m,
-                     "views": 64 if s is None else 1 + int(getattr(s, "n_views", 0)), "augmix": bool(getattr(s, "augmix", False)),
+                     "views": 64 if s is None else 1 + int(getattr(s, "n_views", 0)),
+                     "augmix": bool(getattr(s, "augmix", False)),
                      "episodic": contenders[m].episodic if s is not None else True, "samples": n,
                      "wall_s": t["wall_s"], "cpu_s": t["cpu_s"],
                      "ratio_basis": "cpu time" if key == "cpu_s" else "wall time",
