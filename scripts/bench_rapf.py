@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = start(ap, argv, quick=QUICK)
 
     sets = parse_sets(args.set)
+    known = {RUNS[r][0] for r in args.runs}
+    if set(sets) - known:  # a typo would otherwise change nothing, silently
+        raise SystemExit(f"--set names strategy configs {sorted(set(sets) - known)}, but these runs use "
+                         f"{sorted(known)} (e.g. --set rapf.beta=2)")
     weights = None if args.weights == "random" else args.weights
     stream = cil_stream(args.tasks, train_per_class=args.per_class[0], test_per_class=args.per_class[1],
                         seed=args.seed)
