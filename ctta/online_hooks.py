@@ -50,11 +50,24 @@ class OnlineAccuracy:
             corrs.append(corr)
         if not per:
             return {"per_domain": {}, "n": 0}
-        conf, corr = torch.cat(confs), torch.cat(corrs)
+        conf, corr = torch.cat(confs), torch.cat(corrs)  # domains in the order the stream visited them
         return {"per_domain": per, "n": len(corr), "cumulative_accuracy": float(corr.double().mean()),
+                "curve": self.curve(corr),
                 "mean_domain_accuracy": float(np.mean([v["accuracy"] for v in per.values()])),
                 "mean_domain_error": float(np.mean([v["error"] for v in per.values()])),
                 "ece": expected_calibration_error(conf, corr, self.n_bins), "ece_bins": self.n_bins}
+
+    @staticmethod
+    def curve(correct: Tensor, points: int = 200) -> dict:
+        """Cumulative online accuracy against stream position, at most ``points`` evenly spaced positions (the
+        last sample always included): the curve TTA papers plot to show adaptation (or collapse) along a stream."""
+        n = len(correct)
+        every = max(1, -(-n // points))
+        pos = torch.arange(every, n + 1, every)
+        if len(pos) == 0 or pos[-1] != n:
+            pos = torch.cat([pos, torch.tensor([n])])
+        cum = correct.double().cumsum(0)[pos - 1] / pos.double()
+        return {"every": every, "position": pos.tolist(), "cumulative_accuracy": cum.tolist()}
 
     def on_task_end(self, ctx) -> None:
         ctx.results["online"] = self.summary()

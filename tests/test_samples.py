@@ -197,3 +197,11 @@ def test_killed_sample_stream_resumes_to_identical_metrics(tmp_path):
         run_samples(make_tiny_clip(), NoisyTent(), stream(boundary=True), [OnlineAccuracy(), Latency(), Kill(None),
                     JsonResults()], batch_size=4, out_dir=tmp_path / "killed")
 
+
+
+def test_online_accuracy_curve_is_cumulative_accuracy_at_stream_positions():
+    correct = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    c = OnlineAccuracy.curve(correct, points=3)  # every 3 samples, and the last one
+    assert c["every"] == 3 and c["position"] == [3, 6, 7]
+    assert c["cumulative_accuracy"] == pytest.approx([2 / 3, 3 / 6, 4 / 7])
+    assert OnlineAccuracy.curve(correct, points=100)["position"] == [1, 2, 3, 4, 5, 6, 7]
