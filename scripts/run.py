@@ -172,8 +172,12 @@ def _build(where: str, entry: DictConfig, cfg: DictConfig) -> Any:
         keys = [k for k in entry if not str(k).startswith("_") and re.search(rf"\b{re.escape(str(k))}\b", str(cause))]
         target = entry.get("_target_", "?")
         if type(cause).__name__ == "DatasetError":
-            raise SetupError(str(cause), f"data_root=PATH (now {cfg.data_root}) must hold the dataset in the "
-                                         "layout above (the CTTA_DATA variable sets it too)") from cause
+            hint = (f"data_root=PATH (now {cfg.data_root}) must hold the dataset in the layout above (the CTTA_DATA "
+                    "variable sets it too)")
+            if "verify_level" in entry:
+                hint += (f"; {where}.verify_level=structure checks the files without checksums (now "
+                         f"{entry.verify_level})")
+            raise SetupError(str(cause), hint) from cause
         named = ", ".join(f"{where}.{k}" for k in keys) or f"the {where}.* keys"
         raise SetupError(f"{where} ({target}): {cause}",
                          f"check {named}; the defaults are in configs/{where.split('.')[0]}/") from cause
@@ -322,8 +326,9 @@ def legend(results: dict) -> list[str]:
         out.append("zero-shot retention: accuracy on held-out control tasks the stream never trains on, after the "
                    "run / before it (ratio 1.000: zero-shot ability kept; drop in points).")
     if results.get("online"):
-        out.append("online: accuracy of each prediction, made before adapting on that sample, per domain and "
-                   "cumulative; ECE: calibration error (20 bins).")
+        out.append("online: accuracy of the adapter's prediction for each sample as it arrives (labels never reach "
+                   "the strategy), per domain and cumulative; domain error = 1 - domain accuracy; ECE: expected "
+                   "calibration error (20 bins).")
     return [line for text in out for line in textwrap.wrap(text, 110, initial_indent="  ", subsequent_indent="  ")]
 
 

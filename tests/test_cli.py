@@ -115,6 +115,20 @@ def test_a_foreign_resume_is_refused_before_anything_is_written(finished):
     assert {p.name: p.read_bytes() for p in (out / ".hydra" / "config.yaml", out / "run.log")} == before
 
 
+@pytest.mark.slow
+def test_a_sample_stream_resumes_and_refuses_another_batch_size(tmp_path):
+    """The early checkpoint check uses the sample loop's own fingerprint: the same run finishes, another is named."""
+    args = ["experiment=tent_world_shift", "stream.corruptions=[gaussian_noise,contrast]", "stream.per_class=1",
+            "threads=1", f"out_dir={tmp_path}", "samples.batch_size=4"]
+    first = run_cli(*args)
+    assert first.rc == 0 and "online: n 200" in first.stdout, first.out[-3000:]
+    assert "online: accuracy of the adapter's prediction" in " ".join(first.stdout.split())
+    again = run_cli(*args)
+    assert again.rc == 0 and "run already finished" in again.stderr, again.out[-3000:]
+    other = run_cli(*args[:-1], "samples.batch_size=2")
+    assert other.rc == 2 and "(batch_size: 4 -> 2)" in other.stderr and "Traceback" not in other.out
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def _no_run_folder(cwd: Path) -> bool:
     return not (cwd / "runs").exists() or not any((cwd / "runs").rglob("*"))
