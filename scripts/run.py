@@ -146,6 +146,10 @@ def _set_up(cfg: DictConfig, folder: "RunFolder") -> dict[str, Any]:
 
 
 def _check_top_level(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SetupError(f"{', '.join(missing)} must be set (the config has ??? there)",
+                         " ".join(f"{k}=..." for k in missing))
     for key, types in TOP_LEVEL_TYPES.items():
         if key not in cfg:
             continue
@@ -169,7 +173,10 @@ def _build(where: str, entry: DictConfig, cfg: DictConfig) -> Any:
         cause = e.__cause__ or e
         if not isinstance(cause, (ValueError, TypeError, FileNotFoundError, PermissionError)):
             raise  # not a value the user set: a bug, with its traceback
-        keys = [k for k in entry if not str(k).startswith("_") and re.search(rf"\b{re.escape(str(k))}\b", str(cause))]
+        text = str(cause)
+        keys = [k for k in entry if not str(k).startswith("_") and (  # the key's name, or its value, in the message
+            re.search(rf"\b{re.escape(str(k))}\b", text)
+            or isinstance(entry.get(k), str) and len(entry.get(k)) >= 3 and entry.get(k) in text)]
         target = entry.get("_target_", "?")
         if type(cause).__name__ == "DatasetError":
             hint = (f"data_root=PATH (now {cfg.data_root}) must hold the dataset in the layout above (the CTTA_DATA "

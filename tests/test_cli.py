@@ -160,6 +160,9 @@ def test_debug_keeps_the_traceback(tmp_path):
     debug = run_cli(f"out_dir={tmp_path / 'x'}", "seed=abc", "--debug")
     assert debug.rc != 0 and "Traceback" in debug.out and "SetupError" in debug.out
     assert not (tmp_path / "x").exists()
+    unset = run_cli(f"out_dir={tmp_path / 'x'}", "model=local")  # configs/model/local.yaml: pretrained: ???
+    assert unset.rc == 2 and "error: model.pretrained must be set" in unset.stderr and "Traceback" not in unset.out
+    assert "hint: model.pretrained=..." in unset.stderr and not (tmp_path / "x").exists()
 
 
 def test_help_describes_the_tool(tmp_path):
