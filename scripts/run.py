@@ -8,7 +8,8 @@ Under `torchrun --nproc_per_node=N scripts/run.py ...` it runs data-parallel (se
 What a user sees, in order (tested by tests/test_cli.py):
 1. A first line within a second or two, before torch is imported (`--help` never imports it).
 2. Set-up, cheapest first, so that a mistake costs seconds: every ``_target_`` entry is checked against its
-   signature (`ctta.validate`: unknown keys, simple types), then the stream is built (a real-data recipe verifies
+   signature (scripts/configcheck.py: unknown keys, simple types; first from the targets' source before torch is
+   imported, then from the imported targets), then the stream is built (a real-data recipe verifies
    its dataset), then the strategy and hooks, then the output folder's checkpoint is compared with this run (a
    foreign one is refused with the fields that differ), and only then are weights loaded.
 3. Errors of the user's making at set-up (a bad value, a missing dataset, a foreign checkpoint, an unwritable
@@ -37,6 +38,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from configcheck import check_config, precheck  # beside this script; standard library only (no torch)
+
 log = logging.getLogger("ctta")
 
 TOP_LEVEL_TYPES = {"seed": (int,), "progress": (bool, type(None)), "threads": (int, type(None)), "device": (str,),
@@ -59,7 +62,9 @@ def main(cfg: DictConfig) -> dict:
     t0 = time.monotonic()
     try:
         _check_top_level(cfg)
-    except SetupError as e:
+        for where, entry in _entries(cfg):
+            precheck(entry, where)  # from the targets' source: a wrong key or type is refused before torch loads
+    except (SetupError, ValueError) as e:
         _report(e, cfg, at_setup=True)
         raise
     from ctta import distributed  # torch: seconds; the line above comes first
@@ -110,19 +115,12 @@ def _run(ctta, cfg: DictConfig, run: dict[str, Any], folder: "RunFolder") -> dic
 # ------------------------------------------------------------------------------------------------ set-up
 def _set_up(cfg: DictConfig, folder: "RunFolder") -> dict[str, Any]:
     """Check, build and prepare everything but the loop; raises `SetupError` (or the target's own error)."""
-    from ctta.validate import check_config
-
     if cfg.get("threads"):
         import torch
         torch.set_num_threads(int(cfg.threads))
-    plain = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "strategy", "stream")}
-    hooks_cfg = OmegaConf.to_container(cfg.hooks, resolve=True) if cfg.get("hooks") else {}
+    for where, entry in _entries(cfg):
+        check_config(entry, where)  # from the imported targets: re-exports, inherited **kwargs
     samples = OmegaConf.to_container(cfg.samples, resolve=True) if cfg.get("samples") else {}
-    for group, entry in plain.items():
-        check_config(entry, group)
-    for name, entry in hooks_cfg.items():
-        check_config(entry, f"hooks.{name}")
-    check_config({"_target_": "ctta.loop.samples.run_samples", "_partial_": True, **samples}, "samples")
 
     t = time.monotonic()
     # The stream first: a real-data recipe verifies its dataset against the manifest, so a missing or damaged
@@ -143,6 +141,16 @@ def _set_up(cfg: DictConfig, folder: "RunFolder") -> dict[str, Any]:
     model = _build("model", cfg.model, cfg)
     log.info("model ready (%.1f s)", time.monotonic() - t)
     return {"stream": stream, "strategy": strategy, "hooks": hooks, "model": model}
+
+
+def _entries(cfg: DictConfig) -> list[tuple[str, dict]]:
+    """The config entries that are calls: model, strategy, stream, each hook, and the sample loop's options."""
+    out = [(g, OmegaConf.to_container(cfg[g], resolve=True)) for g in ("model", "strategy", "stream")]
+    out += [(f"hooks.{k}", OmegaConf.to_container(h, resolve=True)) for k, h in (cfg.get("hooks") or {}).items()
+            if h is not None]
+    samples = OmegaConf.to_container(cfg.samples, resolve=True) if cfg.get("samples") else {}
+    out.append(("samples", {"_target_": "ctta.loop.samples.run_samples", "_partial_": True, **samples}))
+    return out
 
 
 def _check_top_level(cfg: DictConfig) -> None:

@@ -4,10 +4,12 @@ it prints and leaves on disk, plus the pieces behind it (config validation, file
 Subprocess runs take ~5-20 s each on a loaded 2-core machine, most of it importing torch."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import inspect
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+configcheck_spec = importlib.util.spec_from_file_location("configcheck", ROOT / "scripts" / "configcheck.py")
+configcheck = importlib.util.module_from_spec(configcheck_spec)
+configcheck_spec.loader.exec_module(configcheck)
 TINY = ["stream.n_tasks=2", "stream.train_per_class=2", "stream.test_per_class=2", "hooks=minimal", "threads=1"]
 
 
@@ -141,6 +146,7 @@ def test_a_bad_value_fails_plainly_naming_the_key(tmp_path):
     assert "error: strategy.lr='abc': Finetune expects lr: float" in r.stderr
     assert "hint:" in r.stderr and "Traceback" not in r.out
     assert "loading model" not in r.stderr and "stream world-cil2" not in r.stderr  # before any data or weights
+    assert r.wall_s < 8, r.wall_s  # refused from the target's source, before torch is imported (~1 s idle)
     assert _no_run_folder(tmp_path)
 
 
@@ -177,7 +183,7 @@ def test_help_describes_the_tool(tmp_path):
 
 # ------------------------------------------------------------------------------------------- the pieces
 def test_validation_names_the_key_and_the_expected_type():
-    from ctta.validate import ConfigError, accepts, check_config
+    ConfigError, accepts, check_config = configcheck.ConfigError, configcheck.accepts, configcheck.check_config
 
     ft = {"_target_": "ctta.strategies.finetune.Finetune", "lr": 1e-5, "epochs": 1}
     check_config(ft, "strategy")
@@ -217,9 +223,8 @@ def test_every_shipped_group_option_passes_validation():
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from ctta.validate import check_config
-
     configs = ROOT / "configs"
+    check_config, precheck = configcheck.check_config, configcheck.precheck
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         for group in ("strategy", "stream", "model", "hooks"):
             for option in sorted(p.stem for p in (configs / group).glob("*.yaml")):
@@ -227,8 +232,10 @@ def test_every_shipped_group_option_passes_validation():
                 HydraConfig.instance().set_config(cfg)
                 for key in ("model", "strategy", "stream"):
                     check_config(OmegaConf.to_container(cfg[key], resolve=True), key)
+                    precheck(OmegaConf.to_container(cfg[key], resolve=True), key)
                 for name, hook in (cfg.hooks or {}).items():
                     check_config(OmegaConf.to_container(hook, resolve=True), f"hooks.{name}")
+                    precheck(OmegaConf.to_container(hook, resolve=True), f"hooks.{name}")
 
 
 @pytest.mark.slow
@@ -237,9 +244,8 @@ def test_every_experiment_passes_validation():
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from ctta.validate import check_config
-
     configs = ROOT / "configs"
+    check_config, precheck = configcheck.check_config, configcheck.precheck
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         for p in sorted((configs / "experiment").rglob("*.yaml")):
             if p.stem == "base":
@@ -249,6 +255,37 @@ def test_every_experiment_passes_validation():
             HydraConfig.instance().set_config(cfg)
             for key in ("model", "strategy", "stream"):
                 check_config(OmegaConf.to_container(cfg[key], resolve=True), key)
+                precheck(OmegaConf.to_container(cfg[key], resolve=True), key)
+
+
+def test_the_source_precheck_imports_nothing_and_agrees():
+    """`precheck` reads the targets' source: the same verdicts as the import-based check where it is sure, silence
+    where it is not (re-exports), and no torch import (run in a fresh interpreter)."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import configcheck as c\n"
+            "for cfg in ({'_target_': 'ctta.strategies.finetune.Finetune', 'lr': 'abc'},"
+            " {'_target_': 'streams.world.cil_stream', 'n_taks': 2}):\n"
+            "    try: c.precheck(cfg, 'x')\n"
+            "    except c.ConfigError as e: print(e)\n"
+            "c.precheck({'_target_': 'ctta.Clip.from_pretrained', 'arch': 3}, 'model')\n"
+            "print('torch' in sys.modules, 'ctta' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "x.lr='abc': Finetune expects lr: float",
+        "x.n_taks: cil_stream takes no argument 'n_taks' (did you mean n_tasks?); it takes: n_tasks, train_per_class,"
+        " test_per_class, order_seed, seed, styles",
+        "False False"]
+    # where it reads a signature it agrees with the imported one
+    for target in ("ctta.strategies.finetune.Finetune", "ctta.strategies.lwf.LwF", "streams.world.cil_stream",
+                   "ctta.loop.samples.run_samples"):
+        name, params, open_ = configcheck._source_parameters(target)
+        imported, hints, open_imported = configcheck._parameters(configcheck.locate(target))
+        assert list(params) == list(imported) and open_ == open_imported, target
+        for key, (annotation, _) in params.items():
+            if annotation is not inspect.Parameter.empty and key in hints:  # same verdicts on sample values
+                for value in (1, 1.5, True, "a", None, [1, 2], ["a"], [0.9, 0.999]):
+                    assert configcheck.accepts(annotation, value) == configcheck.accepts(hints[key], value), (key, value)
 
 
 def test_atomic_writes_follow_the_umask(tmp_path):

@@ -1,22 +1,25 @@
-"""Check a config's keyword arguments against its ``_target_``'s signature before calling it.
+"""Check a config's keyword arguments against its ``_target_``'s signature before calling it (scripts/run.py).
 
 A config group entry such as ``strategy: {_target_: ctta.strategies.finetune.Finetune, lr: abc}`` would otherwise
-fail deep inside the target (``strategy.lr=abc`` used to fail 47 s into a run, in ``torch.optim``). `check_config`
-imports the target, reads its signature and type hints (`inspect`, `typing.get_type_hints`) and refuses, before
-anything is built:
+fail deep inside the target (``strategy.lr=abc`` used to fail 47 s into a run, in ``torch.optim``). Two passes:
 
-- a key the target does not take (following ``**kwargs`` up a class's bases, as ``Strategy`` subclasses pass
-  ``batch_size``/``epochs`` on), with the closest accepted names;
-- a missing required argument;
-- a value of the wrong simple type (int, float, bool, str, None, ``Literal`` choices, lists/tuples of those, and
-  unions of them). Annotations it cannot judge (tensors, callables, devices) are not checked: the target still
-  validates its own values (ranges, consistency).
+- `precheck`: reads the target's *source* (`ast`) without importing anything, so that a wrong key or type is
+  refused a fraction of a second after start, before torch is imported. It judges only what it can read for sure:
+  a class or function defined in the module the ``_target_`` names (not a re-export), its own parameters and their
+  annotations; anything else is left to the second pass.
+- `check_config`: imports the target and reads its signature and type hints (`inspect`, `typing.get_type_hints`),
+  following ``**kwargs`` up a class's bases (``Strategy`` subclasses pass ``batch_size``/``epochs`` on).
 
-Nested entries with a ``_target_`` (e.g. a hook's ``controls``) are checked the same way. The config is a plain
-``dict`` (``OmegaConf.to_container(cfg, resolve=True)``): ctta never imports hydra or omegaconf.
+Both refuse a key the target does not take (with the closest accepted names), a missing required argument, and a
+value of the wrong simple type (int, float, bool, str, None, ``Literal`` choices, lists/tuples of those, and unions
+of them). Annotations they cannot judge (tensors, callables, devices) are not checked: the target still validates
+its own values (ranges, consistency). Nested entries with a ``_target_`` (a hook's ``controls``) are checked too.
+The config is a plain ``dict`` (``OmegaConf.to_container(cfg, resolve=True)``). This module imports only the standard
+library: it lives beside run.py, not in ctta, so that loading it does not import torch.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import inspect
@@ -24,7 +27,7 @@ import os
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Callable
 
 _RESERVED = ("_target_", "_args_", "_recursive_", "_convert_", "_partial_")
@@ -178,3 +181,106 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
         for i, item in enumerate(value if isinstance(value, list) else [value]):
             if isinstance(item, Mapping):
                 check_config(item, f"{where}.{key}" + (f"[{i}]" if isinstance(value, list) else ""))
+
+
+# ------------------------------------------------------------------------------------ from the source, no import
+_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "None": None, "list": list, "tuple": tuple,
+          "dict": dict, "Literal": typing.Literal, "Optional": typing.Optional, "Union": typing.Union,
+          "Sequence": Sequence, "Iterable": Iterable, "Mapping": Mapping, "Path": Path, "Any": Any}
+
+
+def _source_of(path: str) -> tuple[ast.Module, list[str]] | None:
+    """The parsed module file a dotted ``_target_`` names and the attribute path inside it, found without importing
+    anything (finding a top-level package's spec does not run it; editable installs included). None when there is
+    no such file: a re-export, a builtin, an extension module."""
+    import importlib.util
+    parts = path.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    roots = [Path(d) for d in (spec.submodule_search_locations or [])]
+    candidates = []
+    for i in range(len(parts) - 1, 0, -1):
+        if i == 1 and spec.origin and spec.origin.endswith(".py"):
+            candidates.append((Path(spec.origin), i))  # the top-level module (or package __init__) itself
+        for root in roots:
+            base = root.joinpath(*parts[1:i]) if i > 1 else None
+            if base is not None:
+                candidates += [(base.with_suffix(".py"), i), (base / "__init__.py", i)]
+    for f, i in candidates:
+        if f.is_file():
+            try:
+                return ast.parse(f.read_text(encoding="utf-8")), parts[i:]
+            except (OSError, SyntaxError, UnicodeDecodeError):
+                return None
+    return None
+
+
+def _annotation(node: ast.expr | None) -> Any:
+    if node is None:
+        return inspect.Parameter.empty
+    try:
+        text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ast.unparse(node)
+        return eval(text, {"__builtins__": {}}, dict(_NAMES))  # names beyond _NAMES: not judged
+    except Exception:
+        return inspect.Parameter.empty
+
+
+def _source_parameters(path: str) -> tuple[str, dict[str, tuple[Any, bool]], bool] | None:
+    """``(name, {parameter: (annotation, has_default)}, open)`` read from the source, or None if unsure."""
+    found = _source_of(path)
+    if found is None:
+        return None
+    module, attrs = found
+    if len(attrs) != 1:
+        return None
+    node = next((n for n in module.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+                 and n.name == attrs[0]), None)
+    if node is None or getattr(node, "decorator_list", None):
+        return None  # a re-export, a dataclass, a decorated function: left to the import-based check
+    fn = node
+    if isinstance(node, ast.ClassDef):
+        fn = next((n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"), None)
+        if fn is None:
+            return None  # inherited __init__
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    if isinstance(node, ast.ClassDef):
+        positional = positional[1:]  # self
+    defaults = [False] * (len(positional) - len(a.defaults)) + [True] * len(a.defaults)
+    params = {p.arg: (_annotation(p.annotation), d) for p, d in zip(positional, defaults)}
+    params.update({p.arg: (_annotation(p.annotation), d is not None) for p, d in zip(a.kwonlyargs, a.kw_defaults)})
+    return node.name, params, a.kwarg is not None
+
+
+def precheck(config: Mapping[str, Any], where: str) -> None:
+    """`check_config` from the target's source, importing nothing; silent where it cannot be sure."""
+    if not isinstance(config, Mapping) or "_target_" not in config:
+        return
+    read = _source_parameters(str(config["_target_"]))
+    if read is not None:
+        name, params, open_ = read
+        kwargs = {k: v for k, v in config.items() if k not in _RESERVED}
+        for key, value in kwargs.items():
+            if key not in params:
+                if not open_:
+                    close = difflib.get_close_matches(str(key), list(params), n=3)
+                    raise ConfigError(
+                        f"{where}.{key}: {name} takes no argument {key!r}"
+                        + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                        + f"; it takes: {', '.join(params) or 'no arguments'}")
+                continue
+            if accepts(params[key][0], value) is False:
+                raise ConfigError(f"{where}.{key}={_show(value)}: {name} expects {key}: "
+                                  f"{_type_name(params[key][0])}")
+        if not open_ and not config.get("_partial_", False) and "_args_" not in config:
+            missing = [k for k, (_, has_default) in params.items() if not has_default and k not in kwargs]
+            if missing:
+                raise ConfigError(f"{where}: {name} needs {', '.join(missing)} (set {where}.{missing[0]}=...)")
+    for key, value in config.items():
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, Mapping):
+                precheck(item, f"{where}.{key}" + (f"[{i}]" if isinstance(value, list) else ""))
