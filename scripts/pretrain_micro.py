@@ -13,6 +13,14 @@ AdamW, linear warm-up then cosine decay over the time budget (or over ``--steps`
 autocasts the forward to bfloat16 with fp32 master weights: on a CPU with AMX it roughly doubles the steps a time
 budget buys, and the step count is what the zero-shot figures follow.
 Writes fp16 safetensors atomically plus ``<out stem>.meta.json``, then runs the zero-shot evaluation.
+
+Levers tried for issue #16 (image features organised by class), all off by default, figures in
+streams/WORLD_RESULTS.md: ``--shape-frac`` (groups differing only in shape, ``shape_group``), ``--flip`` and
+``--crop-frac`` (CLIP-style flips and random resized crops, ``augment``), ``--class-weight`` (an image-image
+same-class contrastive term, ``class_contrast_loss``, with ``--combo-frac`` groups supplying same-class pairs
+across nuisances), ``--init`` / ``--base-steps`` (continue from a checkpoint, or train the v3 recipe first as a
+stage 1 of fixed length), ``--steps`` (a fixed, machine-independent step budget) and ``--eval-rep`` (quick
+nearest-neighbour figures in the periodic evaluation).
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ from streams import synthetic as W  # noqa: E402
 TRAIN_STYLES = ("filled", "outline")  # "textured" is held out: the domain-incremental stream's new domain
 # Stage 1 of the default run: the v3 recipe (its flags; v3 ran 3,160 steps on a 30-minute budget)
 BASE_RECIPE = {"lr": 2e-3, "warmup": 0.04, "hard_frac": 0.6, "group": 16, "combo_frac": 0.0, "shape_frac": 0.0,
-               "flip": 0, "crop_frac": 0.0, "grey_frac": 0.0, "solo_frac": 0.2, "mention_p": None}
+               "flip": 0, "crop_frac": 0.0, "class_weight": 0.0, "grey_frac": 0.0, "solo_frac": 0.2, "mention_p": None}
 
 
 def shape_group(k: int, g: torch.Generator) -> W.Factors:
@@ -167,6 +175,25 @@ def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tenso
     return (i2t + t2i) / 2
 
 
+def class_contrast_loss(image_features: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Image-image multi-positive InfoNCE over the batch (supervised contrastive, Khosla et al. 2020, eq. 2
+    ``L_out``): for each image with at least one other image of its colour x shape class, minus the mean log
+    softmax (over all other images, temperature ``1 / scale``) of its same-class images. Images without a
+    same-class partner in the batch do not contribute. The class is what a "a {colour} {shape}" caption names, so
+    this pulls one class together across style, size, background and pose, which caption matching alone leaves
+    apart (v3: same-class images of different styles sat below different shapes of one colour and style)."""
+    n = len(labels)
+    eye = torch.eye(n, dtype=torch.bool)
+    logits = (scale * image_features @ image_features.T).masked_fill(eye, float("-inf"))
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    has = pos.any(1)
+    if not has.any():
+        return image_features.sum() * 0.0
+    logp = F.log_softmax(logits[has], 1)
+    p = pos[has]
+    return -(torch.where(p, logp, 0.0).sum(1) / p.sum(1)).mean()
+
+
 def lr_at(progress: float, warmup: float, base: float) -> float:
     if progress < warmup:
         return base * progress / warmup
@@ -197,6 +224,9 @@ def main() -> None:
     ap.add_argument("--combo-frac", type=float, default=0.0, help="share in groups sharing colour and shape")
     ap.add_argument("--shape-frac", type=float, default=0.0,
                     help="share in groups differing only in shape (same colour, style, size, background)")
+    ap.add_argument("--class-weight", type=float, default=0.0,
+                    help="weight of the image-image same-class contrastive term (class_contrast_loss)")
+    ap.add_argument("--class-scale", type=float, default=10.0, help="inverse temperature of that term")
     ap.add_argument("--flip", type=int, default=0, help="1: flip each image horizontally with probability 1/2")
     ap.add_argument("--crop-frac", type=float, default=0.0,
                     help="share of images (among those whose caption leaves size unnamed) given a random resized crop")
@@ -216,6 +246,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "ctta/assets/micro-clip.safetensors"))
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-rep", type=int, default=0,
+                    help="1: the periodic evaluation adds the quick representation figures (NN same class clean and at "
+                         "severity 3 on 5 images per class; ~15 s each time, which a time budget pays in steps)")
     ap.add_argument("--eval-n", type=int, default=1000, help="images per set in the final evaluation")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads; on a heavily shared CPU 1 thread can be faster than 2")
@@ -251,6 +284,7 @@ def main() -> None:
             "base_stage": base, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
             "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
             "combo_frac": args.combo_frac, "shape_frac": args.shape_frac, "flip": args.flip,
+            "class_weight": args.class_weight, "class_scale": args.class_scale,
             "crop_frac": args.crop_frac, "crop_scale": list(args.crop_scale), "precision": args.precision,
             "grey_frac": args.grey_frac, "solo_frac": args.solo_frac, "mention_p": args.mention_p,
             "threads": args.threads,
@@ -317,6 +351,8 @@ def train(model: torch.nn.Module, tokenizer, args: argparse.Namespace, out: Path
             # Under bf16 autocast the loss's similarity matmul runs in bf16 too (autocast recasts it); its
             # log-softmax and the reductions run in fp32. The shipped checkpoint was trained this way.
             loss = multi_positive_loss(img.float(), txt.float(), scale.float(), positives, valid)
+            if args.class_weight > 0:
+                loss = loss + args.class_weight * class_contrast_loss(img.float(), f.combo_index(), args.class_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # follows the ops the forward recorded (bf16 matmuls, math attention)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -334,12 +370,12 @@ def train(model: torch.nn.Module, tokenizer, args: argparse.Namespace, out: Path
             last_save = time.time()
         if step % args.eval_every == 0:
             model.eval()
-            print(f"  eval step {step}: {quick_eval(model, tokenizer, quick)}", flush=True)
+            print(f"  eval step {step}: {quick_eval(model, tokenizer, quick, args.eval_rep)}", flush=True)
             model.train()
     return step
 
 
-def quick_eval(model, tokenizer, quick: dict) -> str:
+def quick_eval(model, tokenizer, quick: dict, rep: bool = True) -> str:
     """Periodic progress line: 100-way and shape zero-shot on 500 seen / held-out images, and the quick
     representation figures (5 images per class: NN same class clean and at severity 3, class vs colour cosines)."""
     head = eval_micro.encode_texts(model, tokenizer, eval_micro.COMBO_PROMPTS)
@@ -349,6 +385,8 @@ def quick_eval(model, tokenizer, quick: dict) -> str:
         feats = eval_micro.encode_images(model, W.render(quick[k]))
         msg.append(f"100way_{k} {eval_micro.accuracy(feats, head, quick[k].combo_index()):.1f} "
                    f"shape_{k} {eval_micro.accuracy(feats, shape_head, quick[k].shape):.1f}")
+    if not rep:
+        return " ".join(msg)
     rep = eval_micro.report(model, tokenizer, per_class=5, severities=(3,), crops=False)
     msg.append(f"nn_clean {rep['nn_same_class']:.1f} nn_s3 {rep['nn_same_class_s3']:.1f} zs_s3 {rep['zs100_s3']:.1f} "
                f"cos {rep['cos_same_class']:.2f}/{rep['cos_same_colour_other_shape']:.2f}")

@@ -126,17 +126,78 @@ def test_loss_drops_invalid_pairs_exactly():
         P.multi_positive_loss(img, txt, torch.tensor(2.0), pos, torch.tensor([[False, True], [True, True]]))
 
 
+def test_class_contrast_loss_hand_computed():
+    x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    y = torch.tensor([0, 0, 1])  # image 2 has no same-class partner: it is a negative only
+    # anchor 0: logits to (1, 2) = 2·(0.6, 0) ; anchor 1: logits to (0, 2) = 2·(0.6, 0.8); positive is the 0.6 one
+    a0 = -(1.2 - math.log(math.exp(1.2) + 1))
+    a1 = -(1.2 - math.log(math.exp(1.2) + math.exp(1.6)))
+    assert P.class_contrast_loss(x, y, 2.0).item() == pytest.approx((a0 + a1) / 2, rel=1e-6)
+    # no pair of one class: zero, and still differentiable
+    z = x.clone().requires_grad_()
+    loss = P.class_contrast_loss(z, torch.tensor([0, 1, 2]), 2.0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_two_stage_bf16_run_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "micro.safetensors"
-    subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), "--base-steps", "1", "--steps", "2",
-                    "--batch", "32", "--shape-frac", "0.5", "--group", "8", "--flip", "1", "--crop-frac", "0.5",
-                    "--precision", "bf16", "--solo-frac", "0.3", "--threads", "1", "--eval-n", "10",
-                    "--eval-every", "1000", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    args = ["--base-steps", "1", "--steps", "2", "--batch", "32", "--shape-frac", "0.5", "--group", "8", "--flip", "1",
+            "--crop-frac", "0.5", "--combo-frac", "0.25", "--hard-frac", "0.0", "--class-weight", "1.0",
+            "--precision", "bf16", "--solo-frac", "0.3", "--threads", "1", "--eval-n", "10", "--eval-every", "2",
+            "--eval-rep", "1", "--out", str(out)]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), *args], check=True,
+                       capture_output=True, cwd=tmp_path, text=True)
+    assert "eval step 2:" in r.stdout and "nn_clean" in r.stdout  # stage 2's periodic check with NN figures
     meta = json.loads(out.with_suffix("").with_suffix(".meta.json").read_text())
     assert meta["steps"] == 2 and meta["precision"] == "bf16" and meta["solo_frac"] == 0.3
     assert meta["base_stage"]["steps"] == 1 and meta["base_stage"]["shape_frac"] == 0.0 and meta["shape_frac"] == 0.5
+    assert meta["class_weight"] == 1.0 and meta["base_stage"]["class_weight"] == 0.0
     assert set(meta["zeroshot"]) and all(math.isfinite(v) for v in meta["zeroshot"].values())
     from ctta import Clip
     model = Clip.from_pretrained("micro-clip", str(out))
     assert model.provenance()["checkpoint_sha256"]
+
+
+# ---- the representation report (scripts/representation.py)
+import representation as R  # noqa: E402
+
+
+def _factors(colour, shape, style):
+    g = torch.Generator().manual_seed(0)
+    f = W.sample_factors(len(colour), g)
+    f.colour, f.shape, f.style = torch.tensor(colour), torch.tensor(shape), torch.tensor(style)
+    return f
+
+
+def test_nn_rates_and_pair_cosines_hand_computed():
+    # images 0, 1: class (0, 0) in two styles; image 2: (0, 1) in style 0; image 3: (1, 0)
+    f = _factors([0, 0, 0, 1], [0, 0, 1, 0], [0, 1, 0, 0])
+    x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.8, 0.0, 0.6],
+                                                    [0.0, 0.0, 1.0]]), dim=1)
+    # cosines: (0,1) .6  (0,2) .8  (0,3) 0  (1,2) .48  (1,3) 0  (2,3) .6
+    # nearest: 0 -> 2, 1 -> 0, 2 -> 0, 3 -> 2 ; same class only for 1 -> 0
+    r = R.nn_rates(x, f)
+    assert r["nn_same_class"] == 25.0 and r["nn_same_colour"] == 75.0 and r["nn_same_shape"] == 25.0
+    c = R.pair_cosines(x, f)
+    assert c["cos_same_class"] == pytest.approx(0.6)                  # the pair (0, 1)
+    assert c["cos_same_colour_other_shape"] == pytest.approx((0.8 + 0.48) / 2)  # (0, 2), (1, 2)
+    assert c["cos_same_class_other_style"] == pytest.approx(0.6)
+    assert c["cos_same_colour_style_other_shape"] == pytest.approx(0.8)  # (0, 2) only: 1 has style 1
+
+
+def test_class_balanced_factors_and_crop_coverage():
+    f = R.class_balanced_factors(2)
+    assert len(f) == 200 and torch.equal(torch.bincount(f.combo_index(), minlength=100), torch.full((100,), 2))
+    assert set(f.style.tolist()) <= {0, 1}
+    mask = R.object_mask(f)
+    assert mask.shape == (200, 32, 32) and mask.min() >= 0 and mask.max() <= 1
+    # a filled circle's mask mass is its area: pi (r·16 px)^2 with r = size radius x scale
+    i = next(k for k in range(200) if f.shape[k] == 0 and f.style[k] == 0)
+    r = (0.45, 0.60, 0.78)[int(f.size[i])] * float(f.scale[i]) * 0.9 * 16
+    assert float(mask[i].sum()) == pytest.approx(math.pi * r * r, rel=0.05)
+    full = R.crop_coverage(f, views_per_image=2, scale=(1.0, 1.0))  # whole-image crops hold all of every object
+    assert full["crop_holds_object"] == 100.0 and full["crop_object_share"] == pytest.approx(100.0, abs=0.01)
+    tpt = R.crop_coverage(f, views_per_image=8)
+    assert 0 < tpt["crop_holds_object"] < 100 and 0 < tpt["crop_object_share"] < 100
