@@ -18,9 +18,9 @@ What a user sees, in order (tested by tests/test_cli.py):
 4. Nothing is written into out_dir before those checks pass. Hydra itself writes nothing (``hydra.run.dir: .``,
    ``hydra.output_subdir: null`` in configs/run.yaml): this script writes ``.hydra/config.yaml`` and
    ``.hydra/overrides.yaml`` (for a new run, or a folder without them) and appends to ``run.log`` once the checks
-   have passed. The alternative, Hydra's per-attempt output subfolders, would still create and log into the
-   folder before the check, and scatter a run's config over attempts. A run that fails at set-up removes what it
-   created (the folder itself when it made it and nothing else is in it).
+   have passed (scripts/runfolder.py). The alternative, Hydra's per-attempt output subfolders, would still create
+   and log into the folder before the check, and scatter a run's config over attempts. A run that fails at set-up
+   removes what it created (the folder itself when it made it and nothing else is in it).
 5. The summary, also appended to ``run.log``, with a line saying what each printed metric means.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from configcheck import check_config, precheck  # beside this script; standard library only (no torch)
+from runfolder import RunFolder
 
 log = logging.getLogger("ctta")
 
@@ -90,7 +91,7 @@ def main(cfg: DictConfig) -> dict:
             folder.close()  # under -m, the next job's run.log is another file
 
 
-def _run(ctta, cfg: DictConfig, run: dict[str, Any], folder: "RunFolder") -> dict:
+def _run(ctta, cfg: DictConfig, run: dict[str, Any], folder: RunFolder) -> dict:
     """The loop, then the summary (printed, and appended to run.log)."""
     from ctta import distributed
     from ctta.report import format_summary
@@ -113,7 +114,7 @@ def _run(ctta, cfg: DictConfig, run: dict[str, Any], folder: "RunFolder") -> dic
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def _set_up(cfg: DictConfig, folder: "RunFolder") -> dict[str, Any]:
+def _set_up(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
     """Check, build and prepare everything but the loop; raises `SetupError` (or the target's own error)."""
     if cfg.get("threads"):
         import torch
@@ -196,89 +197,6 @@ def _build(where: str, entry: DictConfig, cfg: DictConfig) -> Any:
         named = ", ".join(f"{where}.{k}" for k in keys) or f"the {where}.* keys"
         raise SetupError(f"{where} ({target}): {cause}",
                          f"check {named}; the defaults are in configs/{where.split('.')[0]}/") from cause
-
-
-# --------------------------------------------------------------------------------------------- the folder
-class _Solo:
-    """The `Parallel` surface `Checkpoint.read` uses, for rank 0's early look at the folder (no collectives)."""
-    main, active = True, False
-
-    @staticmethod
-    def from_main(state: Any, what: str) -> Any:
-        return state
-
-
-class RunFolder:
-    """``out_dir`` as this attempt found it: what it may write there, and what to remove if set-up fails."""
-
-    def __init__(self, path: Path, main: bool = True):
-        self.path, self.main = path, main
-        self.existed = path.exists()
-        self.created: list[Path] = []  # files this attempt wrote, in order
-        self.handler: logging.Handler | None = None
-
-    def check_resume(self, stream, strategy, seed: int, samples: dict) -> None:
-        """Compare the folder's checkpoint with this run before anything is written (the loop checks it again
-        when it reads the checkpoint to resume)."""
-        from ctta.loop import samples as sample_loop
-        from ctta.loop import tasks as task_loop
-        from ctta.loop.checkpoint import Checkpoint, ensure_writable
-        from ctta.online import resolve_policy
-
-        if any(t.train is not None for t in stream.tasks):
-            name, fp = task_loop.CHECKPOINT, task_loop.fingerprint(stream, strategy, seed)
-        else:
-            policy = resolve_policy(samples.get("reset"), strategy)
-            name = sample_loop.CHECKPOINT
-            fp = sample_loop.fingerprint(stream, strategy, seed, samples.get("batch_size", 1), policy)
-        if (self.path / name).exists():
-            Checkpoint(self.path, name, fp, _Solo()).read("cpu")  # raises RunMismatch naming the fields
-        ensure_writable(self.path)
-
-    def open(self, cfg: DictConfig) -> None:
-        """Write the run's config (new runs) and start appending this attempt's log lines to run.log."""
-        from ctta.files import atomic_write_bytes
-        hydra_dir = self.path / ".hydra"
-        if not (hydra_dir / "config.yaml").exists():
-            self.created.append(atomic_write_bytes(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode()))
-            overrides = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
-            self.created.append(atomic_write_bytes(hydra_dir / "overrides.yaml", overrides.encode()))
-        logfile = self.path / "run.log"
-        if not logfile.exists():
-            self.created.append(logfile)
-        self.handler = logging.FileHandler(logfile, mode="a", encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        logging.getLogger().addHandler(self.handler)
-        log.info("run %s: python scripts/run.py %s", self.path, " ".join(HydraConfig.get().overrides.task))
-
-    def log_summary(self, text: str) -> None:
-        if self.handler is not None:
-            self.handler.emit(logging.LogRecord("ctta.summary", logging.INFO, __file__, 0, "results:\n%s",
-                                                (text,), None))
-
-    def close(self) -> None:
-        if self.handler is not None:
-            logging.getLogger().removeHandler(self.handler)
-            self.handler.close()
-            self.handler = None
-
-    def discard(self) -> None:
-        """Set-up failed: remove what this attempt wrote, and the folder when it made it and it is now empty."""
-        if not self.main:
-            return
-        self.close()
-        for p in reversed(self.created):
-            p.unlink(missing_ok=True)
-        for d in (self.path / ".hydra", self.path):
-            try:
-                if d.is_dir() and not any(d.iterdir()) and (d != self.path or not self.existed or self._fresh()):
-                    d.rmdir()
-            except OSError:
-                pass
-
-    def _fresh(self) -> bool:
-        """An empty folder that existed before: one Hydra's sweep made for this job (``hydra.sweep.subdir``)."""
-        return HydraConfig.get().mode.name == "MULTIRUN"
 
 
 # --------------------------------------------------------------------------------------------- messages

@@ -1,0 +1,98 @@
+"""The run folder as one attempt of scripts/run.py finds it: what it may write there, and what to remove when set-up
+fails. Nothing is written before `RunFolder.check_resume` has compared the folder's checkpoint with this run; then
+`RunFolder.open` writes ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (a new run, or a folder without them)
+and appends this attempt's log lines to ``run.log``. Hydra itself writes nothing (configs/run.yaml: ``hydra.run.dir:
+.``, ``hydra.output_subdir: null``): Hydra's own files would be written before any check could run.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("ctta")
+
+
+class _Solo:
+    """The `Parallel` surface `Checkpoint.read` uses, for rank 0's early look at the folder (no collectives)."""
+    main, active = True, False
+
+    @staticmethod
+    def from_main(state: Any, what: str) -> Any:
+        return state
+
+
+class RunFolder:
+    """``out_dir`` as this attempt found it: what it may write there, and what to remove if set-up fails."""
+
+    def __init__(self, path: Path, main: bool = True):
+        self.path, self.main = path, main
+        self.existed = path.exists()
+        self.created: list[Path] = []  # files this attempt wrote, in order
+        self.handler: logging.Handler | None = None
+
+    def check_resume(self, stream, strategy, seed: int, samples: dict) -> None:
+        """Compare the folder's checkpoint with this run before anything is written (the loop checks it again
+        when it reads the checkpoint to resume)."""
+        from ctta.loop import samples as sample_loop
+        from ctta.loop import tasks as task_loop
+        from ctta.loop.checkpoint import Checkpoint, ensure_writable
+        from ctta.online import resolve_policy
+
+        if any(t.train is not None for t in stream.tasks):
+            name, fp = task_loop.CHECKPOINT, task_loop.fingerprint(stream, strategy, seed)
+        else:
+            policy = resolve_policy(samples.get("reset"), strategy)
+            name = sample_loop.CHECKPOINT
+            fp = sample_loop.fingerprint(stream, strategy, seed, samples.get("batch_size", 1), policy)
+        if (self.path / name).exists():
+            Checkpoint(self.path, name, fp, _Solo()).read("cpu")  # raises RunMismatch naming the fields
+        ensure_writable(self.path)
+
+    def open(self, cfg: DictConfig) -> None:
+        """Write the run's config (new runs) and start appending this attempt's log lines to run.log."""
+        from ctta.files import atomic_write_bytes
+        hydra_dir = self.path / ".hydra"
+        if not (hydra_dir / "config.yaml").exists():
+            self.created.append(atomic_write_bytes(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode()))
+            overrides = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
+            self.created.append(atomic_write_bytes(hydra_dir / "overrides.yaml", overrides.encode()))
+        logfile = self.path / "run.log"
+        if not logfile.exists():
+            self.created.append(logfile)
+        self.handler = logging.FileHandler(logfile, mode="a", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(self.handler)
+        log.info("run %s: python scripts/run.py %s", self.path, " ".join(HydraConfig.get().overrides.task))
+
+    def log_summary(self, text: str) -> None:
+        if self.handler is not None:
+            self.handler.emit(logging.LogRecord("ctta.summary", logging.INFO, __file__, 0, "results:\n%s",
+                                                (text,), None))
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+            self.handler = None
+
+    def discard(self) -> None:
+        """Set-up failed: remove what this attempt wrote, and the folder when it made it and it is now empty."""
+        if not self.main:
+            return
+        self.close()
+        for p in reversed(self.created):
+            p.unlink(missing_ok=True)
+        for d in (self.path / ".hydra", self.path):
+            try:
+                if d.is_dir() and not any(d.iterdir()) and (d != self.path or not self.existed or self._fresh()):
+                    d.rmdir()
+            except OSError:
+                pass
+
+    def _fresh(self) -> bool:
+        """An empty folder that existed before: one Hydra's sweep made for this job (``hydra.sweep.subdir``)."""
+        return HydraConfig.get().mode.name == "MULTIRUN"
