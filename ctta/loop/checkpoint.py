@@ -76,7 +76,13 @@ class Checkpoint:
                                     f"(format {state.get('format') if isinstance(state, dict) else '?'}); "
                                     f"use another out_dir")
             elif state["fingerprint"] != self.fingerprint:
-                diff = "; ".join(differences(state["fingerprint"], self.fingerprint))
+                saved_fp = state["fingerprint"]
+                if saved_fp.get("strategy") != self.fingerprint.get("strategy"):  # the arguments differ anyway
+                    saved_fp = {k: v for k, v in saved_fp.items() if k != "config"}
+                    current = {k: v for k, v in self.fingerprint.items() if k != "config"}
+                else:
+                    current = self.fingerprint
+                diff = "; ".join(differences(saved_fp, current))
                 state = RunMismatch(f"{self.path} belongs to a different run ({diff}). Use another out_dir, or "
                                     f"the saved run's settings to resume it.")
         state = self.par.from_main(state, "checkpoint")

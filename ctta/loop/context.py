@@ -56,3 +56,13 @@ def no_bar(progress: bool | None, main: bool = True) -> bool | None:
     if not main:
         return True
     return None if progress is None else not progress
+
+
+def share_progress(hooks: Sequence[Any], progress: bool | None) -> None:
+    """The run's ``progress`` setting reaches the hooks that draw bars of their own (evaluation), unless a hook was
+    given its own setting."""
+    if progress is None:
+        return
+    for h in hooks:
+        if hasattr(h, "progress") and h.progress is None:
+            h.progress = progress

@@ -24,7 +24,7 @@ from ctta import distributed
 from ctta.data import load_batch
 from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, rng_state,
                                   seed_everything, set_rng_state)
-from ctta.loop.context import RunContext, call, no_bar
+from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
 from ctta.online import OnlineAdapter, ResetPolicy, resolve_policy
@@ -67,6 +67,7 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
     fp = fingerprint(stream, strategy, seed, batch_size, policy)
     par.check_same(fp, "sample stream")
     hooks = list(hooks) if par.main else []
+    share_progress(hooks, progress)
     ckpt = Checkpoint(out, CHECKPOINT, fp, par)
     saved = ckpt.read(model.device)  # before anything is adapted or written
     ctx = RunContext(model, strategy, stream, out, seed, config)

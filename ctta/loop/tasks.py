@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ctta import distributed
 from ctta.data import load_batch
 from ctta.loop.checkpoint import Checkpoint, ensure_writable, hook_states, load_hook_states, seed_everything
-from ctta.loop.context import RunContext, call, no_bar
+from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
 from ctta.optim import steps_per_task
@@ -31,7 +31,7 @@ log = logging.getLogger("ctta")
 
 
 def fingerprint(stream: TaskStream, strategy: Strategy, seed: int) -> dict:
-    return {"stream": stream.name, "tasks": [t.name for t in stream.tasks],
+    return {"stream": stream.name, "tasks": [[t.name, len(t.test)] for t in stream.tasks],
             "strategy": type(strategy).__qualname__, "config": strategy_config(strategy), "seed": seed}
 
 
@@ -46,6 +46,7 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
     fp = fingerprint(stream, strategy, seed)
     par.check_same({**fp, "classes": [t.space.classnames for t in stream.tasks]}, "stream, class order and strategy")
     hooks = list(hooks) if par.main else []  # evaluation and files: rank 0 only
+    share_progress(hooks, progress)
     ckpt = Checkpoint(out, CHECKPOINT, fp, par)
     saved = ckpt.read(model.device)  # before anything is trained or written
     ctx = RunContext(model, strategy, stream, out, seed, config)
