@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -37,8 +36,6 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import open_clip  # noqa: E402
 
