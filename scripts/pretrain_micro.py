@@ -41,6 +41,7 @@ import open_clip  # noqa: E402
 
 import eval_micro  # noqa: E402
 from ctta.io import atomic_write_bytes  # noqa: E402
+from ctta.weights import weights_sha256_entry  # noqa: E402
 from micro_batches import (TRAIN_STYLES, augment, caption_batch, class_contrast_loss, make_batch,  # noqa: E402,F401
                            multi_positive_loss, shape_group)
 from streams import synthetic as W  # noqa: E402
@@ -59,6 +60,7 @@ def lr_at(progress: float, warmup: float, base: float) -> float:
 def save(model: torch.nn.Module, out: Path, meta: dict) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(out, safetensors_bytes(state))
+    meta = {**meta, **weights_sha256_entry(out)}  # Clip.from_pretrained refuses weights that do not match it
     atomic_write_bytes(out.with_suffix("").with_suffix(".meta.json"), (json.dumps(meta, indent=2) + "\n").encode())
 
 
