@@ -37,7 +37,7 @@ distillation terms (shared with LwF, whose reference texts are the current class
 
 Note: as in ZSCL, the student's text tower gets no distillation gradient (teacher text features on both sides), so
 only the image tower is protected. On the built-in world most of the zero-shot loss of whole-model training comes
-from text-tower drift; there ``params="visual."`` is where VR-LwF's distillation shows (scripts/eval_cl_world.py).
+from text-tower drift; there ``params="visual."`` is where VR-LwF's distillation shows (experiment world_cl_visual/vr_lwf).
 """
 from __future__ import annotations
 
