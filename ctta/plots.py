@@ -61,10 +61,12 @@ def plot_results(results: dict, path: str | Path, title: str = "") -> Path:
 
 
 def plot_curves(curves: dict[str, list[float]], path: str | Path, title: str = "",
-                panels: dict[str, str] | None = None) -> Path:
+                panels: dict[str, str] | None = None, x: dict[str, list[float]] | None = None,
+                xlabel: str = "step (tasks trained)", ylabel: str = "accuracy over seen classes (%)") -> Path:
     """Accuracy (%) against step, one line per method (``curves``: label -> accuracy after each task, fractions).
     ``panels`` maps a label to a panel name (e.g. its stream): one subplot per panel, as streams of different
-    lengths or label spaces do not share an axis."""
+    lengths or label spaces do not share an axis. ``x``: a label's x values (default 1, 2, ...: tasks trained), e.g.
+    stream positions for cumulative online accuracy."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -77,9 +79,10 @@ def plot_curves(curves: dict[str, list[float]], path: str | Path, title: str = "
     for ax, panel in zip(axes[0], names):
         for label, ys in curves.items():
             if panels.get(label, "") == panel:
-                ax.plot(np.arange(1, len(ys) + 1), np.asarray(ys) * 100, marker="o", ms=3, label=label)
-        ax.set_xlabel("step (tasks trained)")
-        ax.set_ylabel("accuracy over seen classes (%)")
+                xs = (x or {}).get(label) or np.arange(1, len(ys) + 1)
+                ax.plot(xs, np.asarray(ys) * 100, marker="o" if len(ys) <= 30 else None, ms=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.set_title(panel)

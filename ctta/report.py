@@ -86,7 +86,8 @@ class RunRecord:
     kind: str  # "tasks" (accuracy matrix) or "samples" (online test-time stream)
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    curve: list[float] = field(default_factory=list)  # accuracy after each task (task streams)
+    curve: list[float] = field(default_factory=list)  # accuracy after each task, or cumulative online accuracy
+    positions: list[int] = field(default_factory=list)  # sample streams: the stream positions of ``curve``
     commit: str | None = None  # code revision and model weights the run used (provenance)
     weights: str | None = None
 
@@ -132,7 +133,8 @@ def run_record(doc: dict, path: str = "") -> RunRecord:
                      stream=str((doc.get("stream") or {}).get("name", "?")), seed=config.get("seed", prov.get("seed")),
                      kind="tasks" if "accuracy_matrix" in res else "samples" if on else "other",
                      config=flatten(config), metrics={k: float(v) for k, v in metrics.items() if v is not None},
-                     curve=list(m.get("step_accuracy") or []), commit=prov.get("git_commit"),
+                     curve=list(m.get("step_accuracy") or (on.get("curve") or {}).get("cumulative_accuracy") or []),
+                     positions=list((on.get("curve") or {}).get("position") or []), commit=prov.get("git_commit"),
                      weights=(prov.get("model") or {}).get("checkpoint_sha256"))
 
 
@@ -201,7 +203,8 @@ def summarize_groups(groups: Sequence[tuple[str, dict[str, Any], list[RunRecord]
         rows.append({"label": label, "name": runs[0].name, "method": runs[0].method, "stream": runs[0].stream,
                      "kind": runs[0].kind, "overrides": overrides, "n": len(runs),
                      "seeds": [r.seed for r in runs], "paths": [r.path for r in runs], "metrics": metrics,
-                     "curve": curve, "commits": sorted({str(r.commit) for r in runs}),
+                     "curve": curve, "positions": next((r.positions for r in runs if r.curve), []),
+                     "commits": sorted({str(r.commit) for r in runs}),
                      "weights": sorted({str(r.weights) for r in runs})})
     return rows
 

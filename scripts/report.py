@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", help="folders (searched for results.json), files or glob patterns")
     p.add_argument("--json", help="write the aggregated summary here (atomically), e.g. benchmarks/results/x.json")
-    p.add_argument("--png", help="plot accuracy against step per method (task streams) here")
+    p.add_argument("--png", help="plot accuracy against step per method (task streams) here, and cumulative "
+                                 "online accuracy against stream position (sample streams; beside it as "
+                                 "<name>_online.png when both kinds are there)")
     p.add_argument("--include-unfinished", action="store_true", help="also tabulate runs that have not finished")
     a = p.parse_args(argv)
 
@@ -75,9 +77,19 @@ def main(argv: list[str] | None = None) -> dict:
     if a.json:
         print(f"summary -> {atomic_write_json(a.json, doc)}")
     if a.png:
-        curves = {f"{r['name']} {r['label']}".strip(): r["curve"] for r in tasks if r["curve"]}
-        panels = {f"{r['name']} {r['label']}".strip(): r["stream"] for r in tasks if r["curve"]}
-        print(f"plot -> {plot_curves(curves, a.png, title=', '.join(a.sources), panels=panels)}")
+        png = Path(a.png)
+        if tasks:
+            curves = {f"{r['name']} {r['label']}".strip(): r["curve"] for r in tasks if r["curve"]}
+            panels = {f"{r['name']} {r['label']}".strip(): r["stream"] for r in tasks if r["curve"]}
+            print(f"plot -> {plot_curves(curves, png, title=', '.join(a.sources), panels=panels)}")
+        online = [r for r in samples if r["curve"] and r["positions"]]
+        if online:  # cumulative online accuracy against stream position, one line per method
+            out = png.with_name(png.stem + "_online" + png.suffix) if tasks else png
+            key = {id(r): f"{r['name']} {r['label']}".strip() for r in online}
+            print("plot -> " + str(plot_curves(
+                {key[id(r)]: r["curve"] for r in online}, out, title=", ".join(a.sources),
+                panels={key[id(r)]: r["stream"] for r in online}, x={key[id(r)]: r["positions"] for r in online},
+                xlabel="stream position (samples)", ylabel="cumulative online accuracy (%)")))
     return doc
 
 

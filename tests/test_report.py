@@ -113,3 +113,18 @@ def test_tta_rows_domain_means_and_severity_split():
 
 def test_flatten_keeps_lists_whole():
     assert R.flatten({"a": {"b": [1, [2, 3]], "c": None}, "d": "x"}) == {"a.b": (1, (2, 3)), "a.c": None, "d": "x"}
+
+
+def test_sample_runs_carry_their_cumulative_accuracy_curve(tmp_path):
+    curve = {"every": 2, "position": [2, 4, 5], "cumulative_accuracy": [0.5, 0.75, 0.6]}
+    doc = {"strategy": "TDA", "stream": {"name": "toy"}, "provenance": {"config": {"name": "x", "seed": 0}},
+           "results": {"online": {"mean_domain_accuracy": 0.6, "cumulative_accuracy": 0.6, "curve": curve}}}
+    r = R.run_record(doc, "a")
+    assert r.kind == "samples" and r.curve == [0.5, 0.75, 0.6] and r.positions == [2, 4, 5]
+    row = R.summarize_groups(R.group_runs([r, R.run_record({**doc, "provenance": {"config": {"name": "x",
+                                                                                          "seed": 1}}}, "b")]))[0]
+    assert row["positions"] == [2, 4, 5] and row["curve"] == pytest.approx([0.5, 0.75, 0.6])
+    from ctta.plots import plot_curves
+    out = plot_curves({"tda": row["curve"]}, tmp_path / "c.png", x={"tda": row["positions"]},
+                      xlabel="stream position (samples)")
+    assert out.read_bytes()[:4] == b"\x89PNG"
