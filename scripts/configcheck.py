@@ -148,6 +148,29 @@ def _show(value: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+def _check_arguments(config: Mapping[str, Any], where: str, name: str, params: dict[str, tuple[Any, bool]],
+                     open_: bool, *, require: bool) -> None:
+    """The checks both passes make of one entry's arguments against ``params`` (name -> (annotation, has a
+    default)): an unknown key (unless the target takes ``**kwargs``), a value of the wrong type, and (with
+    ``require``, unless the entry is partial or positional) a required argument left out."""
+    kwargs = {k: v for k, v in config.items() if k not in _RESERVED}
+    for key, value in kwargs.items():
+        if key not in params:
+            if open_:
+                continue
+            close = difflib.get_close_matches(str(key), list(params), n=3)
+            raise ConfigError(
+                f"{where}.{key}: {name} takes no argument {key!r}"
+                + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                + f"; it takes: {', '.join(params) or 'no arguments'}")
+        if accepts(params[key][0], value) is False:
+            raise ConfigError(f"{where}.{key}={_show(value)}: {name} expects {key}: {_type_name(params[key][0])}")
+    if require and not config.get("_partial_", False) and "_args_" not in config:
+        missing = [k for k, (_, has_default) in params.items() if not has_default and k not in kwargs]
+        if missing:
+            raise ConfigError(f"{where}: {name} needs {', '.join(missing)} (set {where}.{missing[0]}=...)")
+
+
 def check_config(config: Mapping[str, Any], where: str) -> None:
     """Check one ``{_target_: ..., key: value, ...}`` entry (and its nested ``_target_`` entries) against the
     target's signature; raises `ConfigError` naming ``where.key``, what was given and what is expected."""
@@ -160,23 +183,8 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
         params, hints, open_ = _parameters(target)
     except (TypeError, ValueError):  # no introspectable signature (a builtin): nothing to check here
         return
-    for key, value in kwargs.items():
-        if key not in params:
-            if open_:
-                continue
-            close = difflib.get_close_matches(str(key), list(params), n=3)
-            raise ConfigError(
-                f"{where}.{key}: {name} takes no argument {key!r}"
-                + (f" (did you mean {' or '.join(close)}?)" if close else "")
-                + f"; it takes: {', '.join(params) or 'no arguments'}")
-        verdict = accepts(hints.get(key, params[key].annotation), value)
-        if verdict is False:
-            raise ConfigError(f"{where}.{key}={_show(value)}: {name} expects {key}: "
-                              f"{_type_name(hints.get(key, params[key].annotation))}")
-    if not config.get("_partial_", False) and "_args_" not in config:
-        missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
-        if missing:
-            raise ConfigError(f"{where}: {name} needs {', '.join(missing)} (set {where}.{missing[0]}=...)")
+    _check_arguments(config, where, name, {k: (hints.get(k, p.annotation), p.default is not p.empty)
+                                            for k, p in params.items()}, open_, require=True)
     for key, value in kwargs.items():
         for i, item in enumerate(value if isinstance(value, list) else [value]):
             if isinstance(item, Mapping):
@@ -263,23 +271,7 @@ def precheck(config: Mapping[str, Any], where: str) -> None:
     read = _source_parameters(str(config["_target_"]))
     if read is not None:
         name, params, open_ = read
-        kwargs = {k: v for k, v in config.items() if k not in _RESERVED}
-        for key, value in kwargs.items():
-            if key not in params:
-                if not open_:
-                    close = difflib.get_close_matches(str(key), list(params), n=3)
-                    raise ConfigError(
-                        f"{where}.{key}: {name} takes no argument {key!r}"
-                        + (f" (did you mean {' or '.join(close)}?)" if close else "")
-                        + f"; it takes: {', '.join(params) or 'no arguments'}")
-                continue
-            if accepts(params[key][0], value) is False:
-                raise ConfigError(f"{where}.{key}={_show(value)}: {name} expects {key}: "
-                                  f"{_type_name(params[key][0])}")
-        if not open_ and not config.get("_partial_", False) and "_args_" not in config:
-            missing = [k for k, (_, has_default) in params.items() if not has_default and k not in kwargs]
-            if missing:
-                raise ConfigError(f"{where}: {name} needs {', '.join(missing)} (set {where}.{missing[0]}=...)")
+        _check_arguments(config, where, name, params, open_, require=not open_)
     for key, value in config.items():
         for i, item in enumerate(value if isinstance(value, list) else [value]):
             if isinstance(item, Mapping):
