@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
-from ctta.predictions import Prediction, as_clip, as_space, class_subset, make_prediction, prepare_images, short
-from ctta.state import check_same_structure, clone_tree, strategy_config
+from ctta.predictions import Prediction, as_clip, as_space, class_subset, make_prediction, prepare_images
+from ctta.state import check_same_structure, clone_tree, differences, short, strategy_config
 from ctta.strategy import Strategy
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
 
@@ -212,9 +212,7 @@ class OnlineAdapter:
             mine, theirs = self._fingerprint(), state.get("fingerprint", {})
             for key in mine:
                 if key == "config" and isinstance(theirs.get(key), dict) and mine[key] != theirs[key]:
-                    diff = ", ".join(f"{k} {short(theirs[key].get(k))} -> {short(mine[key].get(k))}"
-                                     for k in sorted(set(mine[key]) | set(theirs[key]))
-                                     if mine[key].get(k) != theirs[key].get(k))
+                    diff = ", ".join(differences(theirs[key], mine[key], sep=" ", n=120))
                     raise ValueError(f"saved adapter state is of a differently configured "
                                      f"{type(self.strategy).__name__}: config differs: {diff} (saved -> here)")
                 if mine[key] != theirs.get(key):

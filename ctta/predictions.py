@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ctta.data import check_images
 from ctta.model import Clip
+from ctta.state import short
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
 
 
@@ -96,9 +97,3 @@ def make_prediction(logits: Tensor, space: LabelSpace, who: str, *, adapted: boo
     index = probs.argmax(-1)
     return Prediction(logits, probs, index, [space.classnames[i] for i in index.tolist()],
                       -(probs * logp).sum(-1), adapted, skipped, reset)
-
-
-def short(v: Any) -> str:
-    """``repr(v)``, cut to 120 characters for error messages."""
-    s = repr(v)
-    return s if len(s) <= 120 else s[:117] + "..."

@@ -76,3 +76,24 @@ def _plain(v: Any) -> Any:
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
     return f"<{type(v).__name__}>"
+
+
+def short(v: Any, n: int = 120) -> str:
+    """``repr(v)``, cut to ``n`` characters for error messages."""
+    s = repr(v)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def differences(saved: dict, current: dict, prefix: str = "", sep: str = ": ", n: int = 80) -> list[str]:
+    """The fields that differ between two plain dicts, each as ``key<sep>saved -> current`` (nested dicts as
+    ``a.b``; values shortened to ``n`` characters): what a refused checkpoint or adapter file names."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.", sep, n)
+        else:
+            out.append(f"{prefix}{key}{sep}{short(a, n)} -> {short(b, n)}")
+    return out

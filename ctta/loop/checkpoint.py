@@ -18,6 +18,7 @@ import torch
 
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.loop.parallel import Parallel
+from ctta.state import differences
 
 FORMAT = 2
 
@@ -35,26 +36,6 @@ def ensure_writable(out_dir: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise PermissionError(f"cannot write results to {out_dir}: {e.strerror or e}; choose another out_dir") from e
-
-
-def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """The fingerprint fields that differ, each as ``key: saved -> current`` (nested dicts as ``a.b``; values
-    shortened)."""
-    out = []
-    for key in sorted(set(saved) | set(current), key=str):
-        a, b = saved.get(key), current.get(key)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
-    return out
-
-
-def _short(v: Any, n: int = 80) -> str:
-    s = repr(v)
-    return s if len(s) <= n else s[:n - 3] + "..."
 
 
 class Checkpoint:
