@@ -25,14 +25,8 @@ class ZeroShotPredictor:
     def __init__(self, model, eval_batch_size: int = 256):
         self.model, self.eval_batch_size = model, eval_batch_size
 
-    @torch.no_grad()
     def predict(self, images, space: LabelSpace):
-        m = self.model
-        was = m.training
-        m.eval()
-        out = m.logits(m.encode_image(images), m.text_head(space))
-        m.train(was)
-        return out
+        return self.model.zero_shot(images, space)
 
 
 def evaluation_bar(datasets: Sequence[Dataset], batch_size: int, desc: str, progress: bool | None) -> tqdm:

@@ -215,6 +215,15 @@ class Clip(nn.Module):
         bias = getattr(self.net, "logit_bias", None)
         return out + bias if bias is not None else out
 
+    @torch.no_grad()
+    def zero_shot(self, images: Tensor, space: LabelSpace) -> Tensor:
+        """Zero-shot logits ``[B, len(space)]`` of the model as it is, in eval mode (its mode is restored after)."""
+        was = self.training
+        self.eval()
+        out = self.logits(self.encode_image(images), self.text_head(space))
+        self.train(was)
+        return out
+
     # ----------------------------------------------------------------------------------------- training state
     def freeze(self) -> None:
         for p in self.parameters():

@@ -101,12 +101,7 @@ class Strategy:
     @torch.no_grad()
     def predict(self, images: Tensor, space: LabelSpace) -> Tensor:
         """Logits ``[B, len(space)]``; pure (no state changes)."""
-        m = self._model()
-        was = m.training
-        m.eval()
-        out = m.logits(m.encode_image(images), m.text_head(space))
-        m.train(was)
-        return out
+        return self._model().zero_shot(images, space)
 
     def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:
         """Unlabelled test-time step: returns logits and may update the strategy. Default: predict only."""
