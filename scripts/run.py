@@ -11,7 +11,8 @@ What a user sees, in order (tested by tests/test_cli.py):
    signature (scripts/configcheck.py: unknown keys, simple types; first from the targets' source before torch is
    imported, then from the imported targets), then the stream is built (a real-data recipe verifies
    its dataset), then the strategy and hooks, then the output folder's checkpoint is compared with this run (a
-   foreign one is refused with the fields that differ), and only then are weights loaded.
+   foreign one is refused with the fields that differ), and only then are weights loaded. That early read is the
+   resume's only one: the loop takes the state it read (``Checkpoint.read(..., hold=True)``).
 3. Errors of the user's making at set-up (a bad value, a missing dataset, a foreign checkpoint, an unwritable
    folder) are printed as plain text with a hint in command-line terms and exit code 2, without a traceback;
    ``--debug`` or ``HYDRA_FULL_ERROR=1`` keeps tracebacks.

@@ -3,6 +3,9 @@ fails. Nothing is written before `RunFolder.check_resume` has compared the folde
 `RunFolder.open` writes ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (a new run, or a folder without them)
 and appends this attempt's log lines to ``run.log``. Hydra itself writes nothing (configs/run.yaml: ``hydra.run.dir:
 .``, ``hydra.output_subdir: null``): Hydra's own files would be written before any check could run.
+
+The checkpoint is read once: `check_resume` reads it through the loop's own `Checkpoint.read` with ``hold=True``,
+and the loop's read then takes that state (ctta/loop/checkpoint.py) instead of hashing and loading the file again.
 """
 from __future__ import annotations
 
@@ -33,10 +36,12 @@ class RunFolder:
         self.existed = path.exists()
         self.created: list[Path] = []  # files this attempt wrote, in order
         self.handler: logging.Handler | None = None
+        self.held = False  # a checkpoint state read by check_resume, waiting for the loop to take it
 
     def check_resume(self, stream, strategy, seed: int, samples: dict) -> None:
-        """Compare the folder's checkpoint with this run before anything is written (the loop checks it again
-        when it reads the checkpoint to resume)."""
+        """Compare the folder's checkpoint with this run before anything is written or any weights load. The state
+        read is held for the loop, whose read takes it (and checks the fingerprint again, without reading the file
+        again)."""
         from ctta.loop import samples as sample_loop
         from ctta.loop import tasks as task_loop
         from ctta.loop.checkpoint import Checkpoint, ensure_writable
@@ -49,7 +54,8 @@ class RunFolder:
             name = sample_loop.CHECKPOINT
             fp = sample_loop.fingerprint(stream, strategy, seed, samples.get("batch_size", 1), policy)
         if (self.path / name).exists():
-            Checkpoint(self.path, name, fp, _Solo()).read("cpu")  # raises RunMismatch naming the fields
+            self.held = True
+            Checkpoint(self.path, name, fp, _Solo()).read("cpu", hold=True)  # raises RunMismatch naming the fields
         ensure_writable(self.path)
 
     def open(self, cfg: DictConfig) -> None:
@@ -74,6 +80,11 @@ class RunFolder:
                                                 (text,), None))
 
     def close(self) -> None:
+        """Stop logging into run.log; forget a held checkpoint state the loop did not take (it failed first)."""
+        if self.held:
+            from ctta.loop.checkpoint import drop_held
+            drop_held()
+            self.held = False
         if self.handler is not None:
             logging.getLogger().removeHandler(self.handler)
             self.handler.close()

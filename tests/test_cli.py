@@ -120,6 +120,43 @@ def test_a_foreign_resume_is_refused_before_anything_is_written(finished):
     assert {p.name: p.read_bytes() for p in (out / ".hydra" / "config.yaml", out / "run.log")} == before
 
 
+def test_a_resume_reads_its_checkpoint_once(finished, tmp_path, monkeypatch, capsys):
+    """run.py's early fingerprint check and the loop's resume share one read of the checkpoint (hashing and loading
+    a ViT-B-size file twice costs seconds): run.py's set-up and loop in this process, with a spy on the one call
+    that reads a checkpoint file."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import ctta
+    from ctta.loop import checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished[0], out)
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # run.py imports its siblings, as when run as a script
+    spec = importlib.util.spec_from_file_location("run_script", ROOT / "scripts" / "run.py")
+    run_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_py)
+    reads, real = [], checkpoint.safe_torch_load
+    monkeypatch.setattr(checkpoint, "safe_torch_load",
+                        lambda path, map_location="cpu": reads.append(path) or real(path, map_location=map_location))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("run", overrides=[f"out_dir={out}", *TINY, "progress=false"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # as @hydra.main hands it to main()
+        folder = run_py.RunFolder(out)
+        try:
+            run_py._run(ctta, cfg, run_py._set_up(cfg, folder), folder)
+        finally:
+            folder.close()
+    assert reads == [out / "checkpoint.pt"]
+    assert "accuracy (%): average" in capsys.readouterr().out and not checkpoint._held
+    assert "run already finished (2 tasks): nothing to do" in (out / "run.log").read_text()
+
+
 @pytest.mark.slow
 def test_a_sample_stream_resumes_and_refuses_another_batch_size(tmp_path):
     """The early checkpoint check uses the sample loop's own fingerprint: the same run finishes, another is named."""

@@ -224,3 +224,79 @@ def test_a_finished_run_is_not_redone_and_a_foreign_one_names_the_differences(tm
     with pytest.raises(ValueError, match=r"cache: True -> False"):
         run(make_tiny_clip(), ZeroShot(cache=False), tiny_stream, [AccuracyMatrix(), JsonResults()],
             out_dir=tmp_path, seed=1, progress=False)
+
+
+# ------------------------------------------------------------------ one read of the checkpoint per resume (#21)
+def _run_folder(out):
+    """scripts/runfolder.py's `RunFolder` (a script beside run.py, not a package module)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "runfolder.py"
+    spec = importlib.util.spec_from_file_location("runfolder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RunFolder(out)
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """The paths `Checkpoint.read` hashes and unpickles, in order (a spy on its one file-reading call)."""
+    from ctta.loop import checkpoint
+    reads, real = [], checkpoint.safe_torch_load
+
+    def spy(path, map_location="cpu"):
+        reads.append(path)
+        return real(path, map_location=map_location)
+
+    monkeypatch.setattr(checkpoint, "safe_torch_load", spy)
+    yield reads
+    assert not checkpoint._held  # nothing is left held after a test
+
+
+def test_a_resume_reads_its_checkpoint_once(tmp_path, tiny_stream, counted_reads, caplog):
+    """run.py's early fingerprint check (`RunFolder.check_resume`) and the loop's resume share one read of the file,
+    and the resumed run still ends with the uninterrupted run's results."""
+    def strategy():
+        return Finetune(lr=1e-3, epochs=1, batch_size=8)
+
+    full = run(make_tiny_clip(), strategy(), tiny_stream, _hooks(tiny_stream), out_dir=tmp_path / "a", seed=3,
+               progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_tiny_clip(), strategy(), tiny_stream, _hooks(tiny_stream) + [Killer(at=2)], out_dir=tmp_path / "b",
+            seed=3, progress=False)
+    assert not counted_reads  # fresh runs read nothing
+    s = strategy()
+    _run_folder(tmp_path / "b").check_resume(tiny_stream, s, 3, {})
+    assert counted_reads == [tmp_path / "b" / "checkpoint.pt"]
+    with caplog.at_level("INFO", logger="ctta"):
+        resumed = run(make_tiny_clip(), s, tiny_stream, _hooks(tiny_stream) + [Killer(at=99)],
+                      out_dir=tmp_path / "b", seed=3, progress=False)
+    assert counted_reads == [tmp_path / "b" / "checkpoint.pt"]  # the loop took the state the check read
+    assert "after task 2/3" in caplog.text
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"] and resumed["retention"] == full["retention"]
+
+
+def test_a_checkpoint_changed_after_the_early_check_is_read_again(tmp_path, tiny_stream, counted_reads, caplog):
+    """The held state is taken only for the same, unchanged file; a refused or abandoned one is not kept."""
+    import os
+    from ctta.loop import checkpoint
+    run(make_tiny_clip(), ZeroShot(), tiny_stream, [AccuracyMatrix()], out_dir=tmp_path, seed=1, progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    s = ZeroShot()
+    _run_folder(tmp_path).check_resume(tiny_stream, s, 1, {})
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # rewritten meanwhile (same bytes here)
+    with caplog.at_level("INFO", logger="ctta"):
+        again = run(make_tiny_clip(), s, tiny_stream, [AccuracyMatrix()], out_dir=tmp_path, seed=1, progress=False)
+    assert counted_reads == [ckpt, ckpt] and again["accuracy_matrix"]
+    assert "run already finished (3 tasks): nothing to do" in caplog.text
+    # a foreign checkpoint is refused by the early check and not held
+    with pytest.raises(checkpoint.RunMismatch, match=r"seed: 1 -> 2"):
+        _run_folder(tmp_path).check_resume(tiny_stream, ZeroShot(), 2, {})
+    assert not checkpoint._held
+    # a set-up that fails after the check (before the loop) lets the held state go when the folder closes
+    folder = _run_folder(tmp_path)
+    folder.check_resume(tiny_stream, ZeroShot(), 1, {})
+    assert ckpt in checkpoint._held
+    folder.close()
+    assert not checkpoint._held

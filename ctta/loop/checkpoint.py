@@ -4,6 +4,10 @@ A checkpoint is one content-hashed file written atomically (`ctta.io.atomic_torc
 partial file, a flipped byte is refused on load) and read with ``weights_only=True``. Re-running with the same output
 folder resumes from it; a checkpoint of another run (other stream, strategy, seed, batch size...) is refused with the
 fields that differ, before anything is written into the folder. Under torchrun rank 0 reads it and sends it on.
+
+A checkpoint is read once per attempt: scripts/run.py reads it early, to refuse a foreign one before it writes into
+the folder or loads weights, with ``hold=True``; the loop's own `Checkpoint.read` of the same, unchanged file then
+takes that state instead of hashing and unpickling the file a second time (a ViT-B-size checkpoint is gigabytes).
 """
 from __future__ import annotations
 
@@ -16,11 +20,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ctta.distributed import to_device
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.loop.parallel import Parallel
 from ctta.state import differences
 
 FORMAT = 2
+
+# States read early with ``hold=True``, for the loop's read of the same file: path -> (file identity, state on CPU).
+# Taken once; `drop_held` forgets them (run.py, when the attempt ends without the loop taking its state).
+_held: dict[Path, tuple[tuple[int, int, int], dict]] = {}
 
 
 class RunMismatch(ValueError):
@@ -45,13 +54,16 @@ class Checkpoint:
         self.path = out_dir / name if out_dir is not None else None
         self.fingerprint, self.par = fingerprint, par
 
-    def read(self, map_location: torch.device | str) -> dict | None:
-        """The saved state, or None for a fresh run. Raises `RunMismatch` for another run's checkpoint."""
+    def read(self, map_location: torch.device | str, hold: bool = False) -> dict | None:
+        """The saved state, or None for a fresh run. Raises `RunMismatch` for another run's checkpoint.
+
+        ``hold``: keep the state read (on the CPU) for the next read of this file in this process, which takes it
+        if the file has not changed since (same inode, size and modification time) instead of reading it again."""
         if self.path is None:
             return None
         state: Any = None
         if self.par.main and self.path.exists():
-            state = safe_torch_load(self.path, map_location="cpu" if self.par.active else map_location)
+            state = self._load(map_location, hold)
             if not isinstance(state, dict) or state.get("format") != FORMAT:
                 state = RunMismatch(f"{self.path} is not a checkpoint of this version of ctta "
                                     f"(format {state.get('format') if isinstance(state, dict) else '?'}); "
@@ -66,15 +78,43 @@ class Checkpoint:
                 diff = "; ".join(differences(saved_fp, current))
                 state = RunMismatch(f"{self.path} belongs to a different run ({diff}). Use another out_dir, or "
                                     f"the saved run's settings to resume it.")
+            if isinstance(state, Exception):
+                _held.pop(self.path, None)  # a refused state is not handed on
         state = self.par.from_main(state, "checkpoint")
         if isinstance(state, Exception):
             raise state
         return state
 
+    def _load(self, map_location: torch.device | str, hold: bool) -> Any:
+        """The file's state: the one held for it if the file is unchanged, else read (and hashed) from disk."""
+        device = "cpu" if self.par.active else map_location  # torchrun: rank 0 sends CPU tensors
+        identity = _identity(self.path)  # before reading: a file replaced meanwhile is not taken for this one
+        held = _held.pop(self.path, None)
+        if held is not None and held[0] == identity:
+            state = held[1]  # on the CPU
+        elif hold:
+            state = safe_torch_load(self.path, map_location="cpu")
+        else:
+            return safe_torch_load(self.path, map_location=device)
+        if hold:
+            _held[self.path] = (identity, state)
+            return state
+        return state if torch.device(device).type == "cpu" else to_device(state, device)
+
     def write(self, state: dict) -> None:
         """Save ``state`` (plus the fingerprint) atomically; rank 0 alone writes."""
         if self.path is not None and self.par.main:
             atomic_torch_save(self.path, {"format": FORMAT, "fingerprint": self.fingerprint, **state})
+
+
+def drop_held() -> None:
+    """Forget the states read with ``hold=True`` that no loop took (a set-up that failed after the early read)."""
+    _held.clear()
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def hook_states(hooks: Sequence[Any]) -> list[Any]:
@@ -107,10 +147,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state`'s generators. Its tensors may arrive on a GPU (a checkpoint read with the model's device
+    as ``map_location``): generator states must be CPU byte tensors, and ``.numpy()`` needs a CPU tensor."""
     v, internal, g = state["python"]
     random.setstate((v, tuple(internal), g))
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
