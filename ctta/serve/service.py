@@ -1,0 +1,193 @@
+"""The server without HTTP: one `OnlineAdapter`, its micro-batcher, its state file and its metrics.
+
+Everything that touches the adapter runs in the batcher's one model thread, in queue order: model calls, reset,
+pause, resume and snapshots. Persistence is the adapter's own `OnlineAdapter.save` / `OnlineAdapter.load` (atomic,
+content-hashed, checked against this adapter and rolled back on failure); this module only decides when: at start
+(resume when the file exists), on ``POST /snapshot``, every ``snapshot_every_s`` when the state moved, and after
+the last request at shutdown.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ctta.files import CorruptFileError
+from ctta.online import OnlineAdapter
+from ctta.predictions import prepare_images
+from ctta.serve.batcher import Job, MicroBatcher
+from ctta.serve.inputs import decode_image
+from ctta.serve.metrics import Metrics
+from ctta.serve.options import ServeError, ServeOptions, StateError
+
+log = logging.getLogger("ctta.serve")
+
+
+@dataclass
+class Payload:
+    images: Tensor   # [n, 3, H, W] preprocessed, on the model's device
+    top_k: int
+
+
+class Service:
+    """``adapter`` served under ``options``. Construction loads the state file when it exists (a `StateError` if
+    it is corrupt or another adapter's), so a bad file stops a deployment before it listens."""
+
+    def __init__(self, adapter: OnlineAdapter, options: ServeOptions | None = None):
+        if not isinstance(adapter, OnlineAdapter):
+            raise TypeError(f"serve needs a ctta.OnlineAdapter (ctta.wrap(...)), got {type(adapter).__name__}")
+        self.adapter, self.options = adapter, options or ServeOptions()
+        self.space = adapter.space
+        self.metrics = Metrics(self.options.window)
+        self.state_path = Path(self.options.state_path).expanduser() if self.options.state_path else None
+        self.resumed = self._load_state()
+        # an episodic adapter's episode is one call: each request gets its own, so its answer never depends on
+        # which strangers shared its batch (per-sample episodes, as TPT's, are independent in any batch)
+        merge = not (adapter.reset_policy == "episodic" and not adapter.strategy.sample_episodes)
+        o = self.options
+        self.batcher = MicroBatcher(self._run_batch, max_batch=o.max_batch, max_wait_ms=o.max_wait_ms,
+                                    max_queue=o.max_queue, merge=merge)
+        self.ready = self.draining = False
+        self.paused = False
+        self._pause = contextlib.ExitStack()
+        self._saved = self._marker()  # nothing has moved yet (the anchor, or the file just loaded)
+        self._batches = 0
+        self._periodic: asyncio.Task | None = None
+        self.metrics.position.set(adapter.samples)
+
+    # ---------------------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.batcher.start()
+        if self.options.snapshot_every_s:
+            self._periodic = asyncio.get_running_loop().create_task(self._snapshots(), name="ctta-snapshots")
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Stop taking requests, serve every queued one, then write the state (when there is a state path)."""
+        self.ready, self.draining = False, True
+        if self._periodic is not None:
+            self._periodic.cancel()
+        await self.batcher.close()
+        if self.state_path is not None:
+            info = await self.batcher.in_model_thread(self.snapshot)
+            log.info("ctta serve: adapted state written to %s (%d samples)", info["path"], info["samples"])
+        self.batcher.executor.shutdown(wait=True)
+
+    def _load_state(self) -> bool:
+        path = self.state_path
+        if path is None or not path.exists():
+            return False
+        if not path.is_file():
+            raise StateError(f"serve.state_path={path} is not a file")
+        try:
+            self.adapter.load(path)
+        except (CorruptFileError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise StateError(f"refusing the state file {path}: {e}. Start with the configuration that wrote it, or "
+                             f"move the file away to start from the unadapted model") from e
+        log.info("ctta serve: resumed from %s (%d samples adapted on)", path, self.adapter.samples)
+        return True
+
+    # ---------------------------------------------------------------------------------------------- requests
+    def decode(self, parts: list[tuple[str, bytes]]) -> Tensor:
+        """Encoded images -> the model's input batch (decoded under the limits, preprocessed). Runs in a worker
+        thread of its own, never in the model thread."""
+        images = [decode_image(data, self.options, what) for what, data in parts]
+        return prepare_images(self.adapter.model, images)
+
+    def _run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """One model call for ``jobs`` (equal keys), in the model thread; each job gets its own rows."""
+        a = self.adapter
+        adapt, classes = jobs[0].key
+        x = torch.cat([j.payload.images for j in jobs]) if len(jobs) > 1 else jobs[0].payload.images
+        resets, skipped, position = a.resets, a.skipped_steps, a.samples
+        t = time.perf_counter()
+        out = a(x, classes) if adapt else a.predict(x, classes)
+        seconds = time.perf_counter() - t
+        m = self.metrics
+        m.call_seconds.labels("true" if out.adapted else "false").observe(seconds)
+        m.batch_images.observe(len(x))
+        m.samples.labels("true" if out.adapted else "false").inc(len(x))
+        m.resets.inc(max(0, a.resets - resets))
+        m.skipped.inc(max(0, a.skipped_steps - skipped))
+        m.position.set(a.samples)
+        m.queue.set(self.batcher.queued_images)
+        conf = out.probs.max(-1).values
+        m.observe_samples(out.entropy.tolist(), conf.tolist(), out.probs.shape[1])
+        names = [self.space.classnames[i] for i in range(len(self.space))] if classes is None else list(classes)
+        self._batches += 1
+        results, row = [], 0
+        for job in jobs:
+            k = job.payload.top_k
+            probs, idx = out.probs[row:row + job.n].topk(k, dim=-1)
+            preds = [{"class": out.classnames[row + i], "index": self.space.index(out.classnames[row + i]),
+                      "confidence": float(probs[i, 0]), "entropy": float(out.entropy[row + i]),
+                      "top_k": [{"class": names[j], "prob": float(p)} for j, p in zip(idx[i].tolist(),
+                                                                                        probs[i].tolist())]}
+                     for i in range(job.n)]
+            results.append({"predictions": preds, "adapted": out.adapted, "skipped_updates": out.skipped,
+                            "reset": out.reset, "position": position + row if out.adapted else None,
+                            "seq": job.seq, "batch": {"id": self._batches, "images": len(x), "requests": len(jobs)}})
+            row += job.n
+        return results
+
+    # ---------------------------------------------------------------------------------------------- control
+    def reset(self) -> dict[str, Any]:
+        self.adapter.reset()
+        self.metrics.resets.inc()
+        return {"reset": True, "samples": self.adapter.samples}
+
+    def pause(self) -> dict[str, Any]:
+        if not self.paused:  # idempotent: one /resume undoes any number of /pause
+            self._pause.enter_context(self.adapter.paused())
+            self.paused = True
+            self.metrics.paused.set(1)
+        return {"paused": True}
+
+    def resume(self) -> dict[str, Any]:
+        self._pause.close()
+        self._pause = contextlib.ExitStack()
+        self.paused = False
+        self.metrics.paused.set(0)
+        return {"paused": False}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Write the adapted state to the state path (atomic: `OnlineAdapter.save`)."""
+        if self.state_path is None:
+            raise ServeError(409, "no_state_path", "this server has no state path (serve.state_path), so there is "
+                             "nowhere to snapshot to")
+        path = self.adapter.save(self.state_path)
+        self._saved = self._marker()
+        self.metrics.snapshots.inc()
+        return {"path": str(path), "bytes": path.stat().st_size, "samples": self.adapter.samples}
+
+    def _marker(self) -> tuple[int, int, int]:
+        a = self.adapter
+        return a.calls, a.samples, a.resets
+
+    async def _snapshots(self) -> None:
+        """Every ``snapshot_every_s``: a snapshot through the queue, when the state moved since the last one."""
+        while True:
+            await asyncio.sleep(self.options.snapshot_every_s)
+            if self._marker() == self._saved:
+                continue
+            try:
+                await self.batcher.control(self.snapshot)
+            except ServeError:  # shutting down: the final snapshot follows
+                return
+            except Exception as e:  # a full disk must not stop the serving; say so and try again next time
+                log.error("ctta serve: periodic snapshot to %s failed: %s", self.state_path, e)
+
+    def info(self) -> dict[str, Any]:
+        a = self.adapter
+        return {"status": "ok" if self.batcher.alive or not self.ready else "worker stopped",
+                "strategy": type(a.strategy).__name__, "reset_policy": a.reset_policy, "classes": len(self.space),
+                "samples": a.samples, "calls": a.calls, "resets": a.resets, "paused": self.paused,
+                "queue_images": self.batcher.queued_images, "state_path": str(self.state_path or "") or None,
+                "resumed": self.resumed, "micro_batching": self.batcher.merge}
