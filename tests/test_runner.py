@@ -300,3 +300,24 @@ def test_a_checkpoint_changed_after_the_early_check_is_read_again(tmp_path, tiny
     assert ckpt in checkpoint._held
     folder.close()
     assert not checkpoint._held
+
+
+def test_a_sample_stream_resume_reads_its_checkpoint_once(tmp_path, counted_reads):
+    """The same for a sample stream: the early check uses the sample loop's fingerprint (batch size, reset policy),
+    the loop takes its state (adapter, RNG) and ends with the uninterrupted run's metrics."""
+    from ctta.loop.samples import CHECKPOINT, run_samples
+    from ctta.online_hooks import OnlineAccuracy
+    from tests.test_samples import Kill, NoisyTent, stream
+
+    def go(out, kill_at=None, strategy=None):
+        return run_samples(make_tiny_clip(), strategy or NoisyTent(lr=5e-2), stream(boundary=True),
+                           [OnlineAccuracy(), Kill(kill_at)], batch_size=2, out_dir=out, checkpoint_every=5, seed=3)
+
+    full = go(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "killed", kill_at=23)
+    s = NoisyTent(lr=5e-2)
+    _run_folder(tmp_path / "killed").check_resume(stream(boundary=True), s, 3, {"batch_size": 2})
+    resumed = go(tmp_path / "killed", strategy=s)
+    assert counted_reads == [tmp_path / "killed" / CHECKPOINT]
+    assert resumed["online"] == full["online"]
