@@ -69,7 +69,10 @@ def _set_up(cfg: DictConfig, classes: list[str] | None, options: dict) -> tuple[
         torch.set_num_threads(int(cfg.threads))
     for where, entry in _entries(cfg):
         check_config(entry, where)
-    strategy = _build("strategy", cfg.strategy, cfg)
+    # plain lists, not ListConfig: the strategy's recorded configuration (its state file's fingerprint) must be the
+    # one a strategy built in Python records, so a state file fits the same strategy however it was built
+    entry = OmegaConf.create({"_convert_": "all", **OmegaConf.to_container(cfg.strategy, resolve=True)})
+    strategy = _build("strategy", entry, cfg)
     if classes is not None:
         space = ctta.LabelSpace(classes, *([list(cfg.templates)] if cfg.templates is not None else []))
     else:
