@@ -2,15 +2,19 @@
 
 The engine's image convention: float tensors in [0, 1], shape ``[B, 3, H, W]``, not yet normalised (the model
 normalises with its own mean and std). Any map-style dataset returning ``(image, label)`` works; datasets that
-also implement ``get_batch(indices)`` (in-memory tensors) are batched without a per-item Python loop.
+also implement ``get_batch(indices)`` (in-memory tensors) are batched without a per-item Python loop. Batches are
+produced by `ctta.loading` (worker processes, prefetch, device decoding); `iter_batches` and `load_batch` are
+re-exported here.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ctta.loading import Loading, collate, configure_loading, iter_batches, load_batch  # noqa: F401 (re-exported)
 
 
 @runtime_checkable
@@ -131,6 +135,8 @@ def pil_to_rgb(image) -> Tensor:
 class ImageTensorDataset:
     """Images held in memory as one tensor (uint8 or float in [0, 1]) with integer labels."""
 
+    in_memory = True  # `ctta.loading`: loaded in process (workers would only copy tensors between processes)
+
     def __init__(self, images: Tensor, labels: Tensor | Sequence[int]):
         labels = torch.as_tensor(labels, dtype=torch.long)
         if images.dim() != 4 or images.shape[1] != 3:
@@ -176,7 +182,24 @@ class RemappedSubset:
         if hasattr(self.base, "get_batch"):
             images, _ = self.base.get_batch(self.indices[indices])
             return images, self.targets[indices]
-        return _collate([self[int(i)] for i in indices])
+        return collate([self[int(i)] for i in indices])
+
+    # `ctta.loading` reads these through the subset: how the base is stored and whether it decodes on a device
+    @property
+    def in_memory(self) -> bool:
+        from_base = getattr(self.base, "in_memory", None)
+        return bool(from_base) if from_base is not None else hasattr(self.base, "get_batch")
+
+    @property
+    def decodes_on_device(self) -> bool:
+        return bool(getattr(self.base, "decodes_on_device", False))
+
+    def load_encoded(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        data, lengths, _ = self.base.load_encoded(self.indices[indices])
+        return data, lengths, self.targets[indices]
+
+    def decode(self, data: Tensor, lengths: Tensor, device: Any) -> Tensor:
+        return self.base.decode(data, lengths, device=device)
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:
@@ -185,34 +208,3 @@ def dataset_targets(dataset: Dataset) -> Tensor:
     if t is not None:
         return torch.as_tensor(t, dtype=torch.long)
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
-
-
-def _collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
-
-
-def iter_batches(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    indices: Tensor | None = None,
-) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Yield ``(images, labels, indices)`` batches; ``indices`` are positions in ``dataset`` (for caches)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(dataset)
-    order = indices if indices is not None else (
-        torch.randperm(n, generator=generator) if shuffle else torch.arange(n))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        x, y = load_batch(dataset, idx)
-        yield x, y, idx
-
-
-def load_batch(dataset: Dataset, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """``(images, labels)`` at ``indices`` (the dataset's batched ``get_batch`` when it has one)."""
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)
-    return _collate([dataset[int(i)] for i in indices])

@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from ctta.data import Dataset, iter_batches
 from ctta.io import atomic_write_json, provenance
+from ctta.loop.parallel import evaluation_share
 from ctta.metrics import summarize
+from ctta.strategy import SingleProcess
 from ctta.stream import LabelSpace, Task
 
 
@@ -38,26 +40,52 @@ def evaluation_bar(datasets: Sequence[Dataset], batch_size: int, desc: str, prog
 
 @torch.no_grad()
 def evaluate(strategy, dataset: Dataset, space: LabelSpace, offset: int = 0, batch_size: int | None = None,
-             bar: tqdm | None = None) -> dict:
+             bar: tqdm | None = None, comm: Any = None) -> dict:
     """Top-1 accuracy of ``strategy.predict`` (anything with ``predict``, ``model`` and ``eval_batch_size``) on
-    ``dataset`` over ``space``; labels are shifted by ``offset``. ``bar`` is advanced by one per batch."""
-    correct, total = 0, 0
-    device = strategy.model.device
-    for images, labels, _ in iter_batches(dataset, batch_size or strategy.eval_batch_size):
-        pred = strategy.predict(images.to(device), space).argmax(-1).cpu()
-        correct += int((pred == labels + offset).sum())
-        total += len(labels)
-        if bar is not None:
-            bar.update(1)
-    if total == 0:
+    ``dataset`` over ``space``; labels are shifted by ``offset``. ``bar`` is advanced by one per batch. ``comm``:
+    see `evaluate_sets`."""
+    return evaluate_sets(strategy, [(dataset, space, offset)], batch_size, bar, comm)[0]
+
+
+@torch.no_grad()
+def evaluate_sets(strategy, sets: Sequence[tuple[Dataset, LabelSpace, int]], batch_size: int | None = None,
+                  bar: tqdm | None = None, comm: Any = None) -> list[dict]:
+    """`evaluate` on several ``(dataset, space, offset)`` at once: ``[{"accuracy", "n"}, ...]``.
+
+    ``comm`` (``strategy.comm`` under torchrun, `ctta.loop.parallel.DataParallel`): every rank must make this call,
+    scores its share of the batches (`ctta.loop.parallel.evaluation_share`) and the counts are summed — the same
+    figures as one process. Only hooks that run on every rank (``every_rank = True``) may pass it; None: this
+    process scores everything."""
+    if any(len(d) == 0 for d, _, _ in sets):  # the same verdict on every rank, before any collective
         raise ValueError("cannot evaluate on an empty dataset")
-    return {"accuracy": correct / total, "n": total}
+    comm = comm if comm is not None else SingleProcess()
+    bs = batch_size or strategy.eval_batch_size
+    device = strategy.model.device
+    shares = evaluation_share([len(d) for d, _, _ in sets], bs, comm)
+    skipped = sum(-(-len(d) // bs) for d, _, _ in sets) - sum(map(len, shares))  # other ranks' batches
+    if bar is not None and skipped and bar.total is not None:
+        bar.total -= skipped  # this rank's bar counts its own batches
+        bar.refresh()
+    counts = torch.zeros(len(sets), 2, dtype=torch.int64)  # correct, seen
+    for j, ((dataset, space, offset), batches) in enumerate(zip(sets, shares)):
+        if not batches:
+            continue
+        for images, labels, _ in iter_batches(dataset, bs, batches=batches, device=device):
+            pred = strategy.predict(images, space).argmax(-1).cpu()
+            counts[j, 0] += int((pred == labels + offset).sum())
+            counts[j, 1] += len(labels)
+            if bar is not None:
+                bar.update(1)
+    comm.sum_(counts, "evaluation counts")
+    return [{"accuracy": int(c) / int(n), "n": int(n)} for c, n in counts.tolist()]
 
 
 class AccuracyMatrix:
     """After each task, evaluates every task of the stream (future ones included) in the stream's scope:
     row ``t`` of ``R``. Writes ``accuracy_matrix``, ``test_sizes`` and ``metrics`` (see `ctta.metrics.summarize`).
     ``progress``: the evaluation bar (None: only on a terminal; scripts/run.py sets it from its ``progress``)."""
+
+    every_rank = True  # under torchrun each rank scores its share of every row (`ctta.loop.parallel`)
 
     def __init__(self, progress: bool | None = None) -> None:
         self.R: list[list[float]] = []
@@ -66,15 +94,12 @@ class AccuracyMatrix:
 
     def on_task_end(self, ctx) -> None:
         stream, t = ctx.stream, ctx.task_index
-        row, sizes = [], []
         bs = ctx.strategy.eval_batch_size
         bar = evaluation_bar([task.test for task in stream.tasks], bs,
                              f"evaluate after task {t + 1}/{len(stream)}", self.progress)
-        for j, task in enumerate(stream.tasks):
-            space, offset = stream.space_for(t, j)
-            r = evaluate(ctx.strategy, task.test, space, offset, bar=bar)
-            row.append(r["accuracy"])
-            sizes.append(r["n"])
+        sets = [(task.test, *stream.space_for(t, j)) for j, task in enumerate(stream.tasks)]
+        scores = evaluate_sets(ctx.strategy, sets, bar=bar, comm=ctx.strategy.comm)
+        row, sizes = [r["accuracy"] for r in scores], [r["n"] for r in scores]
         bar.close()
         self.R.append(row)
         self.sizes = sizes
@@ -97,6 +122,8 @@ class ZeroShotRetention:
     own ``predict`` at setup, e.g. RAPF's untrained adapter, is not zero-shot). ``progress`` as for
     `AccuracyMatrix`."""
 
+    every_rank = True  # under torchrun each rank scores its share of the controls (`ctta.loop.parallel`)
+
     def __init__(self, controls: Sequence[Task], progress: bool | None = None):
         if not controls:
             raise ValueError("ZeroShotRetention needs at least one control task")
@@ -105,20 +132,20 @@ class ZeroShotRetention:
         self.history: dict[str, list[float]] = {c.name: [] for c in self.controls}
         self.progress = progress
 
-    def _measure(self, predictor) -> dict[str, float]:
+    def _measure(self, predictor, comm: Any) -> dict[str, float]:
         bar = evaluation_bar([c.test for c in self.controls], predictor.eval_batch_size, "zero-shot controls",
                              self.progress)
-        out = {c.name: evaluate(predictor, c.test, c.space, bar=bar)["accuracy"] for c in self.controls}
+        scores = evaluate_sets(predictor, [(c.test, c.space, 0) for c in self.controls], bar=bar, comm=comm)
         bar.close()
-        return out
+        return {c.name: r["accuracy"] for c, r in zip(self.controls, scores)}
 
     def on_run_start(self, ctx) -> None:
         if not self.acc0:  # (a resumed run brings its baseline along)
-            self.acc0 = self._measure(ZeroShotPredictor(ctx.model, ctx.strategy.eval_batch_size))
+            self.acc0 = self._measure(ZeroShotPredictor(ctx.model, ctx.strategy.eval_batch_size), ctx.strategy.comm)
         self._write(ctx)
 
     def on_task_end(self, ctx) -> None:
-        for name, acc in self._measure(ctx.strategy).items():
+        for name, acc in self._measure(ctx.strategy, ctx.strategy.comm).items():
             self.history[name].append(acc)
         self._write(ctx)
 

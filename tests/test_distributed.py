@@ -1,5 +1,6 @@
-"""torchrun-style data parallelism on 2 CPU processes (gloo): equal results to one process, rank-0-only files,
-and a dead rank failing the others with a clear error instead of a hang."""
+"""torchrun-style data parallelism on 2 CPU processes (gloo): equal results to one process (training, statistics,
+episodes, and evaluation sharded across ranks, feature cache included), rank-0-only files, and a dead rank failing
+the others with a clear error instead of a hang."""
 from __future__ import annotations
 
 import os
@@ -11,13 +12,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ctta import AccuracyMatrix, JsonResults, LabelSpace, Task, TaskStream, class_incremental, distributed, run
+from ctta import (AccuracyMatrix, JsonResults, LabelSpace, Task, TaskStream, ZeroShotRetention, class_incremental,
+                  distributed, run)
 from ctta.online_hooks import OnlineAccuracy
 from ctta.loop import run_samples
 from ctta.strategies.finetune import Finetune
 from ctta.strategies.rapf import RAPF
 from ctta.strategies.tent import Tent
 from ctta.strategies.tpt import TPT
+from ctta.strategies.zeroshot import ZeroShot
 from tests.conftest import make_dataset, make_tiny_clip
 
 SPACE = LabelSpace([f"class {i}" for i in range(4)])
@@ -62,6 +65,13 @@ def scenarios(out: Path) -> dict:
     r2 = run(model2, ft2, cil_stream(), [AccuracyMatrix(), JsonResults()], out_dir=out / f"ft_rank{distributed.rank()}")
     res["resumed_equal"] = all(torch.equal(v, model.trainable_state()[k]) for k, v in model2.trainable_state().items())
     res["resumed_results"], res["resumed_steps"] = r2.get("accuracy_matrix"), ft2.steps
+    # evaluation sharded across ranks: ZeroShot (feature cache) with the accuracy matrix and retention controls; eval
+    # batches of 4 over test sets of 10 (starts 0,4,8 | 10,14,18 | 20,24,28): rank 0 scores 0..17, rank 1 18..29
+    zs = ZeroShot(eval_batch_size=4)
+    controls = [Task("control", SPACE, make_dataset(9, 4, seed=7))]
+    r = run(make_tiny_clip(0), zs, cil_stream(), [AccuracyMatrix(), ZeroShotRetention(controls)])
+    res["zs_results"] = (r.get("accuracy_matrix"), r.get("retention"), r.get("metrics"))
+    res["zs_cache"] = zs.cache.stats()
     # RAPF: the class statistics of the frozen encoder, reduced across ranks
     rapf = RAPF(epochs=1, batch_size=8, cache=False, replay_classes=1)
     run(make_tiny_clip(0), rapf, cil_stream())
@@ -232,12 +242,21 @@ def test_two_processes_match_one(tmp_path):
             diff = (got - v).abs()
             assert diff.max() < 1e-4 and (diff > 2e-5).float().mean() <= 1e-3, (k, diff.max().item())
     assert ranks[0]["finetune_results"] == single["finetune_results"]
-    assert ranks[1]["finetune_results"] is None  # hooks run on rank 0 only
+    assert ranks[1]["finetune_results"] is None  # rank 0 alone returns results (rank 1 only helped evaluate)
     for r in (*ranks, single):  # resumed from rank 0's checkpoint on every rank
         assert r["resumed_equal"] and r["resumed_steps"] == 2 * 2 * 3  # 2 batches x 2 epochs x 3 tasks, restored
     assert ranks[0]["resumed_results"] == single["finetune_results"] and ranks[1]["resumed_results"] is None
     assert (tmp_path / "ft_rank0" / "results.json").exists() and (tmp_path / "ft_rank0" / "checkpoint.pt").exists()
     assert not (tmp_path / "ft_rank1").exists()  # only rank 0 writes
+
+    # sharded evaluation: the very same accuracy matrix, metrics and retention as one process. Each rank's feature
+    # cache holds its own share: of the 30 test images 18 and 12, of the 9 control images (batches at 0, 4, 8;
+    # rank 0 owns positions 0..4) 8 and 1; together exactly the single process's 39, each encoded once
+    assert ranks[0]["zs_results"] == single["zs_results"] and single["zs_results"][0] is not None
+    assert ranks[1]["zs_results"] == (None, None, None)
+    entries = [r["zs_cache"]["entries"] for r in ranks]
+    assert single["zs_cache"]["entries"] == 39 and entries == [18 + 8, 12 + 1], entries
+    assert sum(r["zs_cache"]["encoded"] for r in ranks) == single["zs_cache"]["encoded"] == 39
 
     # RAPF: class statistics reduced across ranks equal the single-process ones
     for r in ranks:

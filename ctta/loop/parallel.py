@@ -8,13 +8,18 @@
   shards statistics passes and sums their results. Strategies never call a collective themselves.
 - episodic sample streams: episodes are dealt round-robin to the ranks in rounds and their outputs gathered to
   rank 0, which scores them in stream order; online sample streams depend on their order and run on rank 0 alone.
-- hooks and files live on rank 0; rank 0 reads a checkpoint and sends it to the others.
+- evaluation (task streams): the hooks that evaluate (``every_rank = True``: `ctta.hooks.AccuracyMatrix`,
+  `ctta.hooks.ZeroShotRetention`) run on every rank; each rank scores whole batches of its share of the positions
+  (`evaluation_share`: the batches one process forms, so every prediction is computed on the same batch as in one
+  process) and the counts are summed through ``strategy.comm``: the same accuracy matrix as one process. A frozen
+  encoder's feature cache (`ctta.cache.FeatureCache`) fills the same way: each rank encodes its share once.
+- every other hook and every file lives on rank 0; rank 0 reads a checkpoint and sends it to the others.
 Without torchrun every method is the single-process identity.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -84,6 +89,24 @@ class Parallel:
         self._comm.weight = weight
         return rows
 
+    def shard_batches(self, batches: Sequence[Tensor]) -> tuple[list[Tensor], list[float]]:
+        """This rank's part of each global batch (dataset positions), for a loader to fetch ahead, and the
+        gradient weight of each (set with `set_weight` before its step)."""
+        if not self.active:
+            return list(batches), [1.0] * len(batches)
+        shards = [distributed.batch_shard(len(b)) for b in batches]
+        return [b[rows] for b, (rows, _) in zip(batches, shards)], [w for _, w in shards]
+
+    def set_weight(self, weight: float) -> None:
+        if self._comm is not None:
+            self._comm.weight = weight
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def hooks(self, hooks: Sequence[Any]) -> list[Any]:
+        """The hooks this rank calls: all of them on rank 0; elsewhere only those that evaluate sharded
+        (``every_rank = True``), which never write files and must call the same collectives on every rank."""
+        return list(hooks) if self.main else [h for h in hooks if getattr(h, "every_rank", False)]
+
     # ------------------------------------------------------------------------------------------ agreement, files
     def check_same(self, value: Any, what: str) -> None:
         if self.active:
@@ -111,3 +134,22 @@ class Parallel:
             return mine
         parts = distributed.gather_objects(mine, what)
         return sorted((x for part in parts for x in part), key=lambda x: x[0]) if self.main else []
+
+
+def evaluation_share(sizes: Sequence[int], batch_size: int, comm: Any) -> list[list[Tensor]]:
+    """This process's evaluation batches of datasets of ``sizes`` (one list of index tensors per dataset).
+
+    The batches are those one process forms (``batch_size`` consecutive positions from each dataset's start), so a
+    prediction never depends on the number of ranks. A batch belongs to the rank whose ``comm.shard`` of all the
+    datasets' positions, laid end to end, holds its first position: whole rows of an accuracy matrix are balanced
+    by images, not dataset by dataset (ten test sets of one batch each still split five and five). ``comm``: a
+    strategy's ``comm`` (`ctta.strategy.SingleProcess`: everything; `DataParallel`: this rank's contiguous part)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    owned = torch.zeros(sum(sizes), dtype=torch.bool)
+    owned[comm.shard(len(owned))] = True
+    out, base = [], 0
+    for n in sizes:
+        out.append([torch.arange(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if owned[base + s]])
+        base += n
+    return out

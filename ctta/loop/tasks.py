@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctta import distributed
-from ctta.data import load_batch
+from ctta.data import iter_batches
 from ctta.loop.checkpoint import Checkpoint, ensure_writable, hook_states, load_hook_states, seed_everything
 from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
@@ -45,25 +45,25 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
         ensure_writable(out)
     fp = fingerprint(stream, strategy, seed)
     par.check_same({**fp, "classes": [t.space.classnames for t in stream.tasks]}, "stream, class order and strategy")
-    hooks = list(hooks) if par.main else []  # evaluation and files: rank 0 only
-    share_progress(hooks, progress)
+    all_hooks = list(hooks)
+    hooks = par.hooks(all_hooks)  # rank 0: all; other ranks: the sharded evaluation hooks, which write no files
+    share_progress(hooks, progress if par.main else False)
     ckpt = Checkpoint(out, CHECKPOINT, fp, par)
     saved = ckpt.read(model.device)  # before anything is trained or written
     ctx = RunContext(model, strategy, stream, out, seed, config)
     start = int(saved["next_task"]) if saved else 0
-    if saved:
-        if par.main:  # hooks and results live on rank 0
-            load_hook_states(hooks, saved["hooks"], ckpt.path)
-            ctx.results.update(saved["results"])
+    if saved:  # on every rank: the sharded hooks must agree (a retention baseline is not measured again)
+        load_hook_states(all_hooks, saved["hooks"], ckpt.path)
+        ctx.results.update(saved["results"])
         ctx.resumed = True
         log.info("resuming %s after task %d/%d", out, start, len(stream))
     ctx.task_index = start - 1
-    if start < len(stream):
-        call(hooks, "on_run_start", ctx)  # the untouched model: no strategy state exists yet
-    seed_everything(seed)
-    strategy.setup(model)
-    par.install(strategy)
+    par.install(strategy)  # before on_run_start: evaluation there is sharded through strategy.comm too
     try:
+        if start < len(stream):
+            call(hooks, "on_run_start", ctx)  # the untouched model: no strategy state exists yet
+        seed_everything(seed)
+        strategy.setup(model)
         if saved:  # checked against this run's shapes first: a failed load changes nothing
             check_same_structure(saved["model"], model.net.state_dict(), f"{ckpt.path}: model")
             check_same_structure(saved["strategy"], strategy.state_dict(), f"{ckpt.path}: strategy state")
@@ -71,7 +71,7 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
             strategy.load_state_dict(distributed.to_device(saved["strategy"], model.device))
         if start >= len(stream):
             log.info("run already finished (%d tasks): nothing to do", len(stream))
-            return ctx.results
+            return ctx.results if par.main else {}
         tasks = tqdm(range(start, len(stream)), initial=start, total=len(stream), desc="tasks",
                      disable=no_bar(progress, par.main))
         for t in tasks:
@@ -91,8 +91,8 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
             ckpt.write({"next_task": t + 1, "model": model.net.state_dict(), "strategy": strategy.state_dict(),
                         "hooks": hook_states(hooks), "results": ctx.results})
         tasks.close()
-        call(hooks, "on_run_end", ctx)  # no closing barrier: the other ranks need not wait for rank 0's evaluation
-        return ctx.results
+        call(hooks, "on_run_end", ctx)  # no closing barrier: the other ranks need not wait for rank 0's files
+        return ctx.results if par.main else {}
     finally:
         par.uninstall(strategy)
 
@@ -100,7 +100,8 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
 def _train(ctx: RunContext, hooks, par: Parallel, task: Task, space, offset: int, progress: bool | None) -> None:
     """Feed the task's training data: ``strategy.iterations`` steps if set (cycling), else ``epochs`` passes.
 
-    Every rank draws the same global batches (same generator) and loads only its shard of each."""
+    Every rank draws the same global batches (same generator) and loads only its shard of each, ahead of the step
+    (`ctta.data.iter_batches`: worker processes for files, prefetch)."""
     s = ctx.strategy
     gen = torch.Generator().manual_seed(ctx.seed + 7919 * (ctx.task_index + 1))
     n = len(task.train)
@@ -109,13 +110,15 @@ def _train(ctx: RunContext, hooks, par: Parallel, task: Task, space, offset: int
     done = 0
     while done < total:
         order = torch.randperm(n, generator=gen)
-        for start in range(0, n, s.batch_size):
-            batch = order[start:start + s.batch_size]
-            images, labels = load_batch(task.train, batch[par.batch_rows(len(batch))])
-            ctx.last_stats = s.learn(images.to(ctx.model.device), labels.to(ctx.model.device) + offset, space)
+        mine, weights = par.shard_batches([order[i:i + s.batch_size] for i in range(0, n, s.batch_size)])
+        batches = iter_batches(task.train, s.batch_size, batches=mine, device=ctx.model.device)
+        for (images, labels, _), weight in zip(batches, weights):
+            par.set_weight(weight)
+            ctx.last_stats = s.learn(images, labels.to(ctx.model.device) + offset, space)
             call(hooks, "on_batch_end", ctx)
             done += 1
             bar.update(1)
             if done >= total:
                 break
+        batches.close()  # stops the loader's workers of a partial last epoch
     bar.close()
