@@ -18,6 +18,9 @@ Design:
   model is in; a cache is only meaningful for deterministic inputs (eval transform), as RAPF's reference trains on.
 - **Bounded memory.** ``max_items`` caps the entries (least recently used evicted); ``None`` = unbounded
   (D·4 bytes per distinct image: 512 B for the micro-CLIP, 2 KiB for ViT-B/16).
+- **Under torchrun**, evaluation is sharded by whole batches (`ctta.loop.parallel.evaluation_share`): each rank's
+  cache fills with its own share of every evaluation set, the same share at every evaluation, so each image is
+  still encoded once per run, by one rank, and no features cross processes.
 - **Persistence.** `save` / `load` write the entries with a SHA-256 of the image tower's weights, normalisation and
   input size; a file made for other weights is refused. Dataset identity and preprocessing need no key: they are in
   the image bytes.
@@ -28,7 +31,6 @@ for a 224×224 one (spread over up to 8 threads), against a full image-tower for
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +41,7 @@ from torch import Tensor
 
 from ctta.data import check_images
 from ctta.io import atomic_torch_save, safe_torch_load
+from ctta.loading import usable_cores
 from ctta.model import Clip
 
 _DIGEST = 16  # bytes of BLAKE2b per image key (collision odds ~2^-64 at 2^32 images)
@@ -75,7 +78,8 @@ def image_keys(images: Tensor) -> list[bytes]:
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ctta-hash")
+        # the cores of this rank (torchrun's ranks on one node share them), not of the machine
+        _POOL = ThreadPoolExecutor(max_workers=min(8, usable_cores()), thread_name_prefix="ctta-hash")
     return _POOL
 
 
