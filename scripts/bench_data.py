@@ -65,11 +65,13 @@ def build_folder(root: Path, n: int, seed: int = 0) -> Path:
     f = W.sample_factors(n, g, styles=("filled", "outline"))
     f.shape = torch.tensor([W.SHAPES.index(s) for _, s in combos])[labels]
     f.colour = torch.tensor([W.COLOURS.index(c) for c, _ in combos])[labels]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU renders in moments (float noise aside)
     saved = W.RESOLUTION
     W.RESOLUTION = SIZE[0]  # the renderer reads its resolution at call time: the same scenes, drawn at 400x400
     try:
         for s in range(0, n, 16):
-            x = W.render(f[s:s + 16])[:, :, (SIZE[0] - SIZE[1]) // 2:(SIZE[0] + SIZE[1]) // 2]  # 400 wide, 300 high
+            x = W.render(f[s:s + 16].to(device)).cpu()
+            x = x[:, :, (SIZE[0] - SIZE[1]) // 2:(SIZE[0] + SIZE[1]) // 2]  # 400 wide, 300 high
             x = (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1)  # sensor noise: photo-like file sizes
             for k, img in enumerate(W.to_uint8(x).permute(0, 2, 3, 1).numpy()):
                 c = int(labels[s + k])
@@ -199,6 +201,7 @@ def child_ranks(args) -> None:
     from ctta import distributed, run
     from ctta.data import configure_loading
     from ctta.strategies.zeroshot import ZeroShot
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU ratio (gloo), also on a GPU machine: before CUDA starts
     torch.set_num_threads(1)
     configure_loading(workers=0)
     with distributed.launched():

@@ -191,3 +191,17 @@ def test_evaluation_share_splits_whole_batches_by_images():
     assert starts(evaluation_share([10, 10, 10], 4, RankOf(1, 2))) == [[], [8], [0, 4, 8]]
     one = evaluation_share([10, 3], 4, SingleProcess())
     assert [[b.tolist() for b in s] for s in one] == [[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], [[0, 1, 2]]]
+
+
+# ------------------------------------------------------------------------------------------- CUDA (scripts/gpu_check.sh)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run scripts/gpu_check.sh there)")
+def test_cuda_pinned_copies_and_nvjpeg_decoding(folder):
+    data, _ = image_folder(folder, 16)
+    ref = collect(data, loading=Loading(workers=0))
+    for workers in (0, 2):
+        x, y, idx = collect(data, device="cuda", loading=Loading(workers=workers, device_decode=False))
+        assert x.is_cuda and not y.is_cuda and idx == ref[2]
+        assert torch.equal(x.cpu(), ref[0])  # pinned, non-blocking copies: the same pixels
+        x, y, idx = collect(data, device="cuda", loading=Loading(workers=workers))  # auto: nvJPEG on the GPU
+        assert x.is_cuda and torch.equal(y, ref[1]) and idx == ref[2]
+        assert (x.cpu() - ref[0]).abs().mean() < 2 / 255  # nvJPEG's IDCT and chroma upsampling are not libjpeg's
