@@ -5,8 +5,8 @@
 2. The real server (``python scripts/serve.py``, a child process) with ZeroShot, driven by an async HTTP client
    (`Connection`: HTTP/1.1 keep-alive on asyncio streams, one connection per concurrent client; httpx's
    AsyncClient costs several ms of CPU a request here, more than the server's own overhead, and client and server
-   share this machine's cores) at concurrency 1, 8 and 32 for a bounded number of requests, each a distinct rendered world image
-   (`streams.world.render_per_class`, PNG): requests/s, p50/p95/p99 latency, errors, the mean micro-batch (from the
+   share this machine's cores) at concurrency 1, 8 and 32 for a bounded number of requests, each a distinct rendered
+   world image (`streams.world.render_per_class`, PNG): requests/s, p50/p95/p99 latency, errors, the mean micro-batch (from the
    server's /metrics), and the ratios to concurrency 1 and to the in-process batch-1 figure.
 3. Restart: a TENT server with a state path at concurrency 32; SIGTERM once half the requests are answered; the
    client keeps going, retrying what the draining server refused (503) or never read (connection refused/closed);

@@ -425,7 +425,8 @@ def test_real_server_drains_on_sigterm_writes_the_state_and_resumes(tmp_path):
             f"serve.state_path={state_path}"]
 
     def start():
-        p = subprocess.Popen(args, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(args, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:

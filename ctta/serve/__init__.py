@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from ctta.serve.options import ServeError, ServeOptions, StateError
 
-_EXTRA = 'ctta serve needs its optional dependencies: pip install "ctta[serve]" (fastapi, uvicorn, prometheus-client, ' \
-         'python-multipart)'
+_EXTRA = ('ctta serve needs its optional dependencies: pip install "ctta[serve]" (fastapi, uvicorn, '
+          'prometheus-client, python-multipart)')
 
 
 def require() -> None:

@@ -97,7 +97,12 @@ def create_app(service: Service) -> FastAPI:
             raise ServeError(500, "model_error", f"the model call failed: {type(e).__name__}: {e}") from e
 
     async def control(fn) -> JSONResponse:
-        return JSONResponse(await batcher.control(fn))
+        try:
+            return JSONResponse(await batcher.control(fn))
+        except ServeError:
+            raise
+        except Exception as e:  # e.g. a snapshot on a full disk: a JSON 500 naming it; the server carries on
+            raise ServeError(500, "internal", f"{fn.__name__} failed: {type(e).__name__}: {e}") from e
 
     @app.post("/reset")
     async def reset() -> JSONResponse:

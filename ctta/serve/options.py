@@ -43,6 +43,8 @@ class ServeOptions:
     state_path: str | None = None       # adapted state: loaded at start if present, written on SIGTERM and /snapshot
     snapshot_every_s: float | None = None  # periodic snapshot (only when the state moved); None: off
     window: int = 256                   # samples in the drift window (mean entropy / confidence gauges)
+    drain_timeout_s: float | None = 25.0  # on SIGTERM, wait at most this long for open requests (None: no bound),
+    #                                       then serve what is queued and write the state (under k8s' default 30 s)
 
     def __post_init__(self) -> None:
         ints = {"max_batch": 1, "max_queue": 1, "max_body_bytes": 1, "max_pixels": 1, "max_images": 1, "top_k": 1,
@@ -53,11 +55,16 @@ class ServeOptions:
                 raise ValueError(f"serve.{name} must be an integer >= {low}, got {v!r}")
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not 0 <= self.max_wait_ms <= 1000:
-            raise ValueError(f"serve.max_wait_ms must be a number of milliseconds in [0, 1000], got {self.max_wait_ms!r}")
+            raise ValueError(f"serve.max_wait_ms must be a number of milliseconds in [0, 1000], "
+                             f"got {self.max_wait_ms!r}")
         if self.snapshot_every_s is not None and (isinstance(self.snapshot_every_s, bool) or not isinstance(
                 self.snapshot_every_s, (int, float)) or self.snapshot_every_s <= 0):
             raise ValueError(f"serve.snapshot_every_s must be a positive number of seconds or null, "
                              f"got {self.snapshot_every_s!r}")
+        if self.drain_timeout_s is not None and (isinstance(self.drain_timeout_s, bool) or not isinstance(
+                self.drain_timeout_s, (int, float)) or self.drain_timeout_s <= 0):
+            raise ValueError(f"serve.drain_timeout_s must be a positive number of seconds or null, "
+                             f"got {self.drain_timeout_s!r}")
         if self.snapshot_every_s is not None and self.state_path is None:
             raise ValueError("serve.snapshot_every_s needs serve.state_path (where the snapshots go)")
         if self.max_images > self.max_queue:

@@ -2,7 +2,8 @@
 
 On SIGTERM or SIGINT: `/readyz` turns 503 and new predictions are refused with 503 ``shutting_down`` at once (a load
 balancer stops sending, a client retries elsewhere); uvicorn stops accepting connections and waits for the requests
-it holds; the app's lifespan then serves whatever is still queued and writes the adapted state (atomic,
+it holds (at most ``drain_timeout_s``: a request still open then is cancelled, though if it was already queued the
+model still serves it); the app's lifespan then serves whatever is still queued and writes the adapted state (atomic,
 `OnlineAdapter.save`) before the process exits. A second SIGINT forces an immediate exit without the final write
 (uvicorn's convention), so the last periodic or /snapshot file is what survives then.
 """
@@ -38,5 +39,5 @@ def serve(adapter: OnlineAdapter, options: ServeOptions | None = None, *, host: 
     127.0.0.1 unless a proxy or the network in front of it is trusted; the server has no authentication."""
     service = Service(adapter, options)
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level, access_log=False,
-                            lifespan="on")
+                            lifespan="on", timeout_graceful_shutdown=service.options.drain_timeout_s)
     _Server(config, service).run()
