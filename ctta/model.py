@@ -4,6 +4,12 @@ Wraps an open_clip network with its tokenizer and normalisation. Images enter as
 (`ctta.data` convention) and are normalised here. Text heads (template-averaged class embeddings) are cached
 per prompt set while the text tower's weights are unchanged; the cache keys on the identity and in-place version
 counter of every text parameter, so an optimizer step, a ``load_state_dict`` or a LoRA merge invalidates it.
+
+BatchNorm (convolutional image towers such as open_clip's ``ModifiedResNet``, CLIP RN50/RN101) is given one
+semantics here, at construction (`ctta.batchnorm`): a BatchNorm whose affine parameters are frozen uses and keeps
+its running statistics whoever calls ``.train()``; one whose parameters train (full fine-tuning) behaves as
+standard BatchNorm; `Clip.batch_statistics` switches the image tower to batch statistics (TENT). Snapshots
+(`Clip.trainable_state`) carry the running statistics of the trainable BatchNorms with their parameters.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctta import batchnorm
 from ctta.data import check_images, is_pil_image, pil_to_rgb
 from ctta.stream import LabelSpace
 from ctta.weights import (ASSETS, BUILTIN_ARCH, BUILTIN_WEIGHTS, check_text_config,  # noqa: F401 (re-exported)
@@ -33,6 +40,7 @@ class Clip(nn.Module):
                  source: dict | None = None):
         super().__init__()
         self.net = net
+        batchnorm.install(net)  # frozen BatchNorms keep their running statistics even in train mode
         self.tokenizer = tokenizer
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -226,12 +234,23 @@ class Clip(nn.Module):
 
     # ----------------------------------------------------------------------------------------- training state
     def freeze(self) -> None:
+        """Nothing trains: every parameter frozen and every BatchNorm back on its running statistics."""
         for p in self.parameters():
             p.requires_grad_(False)
+        batchnorm.set_batch_statistics(self.net, False)
+
+    def batch_statistics(self, enabled: bool = True, prefix: str = "visual.") -> list[str]:
+        """Make the BatchNorms under ``prefix`` normalise with the statistics of the current batch in every mode
+        (TENT's setting), or go back to the trainability rule (``enabled=False``). Running buffers are neither
+        used nor changed meanwhile. Returns the names of the layers switched (empty for a ViT tower)."""
+        root = self.net.get_submodule(prefix.rstrip(".")) if prefix.strip(".") else self.net
+        return [f"{prefix}{n}" for n in batchnorm.set_batch_statistics(root, enabled)]
 
     def unfreeze(self, select: Callable[[str, nn.Parameter], bool] | str | Iterable[str] = "") -> list[nn.Parameter]:
         """Make parameters trainable: all (``""``), those whose name starts with a prefix (or one of several),
-        or those for which ``select(name, param)`` is true. ``logit_scale`` stays frozen unless named."""
+        or those for which ``select(name, param)`` is true. ``logit_scale`` stays frozen unless named.
+        A BatchNorm whose parameters become trainable uses batch statistics (and updates its running ones) in
+        train mode, as in standard fine-tuning."""
         if callable(select):
             pred = select
         else:
@@ -247,16 +266,31 @@ class Clip(nn.Module):
             raise ValueError(f"unfreeze selected no parameters (select={select!r})")
         return chosen
 
+    def trainable_tensors(self) -> dict[str, Tensor]:
+        """The live tensors a snapshot holds, by ``state_dict`` name: every trainable parameter, and the running
+        statistics (``running_mean``, ``running_var``, ``num_batches_tracked``) of every BatchNorm whose parameters
+        are trainable, which training in train mode changes with them. Merging code reads it too."""
+        out: dict[str, Tensor] = {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+        out.update(batchnorm.statistics_of_trainable(self.net))
+        return out
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every live tensor a snapshot may name: all parameters and every BatchNorm's running statistics."""
+        live: dict[str, Tensor] = dict(self.net.named_parameters())
+        live.update({n: b for n, b in self.net.named_buffers() if n.rsplit(".", 1)[-1] in batchnorm.STATS})
+        return live
+
     def trainable_state(self) -> dict[str, Tensor]:
-        """A detached copy of every trainable parameter (never aliases the live weights)."""
-        return {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
+        """A detached copy of `trainable_tensors` (never aliases the live weights)."""
+        return {n: t.detach().clone() for n, t in self.trainable_tensors().items()}
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
-        """Copy a snapshot back in place (the snapshot stays untouched, so it can be restored again)."""
-        params = dict(self.net.named_parameters())
-        unknown = sorted(set(state) - set(params))
+        """Copy a snapshot back in place (the snapshot stays untouched, so it can be restored again). Any parameter
+        or BatchNorm running statistic may be named, trainable now or not."""
+        live = self.state_tensors()
+        unknown = sorted(set(state) - set(live))
         if unknown:
             raise KeyError(f"snapshot has parameters the model lacks: {unknown[:5]}")
         for n, v in state.items():
-            params[n].copy_(v)
+            live[n].copy_(v)

@@ -1,7 +1,12 @@
 """The strategy contract, checked on every strategy that `ctta.strategies` exports (a new one is picked up by
 discovery): ``predict`` has no side effects; ``state_dict`` round-trips to identical predictions; a reset returns
 to the anchor; a non-finite loss leaves the model untouched; labels never reach ``adapt``; a killed and resumed run
-ends exactly like the uninterrupted one."""
+ends exactly like the uninterrupted one.
+
+Every check runs on two image towers: the tiny ViT of ``tests.conftest`` and a tiny ``ModifiedResNet`` (CLIP RN50
+family, BatchNorm + attention pool; ``tests._resnet``). The ResNet half of the two slowest checks (state round trip,
+killed and resumed) runs on `RESNET_ROUND_TRIP` / `RESNET_RESUME` only, to keep the matrix fast; every other check
+covers every strategy on both towers."""
 from __future__ import annotations
 
 import inspect
@@ -15,6 +20,7 @@ from ctta.loop import run_samples
 from ctta.online import wrap
 from ctta.online_hooks import OnlineAccuracy
 from ctta.state import clone_tree
+from tests._resnet import RESNET_SIZE, make_resnet_clip
 from tests.conftest import make_dataset, make_tiny_clip
 
 # Small settings that keep each strategy's algorithm intact (fewer views, steps and samples than the papers').
@@ -31,6 +37,22 @@ TINY = {
 VIEWS = {"n_views": 7, "views": 8, "batch_views": 8}  # fewer augmented views for any strategy that takes them
 NAMES = sorted(S.__all__)
 SPACE = LabelSpace([f"class {i}" for i in range(4)])
+TOWERS = {"vit": (make_tiny_clip, 16), "resnet": (make_resnet_clip, RESNET_SIZE)}  # model factory, image side
+# The ResNet half of the two slowest checks runs on a subset, which keeps the matrix under twice the ViT-only time:
+# the strategies whose state touches that tower in distinct ways (fine-tuned BatchNorms with their running
+# statistics, the attention-pool LoRA with and without gates, TENT's batch statistics, a prompt, a feature cache).
+RESNET_ROUND_TRIP = ["Finetune", "LoRA", "RankSelectiveLoRA", "TDA", "TPT", "Tent"]
+RESNET_RESUME = ["Finetune", "RankSelectiveLoRA", "Tent"]
+
+
+def cases(names, resnet=None) -> list:
+    """``(strategy, tower)`` pairs: every name on the ViT, ``resnet`` (default: every name) on the ResNet."""
+    return ([pytest.param(n, "vit", id=n) for n in names]
+            + [pytest.param(n, "resnet", id=f"{n}-resnet") for n in (names if resnet is None else resnet)])
+
+
+def clip_for(tower: str, seed: int = 0):
+    return TOWERS[tower][0](seed)
 
 
 def make(name: str) -> Strategy:
@@ -45,18 +67,21 @@ def learns(name: str) -> bool:
     return getattr(S, name).learns
 
 
-def task_stream() -> TaskStream:
-    space = LabelSpace([f"class {i}" for i in range(4)])
-    return class_incremental(space, make_dataset(16, 4, seed=1), make_dataset(8, 4, seed=2), increment=2, seed=1)
+def task_stream(tower: str = "vit") -> TaskStream:
+    space, size = LabelSpace([f"class {i}" for i in range(4)]), TOWERS[tower][1]
+    return class_incremental(space, make_dataset(16, 4, seed=1, size=size), make_dataset(8, 4, seed=2, size=size),
+                             increment=2, seed=1)
 
 
-def sample_stream() -> TaskStream:
-    tasks = [Task(f"domain{k}", SPACE, make_dataset(6, 4, seed=10 + k), boundary=k == 0) for k in range(2)]
+def sample_stream(tower: str = "vit") -> TaskStream:
+    tasks = [Task(f"domain{k}", SPACE, make_dataset(6, 4, seed=10 + k, size=TOWERS[tower][1]), boundary=k == 0)
+             for k in range(2)]
     return TaskStream(tasks, scope="own", name="toy-shift")
 
 
-def images(n: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+def images(n: int = 3, seed: int = 0, tower: str = "vit") -> torch.Tensor:
+    size = TOWERS[tower][1]
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def same_tree(a, b) -> bool:
@@ -69,16 +94,16 @@ def same_tree(a, b) -> bool:
     return a == b or (a != a and b != b)  # NaN equals NaN here
 
 
-def trained(name: str, seed: int = 0):
+def trained(name: str, tower: str, seed: int = 0):
     """A model + strategy that has learned (task streams) or adapted (sample streams) a little."""
-    model, s = make_tiny_clip(seed), make(name)
+    m, s = clip_for(tower, seed), make(name)
     if learns(name):
-        run(model, s, task_stream(), progress=False)
-        return model, s, None
-    ad = wrap(model, s, SPACE, reset="never")
+        run(m, s, task_stream(tower), progress=False)
+        return m, s, None
+    ad = wrap(m, s, SPACE, reset="never")
     for k in range(3):
-        ad(images(2, k), position=2 * k)
-    return model, s, ad
+        ad(images(2, k, tower), position=2 * k)
+    return m, s, ad
 
 
 # --------------------------------------------------------------------------------------------- the contract
@@ -88,10 +113,10 @@ def test_discovery_covers_every_exported_strategy():
         assert issubclass(getattr(S, name), Strategy)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_predict_has_no_side_effects(name):
-    model, s, ad = trained(name)
-    x = images()
+@pytest.mark.parametrize("name,tower", cases(NAMES))
+def test_predict_has_no_side_effects(name, tower):
+    model, s, ad = trained(name, tower)
+    x = images(tower=tower)
     before_s, before_m = clone_tree(s.state_dict()), clone_tree(model.net.state_dict())
     p1 = s.predict(x, SPACE)
     p2 = s.predict(x, SPACE)
@@ -100,11 +125,11 @@ def test_predict_has_no_side_effects(name):
     assert same_tree(model.net.state_dict(), before_m), f"{name}.predict changed the model"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trips_to_identical_predictions(name):
-    model, s, ad = trained(name)
-    x = images(4, 9)
-    model2, s2 = make_tiny_clip(1), make(name)  # other initial weights: everything must come from the state
+@pytest.mark.parametrize("name,tower", cases(NAMES, RESNET_ROUND_TRIP))
+def test_state_dict_round_trips_to_identical_predictions(name, tower):
+    model, s, ad = trained(name, tower)
+    x = images(4, 9, tower)
+    model2, s2 = clip_for(tower, 1), make(name)  # other initial weights: everything must come from the state
     if ad is None:
         s2.setup(model2)
         model2.net.load_state_dict(model.net.state_dict())
@@ -119,18 +144,18 @@ def test_state_dict_round_trips_to_identical_predictions(name):
     assert torch.equal(ad2(x, position=100).logits, ad(x, position=100).logits)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if not learns(n)])
-def test_reset_returns_to_the_anchor(name):
-    ad = wrap(make_tiny_clip(), make(name), SPACE, reset="never")
-    x = images(4, 9)
+@pytest.mark.parametrize("name,tower", cases([n for n in NAMES if not learns(n)]))
+def test_reset_returns_to_the_anchor(name, tower):
+    ad = wrap(clip_for(tower), make(name), SPACE, reset="never")
+    x = images(4, 9, tower)
     anchor_pred, anchor_state = ad.predict(x).logits, clone_tree(ad.strategy.state_dict())
     anchor_model = clone_tree(ad.model.net.state_dict())
     for k in range(3):
-        ad(images(2, k))
+        ad(images(2, k, tower))
     ad.reset()
     assert torch.equal(ad.predict(x).logits, anchor_pred)
     assert same_tree(ad.model.net.state_dict(), anchor_model)
-    ad(images(2, 5))
+    ad(images(2, 5, tower))
     ad.reset()  # the anchor was not aliased: a second reset lands on the same state
     assert torch.equal(ad.predict(x).logits, anchor_pred)
     state = ad.strategy.state_dict()
@@ -148,34 +173,39 @@ def finite_tensors(tree) -> list[bool]:
     return []
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_non_finite_loss_leaves_the_model_untouched(name, monkeypatch):
-    model, s = make_tiny_clip(), make(name)
+@pytest.mark.parametrize("name,tower", cases(NAMES))
+def test_a_non_finite_loss_leaves_the_model_untouched(name, tower, monkeypatch):
+    model, s = clip_for(tower), make(name)
     if learns(name):
         s.setup(model)
     else:
         ad = wrap(model, s, SPACE, reset="never")
     before = clone_tree(model.net.state_dict())
     was_finite = finite_tensors(s.state_dict())
-    tower = type(model.net.visual)
-    forward = tower.forward
-    # every image feature, hence every logit and loss: NaN (as an fp16 overflow would make them)
-    monkeypatch.setattr(tower, "forward", lambda self, x: forward(self, x) * float("nan"))
+    tower_cls = type(model.net.visual)
+    forward = tower_cls.forward
+    # every image feature, hence every logit and loss: NaN (as an fp16 overflow would make them). On the ResNet the
+    # NaN enters at the tower's input, so that BatchNorms in train mode see it too (a fine-tuned BatchNorm updates
+    # its running statistics in the forward, before any loss exists; non-finite ones must not be folded in)
+    if tower == "resnet":
+        monkeypatch.setattr(tower_cls, "forward", lambda self, x: forward(self, x * float("nan")))
+    else:
+        monkeypatch.setattr(tower_cls, "forward", lambda self, x: forward(self, x) * float("nan"))
     if learns(name):
-        stream = task_stream()
+        stream = task_stream(tower)
         space, _ = stream.train_space(0)
         s.begin_task(stream.tasks[0], space)
         x, y = stream.tasks[0].train.get_batch(torch.arange(4))
         s.learn(x, y, space)
         assert s.steps == 0 and s.skipped_steps == 1, f"{name} stepped on a non-finite loss"
     else:
-        ad(images(2))
+        ad(images(2, tower=tower))
     assert same_tree(model.net.state_dict(), before), f"{name} let a non-finite loss change the model"
     assert finite_tensors(s.state_dict()) == was_finite, f"{name} let non-finite values into its state"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if not learns(n)])
-def test_labels_never_reach_adapt(name, monkeypatch):
+@pytest.mark.parametrize("name,tower", cases([n for n in NAMES if not learns(n)]))
+def test_labels_never_reach_adapt(name, tower, monkeypatch):
     s = make(name)
     calls = []
     orig = s.adapt
@@ -185,7 +215,7 @@ def test_labels_never_reach_adapt(name, monkeypatch):
         return orig(*args, **kwargs)
 
     monkeypatch.setattr(s, "adapt", spy)
-    res = run_samples(make_tiny_clip(), s, sample_stream(), [OnlineAccuracy()], batch_size=2, progress=False)
+    res = run_samples(clip_for(tower), s, sample_stream(tower), [OnlineAccuracy()], batch_size=2, progress=False)
     assert calls and all(c == (2, []) for c in calls)  # (images, space), nothing else
     assert res["online"]["n"] == 12
 
@@ -203,14 +233,14 @@ class Kill:
             raise KeyboardInterrupt("killed")
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(name, tmp_path):
+@pytest.mark.parametrize("name,tower", cases(NAMES, RESNET_RESUME))
+def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(name, tower, tmp_path):
     def go(out, kill):
-        model = make_tiny_clip()
+        model = clip_for(tower)
         if learns(name):
-            r = run(model, make(name), task_stream(), [AccuracyMatrix(), kill], out_dir=out, progress=False)
+            r = run(model, make(name), task_stream(tower), [AccuracyMatrix(), kill], out_dir=out, progress=False)
         else:
-            r = run_samples(model, make(name), sample_stream(), [OnlineAccuracy(), kill], batch_size=2,
+            r = run_samples(model, make(name), sample_stream(tower), [OnlineAccuracy(), kill], batch_size=2,
                             reset="never", out_dir=out, checkpoint_every=2, progress=False)
         return r, model.net.state_dict()
 

@@ -1,6 +1,11 @@
 """Putting LoRA into open_clip towers and taking it out: `inject_lora` wraps the chosen linear maps and attention
 projections of chosen blocks (`ctta.adapters.lora` holds the wrappers), `merge_and_remove` folds the updates into
-the base weights, `remove_lora` drops them."""
+the base weights, `remove_lora` drops them.
+
+Towers: open_clip's transformers (ViT image tower, text tower: ``transformer.resblocks``), and ``ModifiedResNet``
+image towers (CLIP RN50/RN101), whose one attention layer is the attention pool: there ``q``, ``k``, ``v``, ``out``
+adapt ``attnpool.q_proj`` / ``k_proj`` / ``v_proj`` / ``c_proj`` (`LoRAAttentionPool`) and ``fc`` / ``proj`` are
+skipped (the convolutional stages have no MLP); the pool counts as the tower's only block (layer 0 or -1)."""
 from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
@@ -8,7 +13,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ctta.adapters.lora import _ATTN, TARGETS, TOWERS, LoRA, LoRAAttention, LoRALinear, _LoRAWrapper
+from ctta.adapters.lora import (_ATTN, POOL_TARGETS, TARGETS, TOWERS, LoRA, LoRAAttention, LoRAAttentionPool,
+                                LoRALinear, _LoRAWrapper)
 
 
 def _net(model: nn.Module) -> nn.Module:
@@ -29,8 +35,44 @@ def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise NotImplementedError(f"the {tower} tower ({type(owner).__name__}) has no open_clip "
                                   "transformer.resblocks; LoRA injection supports open_clip's own ViT and text "
-                                  "transformers only (not timm / Hugging Face towers)")
+                                  "transformers and ModifiedResNet's attention pool only (not timm / Hugging Face "
+                                  "towers)")
     return blocks
+
+
+def attention_pool(model: nn.Module, tower: str) -> nn.Module | None:
+    """The attention pool of a ``ModifiedResNet`` image tower (wrapped or not); ``None`` for any other tower."""
+    if tower != "visual":
+        return None
+    pool = getattr(_net(model).visual, "attnpool", None)
+    if isinstance(pool, LoRAAttentionPool) or (
+            pool is not None and all(isinstance(getattr(pool, a, None), nn.Linear) for a in POOL_TARGETS.values())):
+        return pool
+    return None
+
+
+def _inject_pool(model: nn.Module, targets: tuple[str, ...], layers, rank: int, gated: bool,
+                 scaling: float) -> list[LoRA]:
+    """LoRA on the attention pool of a ``ModifiedResNet`` image tower (module docstring)."""
+    visual = _net(model).visual
+    kind = f"a {type(visual).__name__} (convolutional, CLIP RN50 family)"
+    chosen = [t for t in POOL_TARGETS if t in targets]
+    if not chosen:
+        raise ValueError(f"the visual tower is {kind}: its only attention is the attention pool, where LoRA supports "
+                         f"targets {tuple(POOL_TARGETS)} (fc / proj have no counterpart there); got targets "
+                         f"{list(targets)}. Add an attention target or leave 'visual' out of towers")
+    if not _layer_indices(layers, "visual", 1, f" ({kind}: its one attention layer, the attention pool, is 0 or -1)"):
+        return []
+    pool = visual.attnpool
+    if isinstance(pool, LoRAAttentionPool):
+        raise RuntimeError("visual.attnpool already carries LoRA; call merge_and_remove() before injecting again")
+    loras = {}
+    for t in chosen:
+        lin = getattr(pool, POOL_TARGETS[t])
+        loras[t] = LoRA(lin.in_features, lin.out_features, rank, gated=gated, scaling=scaling,
+                        name=f"visual.attnpool.{t}", device=lin.weight.device, dtype=lin.weight.dtype)
+    visual.attnpool = LoRAAttentionPool(pool, loras)
+    return list(visual.attnpool.lora.values())
 
 
 def _check_attention(attn: nn.Module, where: str) -> None:
@@ -47,14 +89,14 @@ def _check_attention(attn: nn.Module, where: str) -> None:
             "Pin open_clip_torch<4 or extend ctta.adapters.lora for this attention layout.")
 
 
-def _layer_indices(layers, tower: str, n: int) -> list[int]:
+def _layer_indices(layers, tower: str, n: int, hint: str = "") -> list[int]:
     sel = layers.get(tower) if isinstance(layers, Mapping) else layers
     if sel is None:
         return list(range(n))
     out = []
     for i in sel:
         if not -n <= int(i) < n:
-            raise IndexError(f"layer {i} out of range for the {tower} tower with {n} blocks")
+            raise IndexError(f"layer {i} out of range for the {tower} tower with {n} blocks{hint}")
         out.append(int(i) % n)
     return sorted(set(out))
 
@@ -65,7 +107,9 @@ def inject_lora(model: nn.Module, targets: Iterable[str] = TARGETS, layers: Sequ
     """Wrap the selected targets of the selected blocks with fresh LoRAs; returns them (named ``tower.layer.target``).
 
     ``layers``: block indices for every tower (negative allowed), a mapping ``{tower: indices}``, or ``None`` for
-    all blocks. Only the new LoRA parameters are trainable afterwards if the model was frozen before.
+    all blocks. Only the new LoRA parameters are trainable afterwards if the model was frozen before. On a
+    ``ModifiedResNet`` image tower only the attention pool is adapted (``q``, ``k``, ``v``, ``out``; ``fc`` / ``proj``
+    skipped there, and refused if nothing else is asked for).
     """
     targets = tuple(dict.fromkeys(targets))
     towers = tuple(dict.fromkeys((towers,) if isinstance(towers, str) else towers))
@@ -74,6 +118,9 @@ def inject_lora(model: nn.Module, targets: Iterable[str] = TARGETS, layers: Sequ
         raise ValueError(f"LoRA targets must be a non-empty subset of {TARGETS}, got {list(targets)}")
     out: list[LoRA] = []
     for tower in towers:
+        if attention_pool(model, tower) is not None:
+            out += _inject_pool(model, targets, layers, rank, gated, scaling)
+            continue
         blocks = tower_blocks(model, tower)
         for i in _layer_indices(layers, tower, len(blocks)):
             block, where = blocks[i], f"{tower}.{i}"

@@ -18,9 +18,15 @@ kernels stay exactly as they are). `ctta.adapters.inject` puts them into a tower
 `merge_and_remove` folds every delta into the base weights and puts the original modules back, so the result has
 exactly the base model's parameters, modules and forward cost.
 
+On open_clip's ``ModifiedResNet`` image tower (CLIP RN50/RN101) the only attention is the attention pool
+(``attnpool``: separate ``q_proj``, ``k_proj``, ``v_proj`` and ``c_proj`` Linear layers that its forward hands to
+``F.multi_head_attention_forward`` as weights, never calling them): targets ``q``, ``k``, ``v``, ``out`` map onto those
+four matrices through `LoRAAttentionPool`, the same substitution as `LoRAAttention`. The convolutional stages have no
+counterpart of ``fc`` / ``proj`` (no MLP), so those targets adapt nothing on that tower (`ctta.adapters.inject`).
+
 Supported: open_clip 3.x ``ResidualAttentionBlock`` (``nn.MultiheadAttention`` with ``_qkv_same_embed_dim``) and
 ``CustomResidualAttentionBlock`` (open_clip's own ``Attention``, also a fused ``in_proj_weight [3d, d]`` and an
-``out_proj`` Linear). Anything else (timm or Hugging Face towers, separate q/k/v projections) raises a
+``out_proj`` Linear), and ``ModifiedResNet``'s ``AttentionPool2d``. Anything else (timm or Hugging Face towers, separate q/k/v projections) raises a
 ``NotImplementedError`` naming the module, rather than silently adapting nothing.
 """
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import Tensor, nn
 TARGETS: tuple[str, ...] = ("q", "k", "v", "out", "fc", "proj")
 TOWERS: tuple[str, ...] = ("visual", "text")
 _ATTN = ("q", "k", "v", "out")
+POOL_TARGETS: dict[str, str] = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "c_proj"}  # ModifiedResNet
 
 
 class LoRA(nn.Module):
@@ -207,4 +214,30 @@ class LoRAAttention(_LoRAWrapper):
         return torch.func.functional_call(base, params, args, kwargs)
 
 
-# ----------------------------------------------------------------------------------------------- injection
+class LoRAAttentionPool(_LoRAWrapper):
+    """``ModifiedResNet``'s attention pool run with effective weights: targets ``q``, ``k``, ``v``, ``out`` update the
+    whole weight of ``q_proj``, ``k_proj``, ``v_proj``, ``c_proj`` (separate Linear layers whose weights the pool's
+    forward reads directly, so a wrapper around each Linear would never be called; the untouched pool is run
+    through ``torch.func.functional_call`` with ``W + ΔW`` substituted instead)."""
+
+    def __init__(self, base_layer: nn.Module, loras: Mapping[str, LoRA]):
+        super().__init__(base_layer)
+        unknown = sorted(set(loras) - set(POOL_TARGETS))
+        if unknown:
+            raise ValueError(f"attention-pool targets must be among {tuple(POOL_TARGETS)}, got {unknown}")
+        for n in POOL_TARGETS:  # fixed order, so state_dict keys do not depend on the caller's order
+            if n in loras:
+                self.lora[n] = loras[n]
+
+    def _target(self, name: str) -> tuple[nn.Parameter, slice]:
+        return getattr(self.base_layer, POOL_TARGETS[name]).weight, slice(None)
+
+    def forward(self, *args, **kwargs):
+        base = self.base_layer
+        if self.merged or not len(self.lora):
+            return base(*args, **kwargs)
+        params = {}
+        for n, lora in self.lora.items():
+            w = getattr(base, POOL_TARGETS[n]).weight
+            params[f"{POOL_TARGETS[n]}.weight"] = w + lora.get_delta_weight().to(w.dtype)
+        return torch.func.functional_call(base, params, args, kwargs)

@@ -9,10 +9,23 @@ returned prediction is the one of that forward pass, made *before* the update (t
 ``forward_and_adapt``). Reference defaults (CIFAR-10-C): Adam, lr 1e-3, betas (0.9, 0.999), weight decay 0,
 1 step per batch, no reset between batches (``episodic=False``).
 
-Deliberate deviations, because the model is a CLIP ViT rather than a ResNet:
-- the adapted parameters are the affine parameters of the **LayerNorms of the image tower** (a ViT has no
-  BatchNorm; LayerNorm normalises per token, so there are no batch statistics to re-estimate and batch size 1
-  works). The text tower stays frozen, so the class text head is computed once and cached.
+The adapted parameters are the affine parameters of the normalisation layers of the **image tower**; the text tower
+stays frozen, so the class text head is computed once and cached.
+
+- **BatchNorm tower** (open_clip ``ModifiedResNet``, CLIP RN50/RN101: the reference's setting). The reference's
+  ``configure_model`` puts the model in train mode, sets ``track_running_stats=False`` and drops the running
+  statistics, so every forward, adapting or predicting, normalises with the statistics of its own batch; its
+  ``collect_params`` adapts the BatchNorm scales and shifts only. Here `Clip.batch_statistics` switches the image
+  tower's BatchNorms to batch statistics in every mode (`ctta.batchnorm`), which is the same function, with one
+  difference of form: the running buffers are kept, unused and unchanged, instead of being deleted, so the model's
+  ``state_dict`` keys stay those of its checkpoint and a reset (`ctta.OnlineAdapter`) restores the BatchNorm
+  affine parameters (with their untouched running buffers, `Clip.trainable_state`) and the optimizer state.
+  ``predict`` therefore depends on the batch it is given, as the reference's does (it stays free of side
+  effects); it needs batches of at least 2 images when a BatchNorm sees a 1×1 feature map (a clear error says so). ``Clip.freeze`` (a later strategy's ``setup``) switches the batch
+  statistics off again.
+- **ViT tower** (deliberate deviation: a ViT has no BatchNorm): the LayerNorms' affine parameters. LayerNorm
+  normalises per token, so there are no batch statistics to re-estimate and batch size 1 works.
+Also:
 - logits are CLIP's ``exp(logit_scale) · cos(image, class text)`` over the label space given to ``adapt``.
 - resetting (episodic evaluation, or resets at domain shifts) is the caller's policy: `ctta.OnlineAdapter` and
   `ctta.loop.run_samples` restore the snapshot of these parameters and the Adam state taken after ``setup``.
@@ -62,6 +75,8 @@ class Tent(Strategy):
             raise ValueError("TENT found no normalisation layers in the image tower")
         for _, p in named:
             p.requires_grad_(True)
+        # BatchNorm towers: normalise with each batch's statistics in adapt and predict alike (reference TENT)
+        self.batch_norms = model.batch_statistics(True, "visual.")
         self.param_names = [n for n, _ in named]
         self.optimizer = torch.optim.Adam([p for _, p in named], lr=self.lr, betas=self.betas,
                                           weight_decay=self.weight_decay)
