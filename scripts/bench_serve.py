@@ -8,7 +8,9 @@
    share this machine's cores) at concurrency 1, 8 and 32 for a bounded number of requests, each a distinct rendered
    world image (`streams.world.render_per_class`, PNG): requests/s, p50/p95/p99 latency, errors, the mean micro-batch (from the
    server's /metrics), and the ratios to concurrency 1 and to the in-process batch-1 figure.
-3. Restart: a TENT server with a state path at concurrency 32; SIGTERM once half the requests are answered; the
+3. Restart: a server with an online strategy (default TDA with one view: a training-free cache that changes with
+   every sample and works at any batch size on any tower; ``--restart-strategy tent`` for TENT) and a state path, at
+   concurrency 32; SIGTERM once half the requests are answered; the
    client keeps going, retrying what the draining server refused (503) or never read (connection refused/closed);
    the server is started again on the same state path and the client finishes. Checks: the state written at exit
    holds exactly the answered requests (positions 0..n-1 once each, the server's sample count equals the answered
@@ -39,11 +41,11 @@ from PIL import Image
 
 import ctta
 from benchlib import ROOT, bench_parser, finish, ratio, start, table
-from ctta.strategies.tent import Tent
 from ctta.strategies.zeroshot import ZeroShot
 from streams.world import combo_classes, combo_space, render_per_class
 
 LEVELS = (1, 8, 32)
+RESTART = {"tda": ["strategy=tda", "strategy.n_views=0", "strategy.augmix=false"], "tent": ["strategy=tent"]}
 STARTED: list["Server"] = []  # every server this run started: none outlives the benchmark, whatever fails
 
 
@@ -220,10 +222,24 @@ def load_levels(data: list[bytes], counts: dict[int, int], rounds: int, ref: InP
     return rows
 
 
-async def restart_run(data: list[bytes], concurrency: int, threads: int, folder: Path, log: Path) -> dict:
+def reference(overrides: list[str]) -> ctta.OnlineAdapter:
+    """The adapter scripts/serve.py builds from ``overrides``, built here from the same composed config (so that
+    its recorded configuration, hence the state file's fingerprint, is the server's)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("serve", overrides=overrides)
+    strategy = instantiate(OmegaConf.to_container(cfg.strategy, resolve=True), _convert_="all")
+    return ctta.wrap(instantiate(cfg.model), strategy, instantiate(cfg.label_space), reset=cfg.reset,
+                     seed=cfg.seed)
+
+
+async def restart_run(data: list[bytes], strategy: str, concurrency: int, threads: int, folder: Path,
+                      log: Path) -> dict:
     """SIGTERM at half the answers, restart on the same state path, finish; see the module docstring."""
-    state = folder / "tent_state.pt"
-    overrides = ["strategy=tent", f"threads={threads}", f"serve.state_path={state}"]
+    state = folder / "state.pt"
+    overrides = [*RESTART[strategy], f"threads={threads}", f"serve.state_path={state}"]
     server = await asyncio.to_thread(Server, overrides, log)
     todo = list(range(len(data)))
     answered: dict[int, dict] = {}
@@ -280,12 +296,12 @@ async def restart_run(data: list[bytes], concurrency: int, threads: int, folder:
                         headers={"Content-Type": "image/png"}).json()["predictions"][0]
     final = httpx.get(server.url + "/healthz").json()
     server.stop()
-    ref = ctta.wrap(ctta.Clip.from_pretrained("micro-clip", "builtin"), Tent(), combo_space())
+    ref = reference(overrides)
     anchor = ref.predict(Image.open(io.BytesIO(probe))).probs.max().item()
     ref.load(state)  # the file the restarted server wrote at its own exit: resumed state + the second half
     offline = ref.predict(Image.open(io.BytesIO(probe)))
     positions = sorted(a["position"] for a in answered.values())
-    return {"strategy": "Tent", "concurrency": concurrency, "requests": len(data), "answered": len(answered),
+    return {"strategy": type(ref.strategy).__name__, "overrides": RESTART[strategy], "concurrency": concurrency, "requests": len(data), "answered": len(answered),
             "answered_before_sigterm_exit": first_run, "exit_code": exit_code, "drain_s": drain_s,
             "saved_samples_at_exit": saved, "resumed": health.get("resumed"), "resumed_samples": health.get("samples"),
             "final_samples": final["samples"], "retried": retried, "connection_refused_or_closed": closed,
@@ -310,6 +326,9 @@ def main() -> None:
                    help="requests at concurrency 1, 8, 32 (default 100 200 400: about a minute on an idle 2-core CPU)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the levels (default 3)")
     p.add_argument("--restart-requests", type=int, default=200, help="requests of the SIGTERM/restart run")
+    p.add_argument("--restart-strategy", choices=sorted(RESTART), default="tda",
+                   help="the online strategy of the restart run (default tda, one view; tent needs batches of 2+ "
+                        "on a BatchNorm tower)")
     p.add_argument("--baseline", type=int, default=90, help="in-process batch-1 calls (the reference)")
     args = start(p, quick={"requests": [12, 24, 48], "restart_requests": 48, "baseline": 12, "rounds": 2})
     counts = dict(zip(LEVELS, args.requests))
@@ -329,7 +348,8 @@ def main() -> None:
         print(f"in process: batch 1 {base['batch1_rps']:.1f} req/s, batch 32 {base['batch32_images_per_s']:.1f} "
               f"img/s (x{base['batch32_images_per_s'] / base['batch1_rps']:.2f}: the model's own batching gain)")
         print(table(rows, COLUMNS))
-        restart = asyncio.run(restart_run(restart_data, 32, args.threads, Path(tmp), log))
+        restart = asyncio.run(restart_run(restart_data, args.restart_strategy, 32, args.threads,
+                                          Path(tmp), log))
     restart["ok"] = (restart["lost"] == 0 and restart["adapted_without_answer"] == 0 and restart["resumed"]
                      and restart["positions_contiguous"] and restart["answered"] == args.restart_requests
                      and restart["resumed_samples"] == restart["saved_samples_at_exit"]
