@@ -235,3 +235,18 @@ def test_a_task_merge_gives_the_outputs_of_the_unmerged_adapter(cls):
     s.end_task(task, space)  # prune (CoDyRA), merge into the base weights, inject a fresh LoRA
     torch.testing.assert_close(s.predict(x, SPACE), before, atol=1e-6, rtol=1e-6)
     assert isinstance(clip.net.visual.attnpool, LoRAAttentionPool) and not clip.net.visual.attnpool.merged
+
+
+def test_attention_pool_merge_touches_only_its_weights_and_unmerges_exactly():
+    clip = make_resnet_clip()
+    loras = inject_lora(clip, targets=["q", "v", "out"], towers=["visual"], rank=2)
+    randomize(loras)
+    before = {k: v.clone() for k, v in clip.net.state_dict().items()}
+    pool = clip.net.visual.attnpool
+    pool.merge()
+    changed = sorted(k for k, v in clip.net.state_dict().items() if not torch.equal(v, before[k]))
+    assert changed == [f"visual.attnpool.base_layer.{n}.weight" for n in ("c_proj", "q_proj", "v_proj")]
+    delta = loras[0].get_delta_weight().detach()
+    assert torch.equal(pool.base_layer.q_proj.weight, before["visual.attnpool.base_layer.q_proj.weight"] + delta)
+    pool.unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in clip.net.state_dict().items())  # bit-exact

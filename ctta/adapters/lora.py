@@ -26,8 +26,9 @@ counterpart of ``fc`` / ``proj`` (no MLP), so those targets adapt nothing on tha
 
 Supported: open_clip 3.x ``ResidualAttentionBlock`` (``nn.MultiheadAttention`` with ``_qkv_same_embed_dim``) and
 ``CustomResidualAttentionBlock`` (open_clip's own ``Attention``, also a fused ``in_proj_weight [3d, d]`` and an
-``out_proj`` Linear), and ``ModifiedResNet``'s ``AttentionPool2d``. Anything else (timm or Hugging Face towers, separate q/k/v projections) raises a
-``NotImplementedError`` naming the module, rather than silently adapting nothing.
+``out_proj`` Linear), and ``ModifiedResNet``'s ``AttentionPool2d``. Anything else (timm or Hugging Face towers,
+separate q/k/v projections) raises a ``NotImplementedError`` naming the module, rather than silently adapting
+nothing.
 """
 from __future__ import annotations
 

@@ -12,13 +12,13 @@ rank is ``r`` per module and task. ``scaling`` defaults to 1 (LoRA's α = r), th
 so the two differ only in the gates.
 Without ``begin_task`` (hidden boundary) the whole training space is treated as the current task.
 
-On a ``ModifiedResNet`` image tower (CLIP RN50/RN101; the reference code adapts ViT towers only, so this mapping
-is ours) the image side of the LoRA is the attention pool, its only
-attention: ``q``, ``k``, ``v``, ``out`` adapt ``attnpool.q_proj`` / ``k_proj`` / ``v_proj`` / ``c_proj``; ``fc`` and
-``proj`` have no counterpart there and are skipped on that tower (a target list of only ``fc`` / ``proj`` with the
-image tower is refused, naming the tower and the supported targets); the pool counts as the tower's one block
-(``layers`` 0 or -1). The convolutional stages stay frozen, their BatchNorms on their running statistics even while
-training (`ctta.batchnorm`), and merging after a task gives the unmerged adapter's outputs (``tests/test_resnet_tower``).
+On a ``ModifiedResNet`` image tower (CLIP RN50/RN101; the reference code adapts ViT towers only, so this mapping is
+ours) the image side of the LoRA is the attention pool, its only attention: ``q``, ``k``, ``v``, ``out`` adapt
+``attnpool.q_proj`` / ``k_proj`` / ``v_proj`` / ``c_proj``; ``fc`` and ``proj`` have no counterpart there and are
+skipped on that tower (a target list of only ``fc`` / ``proj`` with the image tower is refused, naming the tower and
+the supported targets); the pool counts as the tower's one block (``layers`` 0 or -1). The convolutional stages stay
+frozen, their BatchNorms on their running statistics even while training (`ctta.batchnorm`), and merging after a
+task gives the unmerged adapter's outputs (``tests/test_resnet_tower``).
 """
 from __future__ import annotations
 
