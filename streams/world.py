@@ -45,16 +45,69 @@ def render_per_class(combos: Sequence[tuple[str, str]], per_class: int, seed: in
     return ImageTensorDataset(images, labels)
 
 
-def cil_stream(n_tasks: int = 10, *, train_per_class: int = 50, test_per_class: int = 20, order_seed: int = 1993,
-               seed: int = 0, styles: Sequence[str] = PRETRAIN_STYLES) -> TaskStream:
-    """Class-incremental over the 100 colour×shape classes in ``n_tasks`` equal tasks (B0-Inc(100/n)), seeded
-    class order, evaluation over all seen classes."""
+def _cil_increment(n_classes: int, n_tasks: int, initial: int) -> int:
+    """The increment of a B{initial} split of ``n_classes`` into ``n_tasks`` tasks in all (the base task counted),
+    or a `ValueError` naming what to change — before anything is rendered."""
+    if initial == 0:
+        return split_into_tasks(n_classes, n_tasks)
+    if isinstance(initial, bool) or not isinstance(initial, int) or not 0 < initial < n_classes:
+        raise ValueError(f"initial (the base task's classes) must be an int between 0 (B0) and {n_classes - 1}, "
+                         f"got {initial!r}")
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 2:
+        raise ValueError(f"with a base task of {initial} classes n_tasks (the base task included) must be at least "
+                         f"2, got {n_tasks!r}")
+    rest = n_classes - initial
+    if rest % (n_tasks - 1):
+        raise ValueError(f"the {rest} classes after a base task of {initial} do not split into {n_tasks - 1} equal "
+                         f"tasks; choose n_tasks - 1 among {[k for k in range(1, rest + 1) if rest % k == 0]}")
+    return rest // (n_tasks - 1)
+
+
+def corrupt_all(data: ImageTensorDataset, name: str, severity: int, seed: int,
+                chunk: int | None = None) -> ImageTensorDataset:
+    """``data`` (uint8 images) under one corruption: a fixed domain for training and test alike. Chunk ``j`` draws its
+    noise from its own generator seeded by ``(seed, j)``, so the pixels do not depend on anything but the seed."""
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; available: {list(CORRUPTIONS)}")
+    chunk = chunk or SHIFT_CHUNK
+    out = torch.empty_like(data.images)
+    for j, a in enumerate(range(0, len(out), chunk)):
+        g = torch.Generator().manual_seed(_chunk_seed(seed, 4095, j))  # domain slot 4095: unused by shift streams
+        out[a:a + chunk] = W.to_uint8(corrupt(data.images[a:a + chunk].float().div(255), name, severity, generator=g))
+    return ImageTensorDataset(out, data.targets)
+
+
+def cil_stream(n_tasks: int = 10, *, initial: int = 0, train_per_class: int = 50, test_per_class: int = 20,
+               order_seed: int = 1993, seed: int = 0, styles: Sequence[str] = PRETRAIN_STYLES,
+               corruption: str | None = None, severity: int = 3) -> TaskStream:
+    """Class-incremental over the 100 colour×shape classes, seeded class order (``order_seed``), evaluation over
+    all seen classes (continuum's protocol).
+
+    ``initial=0``: B0-Inc(100/n) — ``n_tasks`` equal tasks. ``initial=x``: Bx-Inc((100-x)/(n-1)) — a base task of x
+    classes, then ``n_tasks - 1`` equal increments (RAPF's / PROOF's B50 settings).
+    ``styles``: the rendering styles of train and test images (default: the micro-CLIP's pre-training domain);
+    ``corruption`` / ``severity``: one of `streams.corruptions.CORRUPTIONS` applied to every train and test image
+    (a fixed domain, not a test-time shift). ``configs/stream/world_cil_shifted*.yaml`` combine the "textured"
+    style, never seen in pre-training, with a global hue shift (``colour_shift``): a domain far from pre-training
+    where zero-shot is weak and learning pays, as CIFAR-100 is for real CLIP."""
     combos = combo_classes()
-    increment = split_into_tasks(len(combos), n_tasks)  # checked before rendering anything
+    increment = _cil_increment(len(combos), n_tasks, initial)  # checked before rendering anything
+    if isinstance(styles, str):
+        raise TypeError(f"styles must be a list of style names from {W.STYLES}, not the string {styles!r}")
+    styles = tuple(styles)
+    if corruption is not None:
+        _check_shift_args([corruption], severity, "reset", "combo", 1, None)  # name and severity, before rendering
     train = render_per_class(combos, train_per_class, seed * 1000 + _SPLIT_SEED["train"], styles=styles)
     test = render_per_class(combos, test_per_class, seed * 1000 + _SPLIT_SEED["test"], styles=styles)
-    return class_incremental(combo_space(), train, test, increment=increment, seed=order_seed,
-                             name=f"world-cil{n_tasks}")
+    if corruption is not None:
+        train = corrupt_all(train, corruption, severity, seed * 1000 + _SPLIT_SEED["train"])
+        test = corrupt_all(test, corruption, severity, seed * 1000 + _SPLIT_SEED["test"])
+    # the default stream keeps its old name (run fingerprints and results files carry it)
+    name = f"world-cil{n_tasks}" + (f"-b{initial}" if initial else "") + (
+        "" if styles == PRETRAIN_STYLES else "-" + "+".join(styles)) + (
+        f"-{corruption}{severity}" if corruption is not None else "")
+    return class_incremental(combo_space(), train, test, increment=increment, initial=initial, seed=order_seed,
+                             name=name)
 
 
 def dil_stream(domains: Sequence[str] = W.STYLES, *, train_per_class: int = 20, test_per_class: int = 10,
