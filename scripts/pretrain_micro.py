@@ -1,26 +1,30 @@
 """Pre-train the embedded micro-CLIP contrastively on the synthetic world (rebuilds the shipped checkpoint).
 
-    python scripts/pretrain_micro.py        # the defaults are the shipped recipe (30 min on 2 cores)
+    python scripts/pretrain_micro.py        # the defaults are the shipped recipe (v4: 5,000 steps)
 
+The architecture is ``--config`` (default ``ctta/assets/micro-clip.json``: since v4 a small open_clip
+ModifiedResNet image tower, the CLIP RN50 family at width 16, beside a 3-layer text transformer).
 Every step renders a fresh batch (never the ``HELD_OUT`` colour x shape combos, never the "textured"
 style, never a test-time corruption) with one random caption per image. Captions are partial ("a red
 shape", "a star on a noisy background"), so one caption is true of many images in a batch: the loss is a
-multi-positive InfoNCE whose targets spread uniformly over every true (image, caption) pair.
-60 % of each batch comes in groups of images that share one colour, so colour alone cannot tell them
-apart and the vision tower must learn shape (the bottleneck of a first prototype); 20 % of the captions name
-exactly one factor (see ``caption_batch``).
-AdamW, linear warm-up then cosine decay over the time budget (or over ``--steps``). ``--precision bf16`` (default)
-autocasts the forward to bfloat16 with fp32 master weights: on a CPU with AMX it roughly doubles the steps a time
-budget buys, and the step count is what the zero-shot figures follow.
+multi-positive InfoNCE whose targets spread uniformly over every true (image, caption) pair, plus (weight
+``--class-weight``) an image-image supervised-contrastive term on the colour x shape class
+(``class_contrast_loss``) that pulls one class together across style, size, background and pose.
+Batch composition (``make_batch``): 25 % in groups sharing one colour, 25 % in groups sharing colour and shape
+(same-class pairs across nuisances), 25 % in groups differing only in shape, the rest free; half the images are
+flipped horizontally; 20 % of the captions name exactly one factor (see ``caption_batch``).
+AdamW, linear warm-up then cosine decay over ``--steps`` (or over a ``--minutes`` budget with ``--steps 0``).
+``--precision bf16`` (default) autocasts the forward to bfloat16 with fp32 master weights.
 Writes fp16 safetensors atomically plus ``<out stem>.meta.json``, then runs the zero-shot evaluation.
 
-Levers tried for issue #16 (image features organised by class), all off by default, figures in
-streams/WORLD_RESULTS.md: ``--shape-frac`` (groups differing only in shape, ``shape_group``), ``--flip`` and
-``--crop-frac`` (CLIP-style flips and random resized crops, ``augment``), ``--class-weight`` (an image-image
-same-class contrastive term, ``class_contrast_loss``, with ``--combo-frac`` groups supplying same-class pairs
-across nuisances), ``--init`` / ``--base-steps`` (continue from a checkpoint, or train the v3 recipe first as a
-stage 1 of fixed length), ``--steps`` (a fixed, machine-independent step budget) and ``--eval-rep`` (quick
-nearest-neighbour figures in the periodic evaluation).
+Levers measured for issue #16 (image features organised by class), figures in streams/WORLD_RESULTS.md:
+the image tower (``--config``: v3's ViT vs v4's ModifiedResNet), ``--shape-frac`` (``shape_group``), ``--flip`` and
+``--crop-frac`` (CLIP-style flips and random resized crops, ``augment``), ``--class-weight`` / ``--class-label``
+(the class term on the colour x shape class or on the shape alone), ``--combo-frac``, ``--init`` / ``--base-steps``
+(continue from a checkpoint, or train v3's recipe, ``BASE_RECIPE``, first as a stage 1 of fixed length) and
+``--eval-rep`` (nearest-neighbour figures in the periodic evaluation). v3's recipe is
+``--config benchmarks/micro-clip-v3/micro-clip.json --steps 0 --minutes 30 --hard-frac 0.6 --combo-frac 0 --shape-frac 0 --class-weight 0
+--flip 0``.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from streams import synthetic as W  # noqa: E402
 
 # Stage 1 of the default run: the v3 recipe (its flags; v3 ran 3,160 steps on a 30-minute budget)
 BASE_RECIPE = {"lr": 2e-3, "warmup": 0.04, "hard_frac": 0.6, "group": 16, "combo_frac": 0.0, "shape_frac": 0.0,
-               "flip": 0, "crop_frac": 0.0, "class_weight": 0.0, "grey_frac": 0.0, "solo_frac": 0.2, "mention_p": None}
+               "flip": 0, "crop_frac": 0.0, "class_weight": 0.0, "class_label": "combo", "grey_frac": 0.0, "solo_frac": 0.2, "mention_p": None}
 
 
 def lr_at(progress: float, warmup: float, base: float) -> float:
@@ -71,21 +75,26 @@ def _sha256(path: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=30.0, help="training time budget (schedule follows it)")
-    ap.add_argument("--steps", type=int, default=0, help="fixed step count instead of a time budget")
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="training time budget (schedule follows it); used only with --steps 0")
+    ap.add_argument("--steps", type=int, default=5000,
+                    help="fixed step count (machine-independent weights); 0: train for --minutes instead")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--warmup", type=float, default=0.04, help="warm-up fraction of the schedule")
-    ap.add_argument("--hard-frac", type=float, default=0.6, help="share of each batch in same-colour groups")
+    ap.add_argument("--hard-frac", type=float, default=0.25, help="share of each batch in same-colour groups")
     ap.add_argument("--group", type=int, default=16)
-    ap.add_argument("--combo-frac", type=float, default=0.0, help="share in groups sharing colour and shape")
-    ap.add_argument("--shape-frac", type=float, default=0.0,
+    ap.add_argument("--combo-frac", type=float, default=0.25, help="share in groups sharing colour and shape")
+    ap.add_argument("--shape-frac", type=float, default=0.25,
                     help="share in groups differing only in shape (same colour, style, size, background)")
-    ap.add_argument("--class-weight", type=float, default=0.0,
+    ap.add_argument("--class-weight", type=float, default=1.0,
                     help="weight of the image-image same-class contrastive term (class_contrast_loss)")
     ap.add_argument("--class-scale", type=float, default=10.0, help="inverse temperature of that term")
-    ap.add_argument("--flip", type=int, default=0, help="1: flip each image horizontally with probability 1/2")
+    ap.add_argument("--class-label", choices=("combo", "shape"), default="combo",
+                    help="what that term calls one class: the colour x shape combination (never a held-out one) or "
+                         "the shape alone (same-shape pairs of any colour, so shape features cannot lean on colour)")
+    ap.add_argument("--flip", type=int, default=1, help="1: flip each image horizontally with probability 1/2")
     ap.add_argument("--crop-frac", type=float, default=0.0,
                     help="share of images (among those whose caption leaves size unnamed) given a random resized crop")
     ap.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("LO", "HI"),
@@ -103,8 +112,8 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "ctta/assets/micro-clip.json"))
     ap.add_argument("--out", default=str(ROOT / "ctta/assets/micro-clip.safetensors"))
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--eval-every", type=int, default=500)
-    ap.add_argument("--eval-rep", type=int, default=0,
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-rep", type=int, default=1,
                     help="1: the periodic evaluation adds the quick representation figures (NN same class clean and at "
                          "severity 3 on 5 images per class; ~15 s each time, which a time budget pays in steps)")
     ap.add_argument("--eval-n", type=int, default=1000, help="images per set in the final evaluation")
@@ -142,7 +151,7 @@ def main() -> None:
             "base_stage": base, "minutes_budget": args.minutes, "lr": args.lr, "weight_decay": args.wd,
             "warmup_frac": args.warmup, "hard_frac": args.hard_frac, "group": args.group,
             "combo_frac": args.combo_frac, "shape_frac": args.shape_frac, "flip": args.flip,
-            "class_weight": args.class_weight, "class_scale": args.class_scale,
+            "class_weight": args.class_weight, "class_scale": args.class_scale, "class_label": args.class_label,
             "crop_frac": args.crop_frac, "crop_scale": list(args.crop_scale), "precision": args.precision,
             "grey_frac": args.grey_frac, "solo_frac": args.solo_frac, "mention_p": args.mention_p,
             "threads": args.threads,
@@ -210,7 +219,8 @@ def train(model: torch.nn.Module, tokenizer, args: argparse.Namespace, out: Path
             # log-softmax and the reductions run in fp32. The shipped checkpoint was trained this way.
             loss = multi_positive_loss(img.float(), txt.float(), scale.float(), positives, valid)
             if args.class_weight > 0:
-                loss = loss + args.class_weight * class_contrast_loss(img.float(), f.combo_index(), args.class_scale)
+                labels = f.combo_index() if args.class_label == "combo" else f.shape
+                loss = loss + args.class_weight * class_contrast_loss(img.float(), labels, args.class_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # follows the ops the forward recorded (bf16 matmuls, math attention)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -274,7 +274,10 @@ class RAPF(Strategy):
             count, total, outer = flat[0], flat[1:dim + 1], flat[dim + 1:].view(dim, dim)
             if count > 0:
                 mean, cov = statistics_from_moments(count, total, outer, self.ridge)
-                self.stats[task.space.classnames[c]] = (mean.float(), cov.float())
+                # The covariance stays float64: rounding it to float32 breaks positive definiteness once the features
+                # are large (a ResNet tower's attention pool gives entries in the thousands: float32 rounding then
+                # exceeds the ridge and Cholesky fails; 2x the memory of float32, D^2 x 8 bytes a class).
+                self.stats[task.space.classnames[c]] = (mean.float(), cov)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

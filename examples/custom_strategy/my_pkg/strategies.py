@@ -1,4 +1,5 @@
-"""A user's own strategy, plugged in without touching ctta: train only the image tower's LayerNorms."""
+"""A user's own strategy, plugged in without touching ctta: train only the image tower's normalisation layers
+(LayerNorms of a ViT, BatchNorms of a ResNet tower such as the embedded micro-CLIP's)."""
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +13,8 @@ class NormTuning(Strategy):
 
     def setup(self, model):
         super().setup(model)  # freezes everything
-        params = model.unfreeze(lambda name, p: name.startswith("visual.") and ".ln_" in name)
+        norm = (".ln_", ".bn")  # open_clip's names: ViT "visual.transformer.resblocks.0.ln_1", ResNet "visual.bn1"
+        params = model.unfreeze(lambda name, p: name.startswith("visual.") and any(k in name for k in norm))
         self.optimizer = torch.optim.AdamW(params, lr=self.lr)
 
     def learn(self, images, labels, space):
