@@ -381,6 +381,10 @@ def test_options_are_checked_with_the_key_named():
         ServeOptions(max_batch=0)
     with pytest.raises(ValueError, match="needs serve.state_path"):
         ServeOptions(snapshot_every_s=5)
+    with pytest.raises(ValueError, match="serve.drain_timeout_s"):
+        ServeOptions(drain_timeout_s=0)
+    with pytest.raises(ValueError, match="could never be queued"):
+        ServeOptions(max_images=64, max_queue=32)
     with pytest.raises(ValueError, match="unknown serve option"):
         ServeOptions.from_dict({"max_bacth": 4})
     assert sniff(png(1)) == "PNG" and sniff(png(1, fmt="JPEG")) == "JPEG" and sniff(png(1, fmt="WEBP")) == "WEBP"
