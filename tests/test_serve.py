@@ -304,6 +304,14 @@ def test_concurrent_requests_are_batched_in_queue_order_and_each_gets_its_own_ro
             assert a["predictions"][0]["confidence"] == pytest.approx(float(out.probs[row].max()), abs=1e-5)
 
 
+def test_a_lone_request_does_not_wait_for_a_batch_that_is_not_coming():
+    with client(max_wait_ms=1000)[0] as c:
+        post(c, png(0))
+        t = time.monotonic()
+        assert post(c, png(1)).status_code == 200
+        assert time.monotonic() - t < 0.9  # nobody else was arriving: the batch left at once, not after 1 s
+
+
 def test_an_episodic_adapter_serves_each_request_in_its_own_call():
     c, service = client(make_adapter(reset="episodic"), max_batch=8, max_wait_ms=50)
     with c, ThreadPoolExecutor(4) as pool:
@@ -425,8 +433,9 @@ def test_real_server_drains_on_sigterm_writes_the_state_and_resumes(tmp_path):
     in the state written at exit, and a restart resumes it. (A foreign state file is refused with exit code 2.)"""
     import httpx
     state_path = tmp_path / "state.pt"
-    args = [sys.executable, str(ROOT / "scripts/serve.py"), "port=8791", "threads=1", "strategy=tent",
-            f"serve.state_path={state_path}"]
+    # TDA with one view: stateful at any batch size on any tower (TENT refuses lone images on a BatchNorm tower)
+    args = [sys.executable, str(ROOT / "scripts/serve.py"), "port=8791", "threads=1", "strategy=tda",
+            "strategy.n_views=0", "strategy.augmix=false", f"serve.state_path={state_path}"]
 
     def start():
         p = subprocess.Popen(args, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -465,6 +474,6 @@ def test_real_server_drains_on_sigterm_writes_the_state_and_resumes(tmp_path):
     finally:
         p.send_signal(15)
         p.communicate(timeout=60)
-    r = subprocess.run(args[:-2] + ["strategy=zeroshot", f"serve.state_path={state_path}"], capture_output=True,
+    r = subprocess.run(args[:4] + ["strategy=zeroshot", f"serve.state_path={state_path}"], capture_output=True,
                        text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "refusing the state file" in r.stderr and "Traceback" not in r.stderr
