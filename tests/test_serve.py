@@ -265,6 +265,27 @@ def test_a_full_queue_answers_503_and_the_refused_request_is_not_adapted_on():
         assert service.adapter.samples == 3  # the refused image never reached the strategy
 
 
+class FailingTent(Tent):
+    """TENT that fails on an all-white image (a strategy bug, as far as the server can tell)."""
+
+    def adapt(self, images, space):
+        if bool((images > 0.99).all()):
+            raise RuntimeError("white image")
+        return super().adapt(images, space)
+
+
+def test_a_failing_model_call_answers_a_json_500_and_the_server_carries_on():
+    c, service = client(make_adapter(strategy=FailingTent(lr=5e-2)))
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "white").save(buf, format="PNG")
+    with c:
+        r = post(c, buf.getvalue())
+        assert r.status_code == 500 and r.json()["error"]["kind"] == "model_error"
+        assert "white image" in r.json()["error"]["message"]
+        assert post(c, png(1)).status_code == 200 and c.get("/healthz").json()["status"] == "ok"
+        assert service.adapter.samples == 1
+
+
 # --------------------------------------------------------------------------------------------- ordering
 class RecordingTent(Tent):
     """TENT that records the first pixel of every image it adapts on, in the order it sees them."""

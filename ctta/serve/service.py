@@ -4,7 +4,8 @@ Everything that touches the adapter runs in the batcher's one model thread, in q
 pause, resume and snapshots. Persistence is the adapter's own `OnlineAdapter.save` / `OnlineAdapter.load` (atomic,
 content-hashed, checked against this adapter and rolled back on failure); this module only decides when: at start
 (resume when the file exists), on ``POST /snapshot``, every ``snapshot_every_s`` when the state moved, and after
-the last request at shutdown.
+the last request at shutdown. Pause is an operator's switch, not part of the adapted state: a restarted server adapts
+again until it is paused again.
 """
 from __future__ import annotations
 
