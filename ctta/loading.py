@@ -20,7 +20,7 @@ References: torch.utils.data.DataLoader (``prefetch_factor``, ``pin_memory``, wo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch

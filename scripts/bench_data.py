@@ -19,8 +19,9 @@ photos of that size do, saved as JPEG quality 90. Written once to ``--cache`` (d
   as today); the new loader with draft decoding. Wall time, CPU utilisation, peak memory of the process tree (PSS:
   shared pages counted once; and the plain RSS sum), and whether every prediction equals today's.
 - **ranks**: the evaluation part (the accuracy-matrix hook's time) of a 5-task ZeroShot run over ``--rank-images``
-  of the folder, one process with one thread against ``torchrun`` with 2 gloo ranks of one thread each, loading in
-  process in both (so that the ratio is the sharding's); the accuracy matrices must be identical.
+  of the folder (evaluation batches of ``--rank-batch``), one process with one thread against ``torchrun`` with 2
+  gloo ranks of one thread each, loading in process in both (so that the ratio is the sharding's); the accuracy
+  matrices must be identical.
 - **device decoding** (CUDA only): the loader to the GPU with nvJPEG decoding against PIL in the workers.
 The machine's load average is recorded with every figure: on a shared machine only ratios taken in one run mean
 anything.
@@ -163,6 +164,12 @@ def model_and_space(device: str):
     return Clip.from_pretrained("micro-clip", weights, device=device), combo_space()
 
 
+def weights_id(model: Clip) -> str:
+    """The loaded weights' hash: children compared side by side must have loaded the same shipped checkpoint."""
+    from ctta.cache import weights_hash
+    return weights_hash(model)[:16]
+
+
 # ----------------------------------------------------------------------------------------------- child processes
 def child_e2e(args) -> None:
     """One end-to-end ZeroShot evaluation of the folder in this fresh process."""
@@ -182,7 +189,8 @@ def child_e2e(args) -> None:
     with TreeMemory() as mem:
         m = measure(run)
     preds = m.pop("out")
-    report({**m, "peak_pss_mib": mem.pss / 2**20, "peak_rss_sum_mib": mem.rss / 2**20, "preds": preds})
+    report({**m, "peak_pss_mib": mem.pss / 2**20, "peak_rss_sum_mib": mem.rss / 2**20, "weights": weights_id(model),
+            "preds": preds})
 
 
 class TimedMatrix(AccuracyMatrix):
@@ -218,17 +226,19 @@ def child_ranks(args) -> None:
         stream = class_incremental(space, part, part, increment=20, seed=0)
         hook = TimedMatrix()
         t = time.perf_counter()
-        r = run(model, ZeroShot(), stream, [hook])
+        r = run(model, ZeroShot(eval_batch_size=args.rank_batch), stream, [hook])
         total = time.perf_counter() - t
         seconds = distributed.gather_objects(hook.seconds, "eval seconds")
         if distributed.is_main():
             report({"eval_s": max(seconds), "eval_s_per_rank": seconds, "run_s": total,
-                    "matrix": r["accuracy_matrix"], "ranks": distributed.world_size(), "load": os.getloadavg()[0]})
+                    "matrix": r["accuracy_matrix"], "ranks": distributed.world_size(), "load": os.getloadavg()[0],
+                    "weights": weights_id(model)})
 
 
 def ranks(args) -> dict:
     """One process, then 2 gloo ranks, of `child_ranks` (each 1 thread)."""
-    base = [__file__, "--child", "ranks", "--folder", str(args.folder), "--rank-images", str(args.rank_images)]
+    base = [__file__, "--child", "ranks", "--folder", str(args.folder), "--rank-images", str(args.rank_images),
+            "--rank-batch", str(args.rank_batch)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     one = child(base[0], base[1:])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base],
@@ -274,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--repeats", type=int, default=2, help="end-to-end runs of each path, alternated")
     p.add_argument("--rank-images", type=int, default=1000)
+    p.add_argument("--rank-batch", type=int, default=50,
+                   help="evaluation batch of the ranks part: ranks share whole batches, so 5 test sets of one batch "
+                        "each would split 3:2; batches of 50 split 100-image sets evenly")
     p.add_argument("--loading-images", type=int, default=1000, help="images of each pass of the loading table")
     p.add_argument("--device", default="cpu")
     p.add_argument("--child", choices=["e2e", "ranks"], help=argparse_hidden())
