@@ -424,6 +424,46 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
+def _serve_script():
+    """scripts/serve.py as a module (its siblings configcheck.py and run.py import from scripts/)."""
+    import importlib.util
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("serve_script", ROOT / "scripts" / "serve.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return module
+
+
+def test_serve_config_composes_and_set_up_mistakes_are_reported_plainly(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+    script = _serve_script()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("serve", overrides=["strategy=tent", "classes=[red star,blue circle]", "reset=episodic"])
+        script._check_top_level(cfg)
+        assert script._classes(cfg) == ["red star", "blue circle"] and cfg.strategy.lr == 1e-3
+        assert ServeOptions.from_dict(dict(cfg.serve)) == ServeOptions()  # the yaml's defaults are the class's
+        names = tmp_path / "classes.txt"
+        names.write_text("# world\nred star\n\nblue circle\nred star\n")
+        dup = compose("serve", overrides=[f"classes_file={names}"])
+        with pytest.raises(script.SetupError, match="names a class twice"):
+            script._classes(dup)
+        with pytest.raises(script.SetupError, match="expected int"):
+            script._check_top_level(compose("serve", overrides=["port=abc"]))
+    with pytest.raises(SystemExit) as e:
+        script._report(script.SetupError(f"classes_file={tmp_path}/none.txt does not exist", "give a file"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: classes_file=") and "hint: give a file" in err
+    with pytest.raises(SystemExit):
+        script._report(StateError("refusing the state file x: corrupt"))
+    assert "hint: move the file away" in capsys.readouterr().err
+    assert script._report(RuntimeError("a bug")) is None  # not the user's: keeps its traceback
+
+
+@pytest.mark.slow
 def test_serve_command_reports_a_bad_value_plainly_before_torch(tmp_path):
     """``python -m ctta.serve`` starts scripts/serve.py (the launcher), which refuses a missing classes file with
     exit code 2, an error and a hint, and no traceback."""
