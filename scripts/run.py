@@ -178,7 +178,9 @@ def _build(where: str, entry: DictConfig, cfg: DictConfig) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
     try:
-        return instantiate(entry)
+        # plain lists and dicts, not OmegaConf containers: a strategy's recorded configuration (its checkpoint
+        # fingerprint) is then the same as the same strategy built in Python, so their states load into each other
+        return instantiate(entry, _convert_="all")
     except InstantiationException as e:
         cause = e.__cause__ or e
         if not isinstance(cause, (ValueError, TypeError, FileNotFoundError, PermissionError)):
