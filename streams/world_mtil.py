@@ -54,11 +54,10 @@ class WorldDataset:
 _VOCAB = {"shape": W.SHAPES, "colour": W.COLOURS, "size": W.SIZES, "background": W.BACKGROUNDS,
           "style": W.STYLES}
 
-# The default world MTIL, alphabetical (= Order I).
+# The default world MTIL, alphabetical (= Order I). Not included: background type (4-way), which full fine-tuning
+# did not learn in the shared schedule (27.5 % after 30 iterations at chance 25 %, seed 100; the micro-CLIPs' text
+# towers map the background phrases to nearly one embedding): a dataset nothing learns tells the methods nothing.
 WORLD_DATASETS: tuple[WorldDataset, ...] = (
-    # 4 backgrounds (the shipped micro-CLIPs' text towers map the background phrases to nearly one embedding)
-    WorldDataset("backgrounds", "background", ("plain", "gradient", "striped", "noisy"),
-                 ("a shape on a {} background.", "a picture of a shape on a {} background.")),
     # 10 colours under a global hue rotation + desaturation (colour_shift, severity 5) of every image
     WorldDataset("colours_shifted", "colour", W.COLOURS, ("a {} shape.", "a picture of a {} shape."),
                  corruption="colour_shift", severity=5),
@@ -80,7 +79,7 @@ BY_NAME = {d.name: d for d in WORLD_DATASETS}
 
 def order_ii(n: int) -> list[int]:
     """ZSCL's Order II as a permutation of ``n`` alphabetical datasets: its index sequence with the indices ``>= n``
-    dropped (for n = 11 it is ZSCL's own; for the 7 world datasets [6, 5, 0, 1, 3, 4, 2]). Beyond 11 datasets there
+    dropped (for n = 11 it is ZSCL's own; for the 6 world datasets [5, 0, 1, 3, 4, 2]). Beyond 11 datasets there
     is no counterpart."""
     if not 2 <= n <= len(ZSCL_ORDER_II):
         raise ValueError(f"Order II is defined for 2 to {len(ZSCL_ORDER_II)} datasets, got {n}")
