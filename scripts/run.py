@@ -63,7 +63,7 @@ def main(cfg: DictConfig) -> dict:
              choices.get("strategy"), choices.get("stream"), cfg.out_dir)
     t0 = time.monotonic()
     try:
-        _check_top_level(cfg)
+        check_top_level(cfg)
         for where, entry in _entries(cfg):
             precheck(entry, where)  # from the targets' source: a wrong key or type is refused before torch loads
     except (SetupError, ValueError) as e:
@@ -155,18 +155,20 @@ def _entries(cfg: DictConfig) -> list[tuple[str, dict]]:
     return out
 
 
-def _check_top_level(cfg: DictConfig) -> None:
+def check_top_level(cfg: DictConfig, types: dict[str, tuple] = TOP_LEVEL_TYPES) -> None:
+    """No ``???`` left anywhere, and each top-level key of ``types`` that the config has is of one of its types
+    (scripts/serve.py checks its own keys with this too)."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise SetupError(f"{', '.join(missing)} must be set (the config has ??? there)",
                          " ".join(f"{k}=..." for k in missing))
-    for key, types in TOP_LEVEL_TYPES.items():
+    for key, allowed in types.items():
         if key not in cfg:
             continue
         value = cfg[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise SetupError(f"{key}={value!r}: expected {want}", f"e.g. {key}={_example(types)}")
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise SetupError(f"{key}={value!r}: expected {want}", f"e.g. {key}={_example(allowed)}")
 
 
 def _example(types: tuple) -> str:

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from configcheck import ConfigError, check_config, precheck  # beside this script; standard library only
-from run import SetupError, _build, _debug_flag
+from run import SetupError, _build, _debug_flag, check_top_level
 
 log = logging.getLogger("ctta")
 
@@ -97,15 +97,7 @@ def _entries(cfg: DictConfig) -> list[tuple[str, dict]]:
 
 
 def _check_top_level(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise SetupError(f"{', '.join(missing)} must be set (the config has ??? there)",
-                         " ".join(f"{k}=..." for k in missing))
-    for key, types in TOP_LEVEL.items():
-        value = cfg.get(key)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise SetupError(f"{key}={value!r}: expected {want}", f"set {key}=... (python scripts/serve.py --help)")
+    check_top_level(cfg, TOP_LEVEL)
     if not 0 < cfg.port < 65536:
         raise SetupError(f"port={cfg.port}: expected a TCP port in 1..65535", "e.g. port=8000")
     if not isinstance(cfg.serve, DictConfig):

@@ -33,7 +33,7 @@ nothing.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,16 @@ class _LoRAWrapper(nn.Module):
         """The base parameter a target updates and the rows it owns."""
         raise NotImplementedError
 
+    def _attach(self, loras: Mapping[str, LoRA], allowed: Sequence[str], what: str) -> None:
+        """Register ``loras`` after checking their names against ``allowed``, in ``allowed``'s fixed order (so
+        state_dict keys do not depend on the caller's order)."""
+        unknown = sorted(set(loras) - set(allowed))
+        if unknown:
+            raise ValueError(f"{what} targets must be among {tuple(allowed)}, got {unknown}")
+        for n in allowed:
+            if n in loras:
+                self.lora[n] = loras[n]
+
     def get_delta_weight(self, name: str) -> Tensor:
         return self.lora[name].get_delta_weight()
 
@@ -183,12 +193,7 @@ class LoRAAttention(_LoRAWrapper):
 
     def __init__(self, base_layer: nn.Module, loras: Mapping[str, LoRA]):
         super().__init__(base_layer)
-        unknown = sorted(set(loras) - set(_ATTN))
-        if unknown:
-            raise ValueError(f"attention targets must be among {_ATTN}, got {unknown}")
-        for n in _ATTN:  # fixed order, so state_dict keys do not depend on the caller's order
-            if n in loras:
-                self.lora[n] = loras[n]
+        self._attach(loras, _ATTN, "attention")
 
     def _target(self, name: str) -> tuple[nn.Parameter, slice]:
         if name == "out":
@@ -223,12 +228,7 @@ class LoRAAttentionPool(_LoRAWrapper):
 
     def __init__(self, base_layer: nn.Module, loras: Mapping[str, LoRA]):
         super().__init__(base_layer)
-        unknown = sorted(set(loras) - set(POOL_TARGETS))
-        if unknown:
-            raise ValueError(f"attention-pool targets must be among {tuple(POOL_TARGETS)}, got {unknown}")
-        for n in POOL_TARGETS:  # fixed order, so state_dict keys do not depend on the caller's order
-            if n in loras:
-                self.lora[n] = loras[n]
+        self._attach(loras, tuple(POOL_TARGETS), "attention-pool")
 
     def _target(self, name: str) -> tuple[nn.Parameter, slice]:
         return getattr(self.base_layer, POOL_TARGETS[name]).weight, slice(None)

@@ -28,13 +28,8 @@ Deviations (deliberate):
 - Under torchrun (the reference is single-GPU) the text-to-image term softmaxes over each rank's share of the
   batch, as DDP training of CLIP without feature gathering does; the image-to-text term is exact.
 
-On a ``ModifiedResNet`` image tower (CLIP RN50/RN101; the reference code adapts ViT towers only, so this mapping is
-ours) the image side of the LoRA is the attention pool, its only attention: ``q``, ``k``, ``v``, ``out`` adapt
-``attnpool.q_proj`` / ``k_proj`` / ``v_proj`` / ``c_proj``; ``fc`` and ``proj`` have no counterpart there and are
-skipped on that tower (a target list of only ``fc`` / ``proj`` with the image tower is refused, naming the tower and
-the supported targets); the pool counts as the tower's one block (``layers`` 0 or -1). The convolutional stages stay
-frozen, their BatchNorms on their running statistics even while training (`ctta.batchnorm`), and merging after a
-task gives the unmerged adapter's outputs (``tests/test_resnet_tower``).
+On a ``ModifiedResNet`` image tower (CLIP RN50/RN101) the image side is the attention pool, mapped as in `LoRA`
+(``ctta.strategies.lora_ft``: ``q``/``k``/``v``/``out`` on ``attnpool``'s projections; ours, the reference adapts ViTs).
 """
 from __future__ import annotations
 
