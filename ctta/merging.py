@@ -25,9 +25,10 @@ def check_alpha(alpha: float | None) -> float | None:
 def interpolate_(model: Clip, anchor_state: Mapping[str, Tensor], alpha: float) -> None:
     """In place, for every parameter named in ``anchor_state`` (e.g. a `Clip.trainable_state` snapshot):
     ``θ ← (1 − α)·anchor + α·θ``. ``α = 1`` leaves the model unchanged, ``α = 0`` restores the anchor. The anchor is
-    only read, so it can be used again after every task. Parameters not in the anchor are left alone. BatchNorm running
-    statistics in the anchor (a trainable BatchNorm's, see `Clip.trainable_state`) are blended the same way, as the
-    WiSE-FT reference interpolates every ``state_dict`` entry; the integer batch counter keeps the fine-tuned count."""
+    only read, so it can be used again after every task. Parameters not in the anchor are left alone.
+    BatchNorm running statistics in the anchor (a trainable BatchNorm's, see `Clip.trainable_state`) are blended
+    the same way, as the WiSE-FT reference interpolates every ``state_dict`` entry; the integer batch counter keeps
+    the fine-tuned count."""
     alpha = check_alpha(alpha)
     if alpha is None:
         raise ValueError("interpolate_ needs an alpha in [0, 1]")

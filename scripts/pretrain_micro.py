@@ -23,8 +23,8 @@ the image tower (``--config``: v3's ViT vs v4's ModifiedResNet), ``--shape-frac`
 (the class term on the colour x shape class or on the shape alone), ``--combo-frac``, ``--init`` / ``--base-steps``
 (continue from a checkpoint, or train v3's recipe, ``BASE_RECIPE``, first as a stage 1 of fixed length) and
 ``--eval-rep`` (nearest-neighbour figures in the periodic evaluation). v3's recipe is
-``--config benchmarks/micro-clip-v3/micro-clip.json --steps 0 --minutes 30 --hard-frac 0.6 --combo-frac 0 --shape-frac 0 --class-weight 0
---flip 0``.
+``--config benchmarks/micro-clip-v3/micro-clip.json --steps 0 --minutes 30 --hard-frac 0.6 --combo-frac 0
+--shape-frac 0 --class-weight 0 --flip 0``.
 """
 from __future__ import annotations
 
@@ -50,9 +50,10 @@ from micro_batches import (TRAIN_STYLES, augment, caption_batch, class_contrast_
                            multi_positive_loss, shape_group)
 from streams import synthetic as W  # noqa: E402
 
-# Stage 1 of the default run: the v3 recipe (its flags; v3 ran 3,160 steps on a 30-minute budget)
+# Stage 1 of a run with --base-steps: v3's recipe (its flags; v3 ran 3,160 steps on a 30-minute budget)
 BASE_RECIPE = {"lr": 2e-3, "warmup": 0.04, "hard_frac": 0.6, "group": 16, "combo_frac": 0.0, "shape_frac": 0.0,
-               "flip": 0, "crop_frac": 0.0, "class_weight": 0.0, "class_label": "combo", "grey_frac": 0.0, "solo_frac": 0.2, "mention_p": None}
+               "flip": 0, "crop_frac": 0.0, "class_weight": 0.0, "class_label": "combo", "grey_frac": 0.0,
+               "solo_frac": 0.2, "mention_p": None}
 
 
 def lr_at(progress: float, warmup: float, base: float) -> float:
