@@ -117,6 +117,12 @@ def _run(ctta, cfg: DictConfig, run: dict[str, Any], folder: RunFolder) -> dict:
 # ------------------------------------------------------------------------------------------------ set-up
 def _set_up(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
     """Check, build and prepare everything but the loop; raises `SetupError` (or the target's own error)."""
+    if cfg.get("loading") is not None:  # worker processes, prefetch, device decoding for image files
+        from ctta.data import configure_loading
+        try:
+            configure_loading(**OmegaConf.to_container(cfg.loading, resolve=True))
+        except (TypeError, ValueError) as e:
+            raise SetupError(str(e), "e.g. loading.workers=auto (or 0, 2, ...), loading.device_decode=auto") from e
     if cfg.get("threads"):
         import torch
         torch.set_num_threads(int(cfg.threads))

@@ -189,6 +189,14 @@ def test_a_bad_value_fails_plainly_naming_the_key(tmp_path):
     assert _no_run_folder(tmp_path)
 
 
+def test_a_bad_loading_option_fails_plainly(tmp_path):
+    r = run_cli(*TINY, "loading.workers=abc", cwd=tmp_path)
+    assert r.rc == 2, r.out[-3000:]
+    assert "error: loading.workers must be a non-negative int or 'auto', got 'abc'" in r.stderr
+    assert "hint: e.g. loading.workers=auto" in r.stderr and "Traceback" not in r.out
+    assert _no_run_folder(tmp_path)
+
+
 @pytest.mark.slow
 def test_a_value_the_target_refuses_is_named_too(tmp_path):
     """A value of the right type that the stream itself refuses: its message, the key named, no folder."""
