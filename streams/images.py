@@ -26,7 +26,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ctta.data import check_images, is_pil_image, pil_to_rgb
+from ctta.data import RemappedSubset, check_images, is_pil_image, pil_to_rgb
 from streams.manifest import IMAGE_EXTENSIONS, DatasetError
 
 DRAFT_GAP = 2.0  # the usual ``draft``: reduced-size JPEG decoding keeps the shorter side >= 2x the target
@@ -229,37 +229,10 @@ def image_folder(root: str | Path, image_size: int, classes: Sequence[str] | Non
     return ImageFiles(samples, image_size, draft=draft), names
 
 
-class IndexSubset:
-    """Positions ``indices`` of a dataset, keeping labels (``targets`` exposed; batched when the base is)."""
+class IndexSubset(RemappedSubset):
+    """Positions ``indices`` of a dataset, keeping its labels (``targets`` exposed; batched when the base is): a
+    `RemappedSubset` whose new labels are the old ones, so the batching and `ctta.loading` forwarding are its."""
 
     def __init__(self, base: Any, indices: Sequence[int]):
-        self.base = base
-        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
-        self.targets = torch.as_tensor(base.targets, dtype=torch.long)[self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.base[int(self.indices[i])]
-
-    def get_batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        if hasattr(self.base, "get_batch"):
-            return self.base.get_batch(self.indices[indices])
-        items = [self[int(i)] for i in indices]
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
-
-    @property
-    def in_memory(self) -> bool:
-        from_base = getattr(self.base, "in_memory", None)
-        return bool(from_base) if from_base is not None else hasattr(self.base, "get_batch")
-
-    @property
-    def decodes_on_device(self) -> bool:
-        return bool(getattr(self.base, "decodes_on_device", False))
-
-    def load_encoded(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.base.load_encoded(self.indices[indices])
-
-    def decode(self, data: Tensor, lengths: Tensor, device: torch.device | str) -> Tensor:
-        return self.base.decode(data, lengths, device=device)
+        keep = torch.as_tensor(list(indices), dtype=torch.long)
+        super().__init__(base, keep, torch.as_tensor(base.targets, dtype=torch.long)[keep])

@@ -178,33 +178,34 @@ def _no_run_folder(cwd: Path) -> bool:
     return not (cwd / "runs").exists() or not any((cwd / "runs").rglob("*"))
 
 
+def _refused_at_setup(r: Run, error: str, hint: str, cwd: Path) -> None:
+    """A user error seen as the user sees it: exit 2, the message and the hint, no traceback, no run folder."""
+    assert r.rc == 2, r.out[-3000:]
+    assert error in r.stderr
+    assert hint in r.stderr and "Traceback" not in r.out
+    assert _no_run_folder(cwd)
+
+
 def test_a_bad_value_fails_plainly_naming_the_key(tmp_path):
     """No out_dir: the default runs/<name>/<time>/ is not left behind by a run that fails at set-up."""
     r = run_cli(*TINY, "strategy=finetune", "strategy.lr=abc", cwd=tmp_path)
-    assert r.rc == 2, r.out[-3000:]
-    assert "error: strategy.lr='abc': Finetune expects lr: float" in r.stderr
-    assert "hint:" in r.stderr and "Traceback" not in r.out
+    _refused_at_setup(r, "error: strategy.lr='abc': Finetune expects lr: float", "hint:", tmp_path)
     assert "loading model" not in r.stderr and "stream world-cil2" not in r.stderr  # before any data or weights
     assert r.wall_s < 8, r.wall_s  # refused from the target's source, before torch is imported (~1 s idle)
-    assert _no_run_folder(tmp_path)
 
 
 def test_a_bad_loading_option_fails_plainly(tmp_path):
     r = run_cli(*TINY, "loading.workers=abc", cwd=tmp_path)
-    assert r.rc == 2, r.out[-3000:]
-    assert "error: loading.workers must be a non-negative int or 'auto', got 'abc'" in r.stderr
-    assert "hint: e.g. loading.workers=auto" in r.stderr and "Traceback" not in r.out
-    assert _no_run_folder(tmp_path)
+    _refused_at_setup(r, "error: loading.workers must be a non-negative int or 'auto', got 'abc'",
+                      "hint: e.g. loading.workers=auto", tmp_path)
 
 
 @pytest.mark.slow
 def test_a_value_the_target_refuses_is_named_too(tmp_path):
     """A value of the right type that the stream itself refuses: its message, the key named, no folder."""
     r = run_cli(*TINY, "stream.n_tasks=-1", cwd=tmp_path)
-    assert r.rc == 2, r.out[-3000:]
-    assert "error: stream (streams.world.cil_stream): n_tasks must be between 1 and 100" in r.stderr
-    assert "hint: check stream.n_tasks" in r.stderr and "Traceback" not in r.out
-    assert _no_run_folder(tmp_path)
+    _refused_at_setup(r, "error: stream (streams.world.cil_stream): n_tasks must be between 1 and 100",
+                      "hint: check stream.n_tasks", tmp_path)
 
 
 def test_debug_keeps_the_traceback(tmp_path):
