@@ -21,7 +21,7 @@ import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream, class_incremental
 from streams.cifar import resolve_order
-from streams.images import ImageFiles, image_folder
+from streams.images import ImageFiles, _check_draft, image_folder
 from streams.manifest import DatasetError, Level, load_meta, manifests, read_lines, verify
 
 VARIANTS = ("imagenet", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch")
@@ -92,7 +92,8 @@ def variant_space(variant: str, templates: str | Sequence[str] = "tpt") -> Label
 
 
 def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
-                    verify_level: Level = "structure", sh_filter: bool = False) -> ImageFiles:
+                    verify_level: Level = "structure", sh_filter: bool = False,
+                    draft: float | None = None) -> ImageFiles:
     """The variant's images with labels in `variant_space` order. ``root`` = the variant's own folder.
 
     ``sh_filter``: drop every image whose **file name** contains ``"sh"`` (case-sensitive), as the data loaders of
@@ -101,27 +102,30 @@ def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
     6,862 of the 7,500 images ("fish", "shovel", "mushroom", ... appear in its file names), and their ImageNet-A
     figures are on that subset. Off by default: the full set is the benchmark every other method reports on.
     Class folders are wnids (``n`` + digits), which never contain "sh", so labels are unchanged. The release is
-    verified (``verify_level``) before the filter."""
+    verified (``verify_level``) before the filter. ``draft``: reduced-size JPEG decoding (`streams.images`; None, the
+    default, decodes at full size)."""
+    _check_draft(draft)  # a bad value fails before the release is walked
     idx, folders = variant_classes(variant)
     if verify_level != "none":
         verify(manifests()[variant], root, verify_level)
     # The expected folder order equals sorted order for every variant (V2 included: it *is* the lexicographic
     # order), so this is exactly torchvision's ImageFolder labelling.
     assert folders == sorted(folders)
-    data, _ = image_folder(root, image_size, classes=folders)
+    data, _ = image_folder(root, image_size, classes=folders, draft=draft)
     if sh_filter:
         data = _subset(data, [i for i, p in enumerate(data.paths) if "sh" not in os.path.basename(p)])
     return data
 
 
 def _subset(data: ImageFiles, keep: Sequence[int]) -> ImageFiles:
-    return ImageFiles([(data.paths[i], int(data.targets[i])) for i in keep], data.image_size)
+    return ImageFiles([(data.paths[i], int(data.targets[i])) for i in keep], data.image_size, draft=data.draft)
 
 
 def tta_stream(variants: Sequence[str] = ("imagenet_a",), *, data_root: str | Path = "data", image_size: int = 224,
                templates: str | Sequence[str] = "tpt", roots: dict[str, str] | None = None,
                verify_level: Level = "structure", setting: str = "reset", shuffle: bool = False,
-               shuffle_seed: int = 1, sh_filter: bool = False, name: str | None = None) -> TaskStream:
+               shuffle_seed: int = 1, sh_filter: bool = False, draft: float | None = None,
+               name: str | None = None) -> TaskStream:
     """One test-only task per variant (each in its own label space). ``setting="reset"`` reveals the boundaries
     (strategies may reset between variants); ``"continual"`` hides them. ``roots`` overrides a variant's folder.
 
@@ -131,15 +135,17 @@ def tta_stream(variants: Sequence[str] = ("imagenet_a",), *, data_root: str | Pa
     folder order, **sorted by class**: a label-correlated stream, which changes what any cache or memory method
     holds. The official permutation itself depends on each script's whole random-number history and cannot be
     reproduced here; the protocol (a fixed-seed shuffle) is. ``sh_filter``: see `variant_dataset` (ImageNet-A's
-    6,862-image subset of TDA / DPE / BoostAdapter); applied to every variant of the stream."""
+    6,862-image subset of TDA / DPE / BoostAdapter); applied to every variant of the stream. ``draft``: reduced-size
+    JPEG decoding for every variant (`streams.images`; off by default: not exact, ~0.5 % of predictions change)."""
     if setting not in ("reset", "continual"):
         raise ValueError(f"setting must be 'reset' or 'continual', got {setting!r}")
     if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int):
         raise ValueError(f"shuffle_seed must be an int, got {shuffle_seed!r}")
+    _check_draft(draft)
     tasks = []
     for v in variants:
         root = Path((roots or {}).get(v) or Path(data_root) / FOLDERS[v])
-        data = variant_dataset(v, root, image_size, verify_level=verify_level, sh_filter=sh_filter)
+        data = variant_dataset(v, root, image_size, verify_level=verify_level, sh_filter=sh_filter, draft=draft)
         if shuffle:
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(shuffle_seed))
             data = _subset(data, order.tolist())
@@ -175,12 +181,14 @@ def read_split_file(path: str | Path, image_root: str | Path) -> tuple[list[tupl
 def imagenet100_cil(train_split: str | Path, val_split: str | Path, *, data_root: str | Path = "data",
                     increment: int = 10, initial: int = 0, order: str | int | Sequence[int] | None = 1993,
                     templates: str | Sequence[str] = ("a good photo of a {}.",), image_size: int = 224,
-                    check_files: bool = True, name: str | None = None) -> TaskStream:
+                    check_files: bool = True, draft: float | None = None, name: str | None = None) -> TaskStream:
     """ImageNet-100 class-incremental from the DyTox split files; images under ``<data_root>/imagenet/{train,val}``.
 
     Class names = CLIP names of the wnids found in the split (label k ↔ its wnid). The default order is numpy's
     seed-1993 permutation (68, 56, 78, 8, ...), identical to RAPF's and MoE-Adapters' ``imagenet100.yaml``.
+    ``draft``: reduced-size JPEG decoding of train and test images (`streams.images`; None: full size).
     """
+    _check_draft(draft)
     root = Path(data_root) / "imagenet"
     train, wnid_tr = read_split_file(train_split, root / "train")
     test, wnid_te = read_split_file(val_split, root / "val")
@@ -198,6 +206,7 @@ def imagenet100_cil(train_split: str | Path, val_split: str | Path, *, data_root
     if unknown:
         raise DatasetError(f"split file uses unknown wnids {unknown[:5]}")
     space = LabelSpace([names[index[wnid_tr[k]]] for k in labels], imagenet_templates(templates), name="imagenet100")
-    return class_incremental(space, ImageFiles(train, image_size), ImageFiles(test, image_size),
-                             increment=increment, initial=initial, order=resolve_order(order, {}, len(labels)),
+    return class_incremental(space, ImageFiles(train, image_size, draft=draft),
+                             ImageFiles(test, image_size, draft=draft), increment=increment, initial=initial,
+                             order=resolve_order(order, {}, len(labels)),
                              name=name or f"imagenet100-b{initial}inc{increment}")

@@ -12,9 +12,16 @@ MTIL is task-incremental at test time (scope ``"own"``); X-TAIL classifies over 
 (scope ``"all"``) and reads CoOp's split files (`streams.coop`). Few-shot variants sample ``shots`` images per class
 with a seeded generator — the protocol's sample count, not the reference code's exact RNG draw (documented
 deviation).
+
+``draft`` (off by default; `streams.images`) decodes JPEG files at reduced size. The torchvision readers decode
+inside torchvision, where no reduced-size decode can be asked for, so with ``draft`` a dataset whose class keeps its
+file list (`file_list`: every MTIL dataset but MNIST and CIFAR-100, which are arrays in memory) is read by
+`streams.images.ImageFiles` over those same files and labels instead. That decoder composites an alpha channel on
+white where torchvision's ``convert("RGB")`` drops it; JPEGs have none, so only a stray RGBA PNG could differ.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +29,7 @@ import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream
 from streams.cifar import cifar100_classnames, read_cifar100
-from streams.images import IndexSubset, TensorImages, WrappedImages
+from streams.images import ImageFiles, IndexSubset, TensorImages, WrappedImages, _check_draft
 from streams.manifest import DatasetError, load_meta
 
 SPLIT_SEED = 42  # ZSCL ClassificationDataset.split_dataset
@@ -58,6 +65,33 @@ def targets_of(ds: Any) -> torch.Tensor:
     raise TypeError(f"cannot read the labels of {type(ds).__name__} without loading images")
 
 
+def file_list(ds: Any) -> list[str] | None:
+    """The image files of a torchvision dataset in its item order, read from where its class keeps them (torchvision
+    0.2x); None when it keeps none (MNIST's in-memory arrays)."""
+    if isinstance(getattr(ds, "samples", None), list):  # ImageFolder (EuroSAT)
+        return [str(p) for p, _ in ds.samples]
+    if isinstance(getattr(ds, "_samples", None), list):  # StanfordCars
+        return [str(p) for p, _ in ds._samples]
+    for attr in ("_image_files", "_images"):  # DTD, Flowers102, Food101, SUN397, FGVCAircraft; OxfordIIITPet
+        if isinstance(getattr(ds, attr, None), list):
+            return [str(p) for p in getattr(ds, attr)]
+    if type(ds).__name__ == "Caltech101":  # builds each path in __getitem__, with this rule
+        return [os.path.join(ds.root, "101_ObjectCategories", ds.categories[y], f"image_{i:04d}.jpg")
+                for y, i in zip(ds.y, ds.index)]
+    return None
+
+
+def _wrap(ds: Any, image_size: int, draft: float | None) -> Any:
+    """A torchvision dataset in the engine's convention; with ``draft``, its files through `ImageFiles`."""
+    targets = targets_of(ds)
+    files = file_list(ds) if draft is not None else None
+    if files is None:
+        return WrappedImages(ds, targets, image_size)
+    if len(files) != len(targets):
+        raise DatasetError(f"{type(ds).__name__}: {len(files)} files but {len(targets)} labels")
+    return ImageFiles(list(zip(files, targets.tolist())), image_size, draft=draft)
+
+
 def _tv(cls_name: str, root: Path, **kw) -> Any:
     import torchvision.datasets as tvd
     try:
@@ -68,7 +102,7 @@ def _tv(cls_name: str, root: Path, **kw) -> Any:
                            ) from None
 
 
-def _load(name: str, root: Path, image_size: int) -> tuple[list[str], Any, Any]:
+def _load(name: str, root: Path, image_size: int, draft: float | None = None) -> tuple[list[str], Any, Any]:
     """``(torchvision-derived class names, train, test)`` of one MTIL dataset."""
     if name == "cifar100":
         names = cifar100_classnames(root)
@@ -78,7 +112,7 @@ def _load(name: str, root: Path, image_size: int) -> tuple[list[str], Any, Any]:
     cls = spec["torchvision"]
     if "random 80/20" in spec["split"]:
         full = _tv(cls, root)
-        wrapped = WrappedImages(full, targets_of(full), image_size)
+        wrapped = _wrap(full, image_size, draft)
         tr, te = fixed_split(len(wrapped))
         names = getattr(full, "classes", None) or getattr(full, "categories", None)
         return list(names), IndexSubset(wrapped, tr), IndexSubset(wrapped, te)
@@ -89,8 +123,7 @@ def _load(name: str, root: Path, image_size: int) -> tuple[list[str], Any, Any]:
     else:
         kw = ({"split": "train"}, {"split": "test"})
     tr, te = _tv(cls, root, **kw[0]), _tv(cls, root, **kw[1])
-    return list(tr.classes), WrappedImages(tr, targets_of(tr), image_size), WrappedImages(te, targets_of(te),
-                                                                                         image_size)
+    return list(tr.classes), _wrap(tr, image_size, draft), _wrap(te, image_size, draft)
 
 
 def mtil_space(name: str, torchvision_names: Sequence[str]) -> LabelSpace:
@@ -138,10 +171,10 @@ def _order(order: str | Sequence[str], table: dict[str, list[str]]) -> list[str]
 
 
 def _tasks(datasets: Sequence[str], data_root: str | Path, image_size: int, shots: int | None, seed: int,
-           first_template: bool) -> list[Task]:
+           first_template: bool, draft: float | None = None) -> list[Task]:
     tasks = []
     for k, name in enumerate(datasets):
-        tv_names, train, test = _load(name, Path(data_root), image_size)
+        tv_names, train, test = _load(name, Path(data_root), image_size, draft)
         space = mtil_space(name, tv_names)
         if first_template:
             space = space.with_templates(space.class_templates[0][:1])
@@ -152,27 +185,31 @@ def _tasks(datasets: Sequence[str], data_root: str | Path, image_size: int, shot
 
 
 def mtil_stream(data_root: str | Path = "data", *, order: str | Sequence[str] = "I", shots: int | None = None,
-                image_size: int = 224, seed: int = 0, name: str | None = None) -> TaskStream:
+                image_size: int = 224, seed: int = 0, draft: float | None = None, name: str | None = None
+                ) -> TaskStream:
     """MTIL: 11 datasets (Order ``"I"``, ``"II"`` or a list), each evaluated in its own label space. ``shots=5``
-    gives the few-shot MTIL of MoE-Adapters / DIKI / CoDyRA."""
+    gives the few-shot MTIL of MoE-Adapters / DIKI / CoDyRA. ``draft``: see the module docstring."""
+    _check_draft(draft)  # before any dataset is opened
     ds = _order(order, load_meta("mtil")["orders"])
-    tasks = _tasks(ds, data_root, image_size, shots, seed, first_template=False)
+    tasks = _tasks(ds, data_root, image_size, shots, seed, first_template=False, draft=draft)
     return TaskStream(tasks, scope="own", name=name or f"mtil-{order if isinstance(order, str) else 'custom'}"
                       + (f"-{shots}shot" if shots else ""))
 
 
 def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, image_size: int = 224, seed: int = 0,
                  first_template: bool = True, splits: str = "coop", order: str | Sequence[str] = "xtail",
-                 name: str = "xtail") -> TaskStream:
+                 draft: float | None = None, name: str = "xtail") -> TaskStream:
     """X-TAIL: the 10 domains (MTIL minus CIFAR-100), ``shots``-shot training, every test image classified over the
     union of all domains' classes (scope ``"all"``), with each dataset's first template (CoDyRA).
 
     ``splits="coop"`` (the reference): CoOp split files and their class names ("_" → " ", as CoOp's prompt learner),
-    MNIST from torchvision (CoOp has none); ``"torchvision"``: the MTIL readers and ZSCL's names.
+    MNIST from torchvision (CoOp has none); ``"torchvision"``: the MTIL readers and ZSCL's names. ``draft``:
+    reduced-size JPEG decoding (see the module docstring).
     """
+    _check_draft(draft)
     ds = _order(order, {"xtail": load_meta("mtil")["xtail_order"]})
     if splits == "torchvision":
-        return TaskStream(distinct_names(_tasks(ds, data_root, image_size, shots, seed, first_template)),
+        return TaskStream(distinct_names(_tasks(ds, data_root, image_size, shots, seed, first_template, draft)),
                           scope="all", name=name)
     if splits != "coop":
         raise ValueError(f"splits must be 'coop' or 'torchvision', got {splits!r}")
@@ -180,9 +217,9 @@ def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, imag
     tasks = []
     for k, d in enumerate(ds):
         if d not in COOP:  # MNIST
-            tasks += _tasks([d], data_root, image_size, shots, seed + k, first_template)
+            tasks += _tasks([d], data_root, image_size, shots, seed + k, first_template, draft)
             continue
-        names, parts = coop_dataset(d, data_root, image_size)
+        names, parts = coop_dataset(d, data_root, image_size, draft=draft)
         templates = load_meta("mtil")["datasets"][d]["templates"]
         space = LabelSpace([n.replace("_", " ") for n in names], templates[:1] if first_template else templates,
                            name=d)
