@@ -9,19 +9,27 @@ reset (its policy, and here the revealed domain boundaries when ``reset_on_shift
 With ``out_dir`` the stream position, the adapter state, the RNG states, the hooks' states and the results are
 checkpointed every ``checkpoint_every`` samples or ``checkpoint_seconds`` seconds, whichever comes first; re-running
 with the same ``out_dir`` resumes there and ends with the same metrics as an uninterrupted run.
+
+Each task's test batches (this rank's, from the resume position on) are loaded ahead through `ctta.loading` (its
+``workers`` / ``prefetch`` options; auto: no workers on one core): a file-backed dataset is decoded in worker
+processes while the model adapts on the previous batches; the batches, their order and every prediction are those of
+loading one batch at a time (on CUDA, ``device_decode`` may decode JPEGs with nvJPEG, as for evaluation). In-memory
+datasets are still loaded in process, one ``get_batch`` call per batch.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ctta import distributed
-from ctta.data import load_batch
+from ctta.data import iter_batches
+from ctta.loading import in_memory, loading_defaults
 from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, rng_state,
                                   seed_everything, set_rng_state)
 from ctta.loop.context import RunContext, call, no_bar, share_progress
@@ -98,6 +106,16 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
         adapter.close()
 
 
+def _prefetched(dataset: Any, batches: list[torch.Tensor], batch_size: int, device: torch.device
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(images, labels, indices)`` of ``batches`` in order, loaded ahead by `ctta.loading` (the process's loading
+    options); an in-memory dataset never gets workers (they would only copy its tensors between processes)."""
+    opts = loading_defaults()
+    if in_memory(dataset):
+        opts = replace(opts, workers=0)
+    return iter_batches(dataset, batch_size, batches=batches, device=device, loading=opts)
+
+
 def _stream(ctx: RunContext, hooks, par: Parallel, ckpt: Checkpoint, batch_size: int, reset_on_shift: bool,
             start_task: int, start_offset: int, every: int | None, seconds: float | None, round_batches: int,
             progress: bool | None) -> None:
@@ -126,27 +144,32 @@ def _stream(ctx: RunContext, hooks, par: Parallel, ckpt: Checkpoint, batch_size:
         ctx.task_position = first
         base = sum(lengths[:t])  # stream position of the task's first sample: seeds episodes on any rank
         starts = list(range(first, lengths[t], batch_size))
-        for mine in par.rounds(len(starts), round_batches):
-            outs = []
-            for b in mine:
-                idx = torch.arange(starts[b], min(starts[b] + batch_size, lengths[t]))
-                images, labels = load_batch(task.test, idx)
-                t0 = time.perf_counter()
-                logits = adapter(images, position=base + starts[b]).logits  # images only: labels stay here
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize(model.device)
-                outs.append((b, logits.cpu() if par.active else logits, labels, time.perf_counter() - t0))
-            for b, logits, labels, secs in par.gather(outs, "episode outputs"):
-                ctx.logits, ctx.labels, ctx.seconds = logits, labels + offset, secs
-                ctx.position += len(labels)
-                ctx.task_position += len(labels)
-                call(hooks, "on_batch_end", ctx)
-                bar.update(len(labels))
-            due = (every is not None and ctx.position - last_pos >= every) or (
-                seconds is not None and time.monotonic() - last_time >= seconds)
-            if ckpt.path is not None and par.main and due:
-                save(t, ctx.task_position)
-                last_pos, last_time = ctx.position, time.monotonic()
+        rounds = list(par.rounds(len(starts), round_batches))  # this rank's batches of each round, known up front
+        loaded = _prefetched(task.test, [torch.arange(starts[b], min(starts[b] + batch_size, lengths[t]))
+                                         for mine in rounds for b in mine], batch_size, model.device)
+        try:
+            for mine in rounds:
+                outs = []
+                for b in mine:
+                    images, labels, _ = next(loaded)
+                    t0 = time.perf_counter()
+                    logits = adapter(images, position=base + starts[b]).logits  # images only: labels stay here
+                    if model.device.type == "cuda":
+                        torch.cuda.synchronize(model.device)
+                    outs.append((b, logits.cpu() if par.active else logits, labels, time.perf_counter() - t0))
+                for b, logits, labels, secs in par.gather(outs, "episode outputs"):
+                    ctx.logits, ctx.labels, ctx.seconds = logits, labels + offset, secs
+                    ctx.position += len(labels)
+                    ctx.task_position += len(labels)
+                    call(hooks, "on_batch_end", ctx)
+                    bar.update(len(labels))
+                due = (every is not None and ctx.position - last_pos >= every) or (
+                    seconds is not None and time.monotonic() - last_time >= seconds)
+                if ckpt.path is not None and par.main and due:
+                    save(t, ctx.task_position)
+                    last_pos, last_time = ctx.position, time.monotonic()
+        finally:
+            loaded.close()  # a task left early (an error, a kill) stops its loader's workers now
         if task.boundary:  # the end of a revealed task is revealed too
             strategy.end_task(task, space)
         call(hooks, "on_task_end", ctx)
