@@ -14,6 +14,8 @@ Tasks whose label spaces are identical (domain-incremental streams) share one bl
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -101,6 +103,16 @@ class LabelSpace:
 
     def with_templates(self, templates: Sequence[str]) -> "LabelSpace":
         return LabelSpace(self.classnames, templates, self.name)
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable id of the classes and their templates, the same in every process (unlike ``hash``, which
+        Python salts per process): stateful strategies key their per-class state by it, and it travels in their
+        ``state_dict``."""
+        if not hasattr(self, "_fingerprint"):
+            blob = json.dumps([self.classnames, self.class_templates], ensure_ascii=True).encode()
+            self._fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.classnames)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from streams.images import ImageFiles, _check_draft
+from streams.images import ImageFiles, check_draft
 from streams.manifest import DatasetError
 
 # our dataset name -> (CoOp dataset_dir, image_dir, split file)
@@ -87,7 +87,7 @@ def coop_dataset(name: str, data_root: str | Path, image_size: int, *, draft: fl
                  ) -> tuple[list[str], dict[str, ImageFiles]]:
     """``(class names, {"train", "val", "test": ImageFiles})`` of one CoOp-format dataset. ``draft``: reduced-size
     JPEG decoding of every split (`streams.images`; None: full size)."""
-    _check_draft(draft)  # before any split file is read
+    check_draft(draft)  # before any split file is read
     if name not in COOP:
         raise ValueError(f"{name!r} has no CoOp split; CoOp datasets: {sorted(COOP)}")
     ddir, idir, split = COOP[name]

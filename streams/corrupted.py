@@ -22,7 +22,7 @@ import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream
 from streams.cifar import cifar100_space, cifar_root, read_cifar100
-from streams.images import TensorImages, image_folder
+from streams.images import TensorImages, check_draft, image_folder
 from streams.manifest import DatasetError, manifests
 from streams.imagenet import imagenet_wnids, variant_space
 
@@ -97,8 +97,11 @@ def cifar100_c_stream(data_root: str | Path = "data", *, corruptions: Sequence[s
 
 def imagenet_c_stream(root: str | Path, *, corruptions: Sequence[str] = HENDRYCKS_15, severity: int = 5,
                       setting: Literal["reset", "continual"] = "continual", image_size: int = 224,
-                      templates: str | Sequence[str] = "tpt", name: str | None = None) -> TaskStream:
-    """ImageNet-C from ``<root>/<corruption>/<severity>/<wnid>/``; 1000-way label space in sorted-wnid order."""
+                      templates: str | Sequence[str] = "tpt", name: str | None = None,
+                      draft: float | None = None) -> TaskStream:
+    """ImageNet-C from ``<root>/<corruption>/<severity>/<wnid>/``; 1000-way label space in sorted-wnid order.
+    ``draft``: reduced-size JPEG decoding (`streams.images.ImageFiles`; off by default)."""
+    check_draft(draft)  # before any folder is walked
     space: LabelSpace = variant_space("imagenet", templates)
     wnids = imagenet_wnids()
     tasks = []
@@ -107,6 +110,6 @@ def imagenet_c_stream(root: str | Path, *, corruptions: Sequence[str] = HENDRYCK
         if not folder.is_dir():
             raise DatasetError(f"ImageNet-C: missing {folder}. Download the corruption tars from "
                                "https://zenodo.org/records/2235448 and extract them under the root")
-        data, _ = image_folder(folder, image_size, classes=wnids)
+        data, _ = image_folder(folder, image_size, classes=wnids, draft=draft)
         tasks.append(Task(name=f"{c}-{severity}", space=space, test=data, boundary=setting == "reset"))
     return TaskStream(tasks, scope="own", name=name or f"imagenetc-{setting}-s{severity}")

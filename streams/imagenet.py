@@ -21,7 +21,7 @@ import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream, class_incremental
 from streams.cifar import resolve_order
-from streams.images import ImageFiles, _check_draft, image_folder
+from streams.images import ImageFiles, check_draft, image_folder
 from streams.manifest import DatasetError, Level, load_meta, manifests, read_lines, verify
 
 VARIANTS = ("imagenet", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch")
@@ -104,7 +104,7 @@ def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
     Class folders are wnids (``n`` + digits), which never contain "sh", so labels are unchanged. The release is
     verified (``verify_level``) before the filter. ``draft``: reduced-size JPEG decoding (`streams.images`; None, the
     default, decodes at full size)."""
-    _check_draft(draft)  # a bad value fails before the release is walked
+    check_draft(draft)  # a bad value fails before the release is walked
     idx, folders = variant_classes(variant)
     if verify_level != "none":
         verify(manifests()[variant], root, verify_level)
@@ -141,7 +141,7 @@ def tta_stream(variants: Sequence[str] = ("imagenet_a",), *, data_root: str | Pa
         raise ValueError(f"setting must be 'reset' or 'continual', got {setting!r}")
     if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int):
         raise ValueError(f"shuffle_seed must be an int, got {shuffle_seed!r}")
-    _check_draft(draft)
+    check_draft(draft)
     tasks = []
     for v in variants:
         root = Path((roots or {}).get(v) or Path(data_root) / FOLDERS[v])
@@ -188,7 +188,7 @@ def imagenet100_cil(train_split: str | Path, val_split: str | Path, *, data_root
     seed-1993 permutation (68, 56, 78, 8, ...), identical to RAPF's and MoE-Adapters' ``imagenet100.yaml``.
     ``draft``: reduced-size JPEG decoding of train and test images (`streams.images`; None: full size).
     """
-    _check_draft(draft)
+    check_draft(draft)
     root = Path(data_root) / "imagenet"
     train, wnid_tr = read_split_file(train_split, root / "train")
     test, wnid_te = read_split_file(val_split, root / "val")

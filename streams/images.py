@@ -60,7 +60,7 @@ def load_image(path: str | Path, draft_to: int | None = None) -> Tensor:
             raise DatasetError(f"{path}: {e}") from None
 
 
-def _check_draft(draft: float | None) -> float | None:
+def check_draft(draft: float | None) -> float | None:
     if draft is not None and (isinstance(draft, bool) or not isinstance(draft, (int, float)) or draft < 1):
         raise ValueError(f"draft must be None (full-size decoding) or a number >= 1 (the reduction gap), got {draft!r}")
     return None if draft is None else float(draft)
@@ -81,7 +81,7 @@ class ImageFiles:
         self.paths = [str(p) for p, _ in samples]
         self.targets = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
         self.image_size = int(image_size)
-        self.draft = _check_draft(draft)
+        self.draft = check_draft(draft)
 
     def __len__(self) -> int:
         return len(self.paths)

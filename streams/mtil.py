@@ -29,7 +29,7 @@ import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream
 from streams.cifar import cifar100_classnames, read_cifar100
-from streams.images import ImageFiles, IndexSubset, TensorImages, WrappedImages, _check_draft
+from streams.images import ImageFiles, IndexSubset, TensorImages, WrappedImages, check_draft
 from streams.manifest import DatasetError, load_meta
 
 SPLIT_SEED = 42  # ZSCL ClassificationDataset.split_dataset
@@ -189,7 +189,7 @@ def mtil_stream(data_root: str | Path = "data", *, order: str | Sequence[str] = 
                 ) -> TaskStream:
     """MTIL: 11 datasets (Order ``"I"``, ``"II"`` or a list), each evaluated in its own label space. ``shots=5``
     gives the few-shot MTIL of MoE-Adapters / DIKI / CoDyRA. ``draft``: see the module docstring."""
-    _check_draft(draft)  # before any dataset is opened
+    check_draft(draft)  # before any dataset is opened
     ds = _order(order, load_meta("mtil")["orders"])
     tasks = _tasks(ds, data_root, image_size, shots, seed, first_template=False, draft=draft)
     return TaskStream(tasks, scope="own", name=name or f"mtil-{order if isinstance(order, str) else 'custom'}"
@@ -206,7 +206,7 @@ def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, imag
     MNIST from torchvision (CoOp has none); ``"torchvision"``: the MTIL readers and ZSCL's names. ``draft``:
     reduced-size JPEG decoding (see the module docstring).
     """
-    _check_draft(draft)
+    check_draft(draft)
     ds = _order(order, {"xtail": load_meta("mtil")["xtail_order"]})
     if splits == "torchvision":
         return TaskStream(distinct_names(_tasks(ds, data_root, image_size, shots, seed, first_template, draft)),

@@ -128,3 +128,29 @@ def wrap_check(make, space: LabelSpace) -> None:
         for adapter in (a, b):
             if hasattr(adapter, "close"):
                 adapter.close()
+
+
+def label_space_check(make) -> None:
+    """The label-space rule every cache strategy shares (`ctta.strategies._cache.ensure_space`), on the stub with
+    head ``eye(3)``: state built on space A (2 classes) is keyed by A's fingerprint; predicting on another space
+    (of another size, or of the same size with other names) answers exactly as a fresh strategy does and leaves
+    the held state untouched; adapting there raises; the key survives a state round trip."""
+    import pytest
+    a, same_size, bigger = LabelSpace(["a", "b"]), LabelSpace(["c", "d"]), LabelSpace(["a", "b", "c"])
+    x = images_for([[1.0, 0.2, 0.0], [0.1, 1.0, 0.0]])
+    s = make()
+    s.adapt(x, a)
+    s.adapt(images_for([[0.9, 0.0, 0.3]]), a)
+    for other in (same_size, bigger):
+        with no_change(s):
+            got = s.predict(x, other)
+        assert torch.equal(got, make().predict(x, other)), other
+        with pytest.raises(ValueError, match="2-class label space.*reset"), no_change(s):
+            s.adapt(x, other)
+    held = s.predict(x, a)
+    assert not torch.equal(held, make().predict(x, a))  # the state does change the prediction on A
+    t = make()
+    t.load_state_dict(s.state_dict())
+    assert torch.equal(t.predict(x, a), held)
+    with pytest.raises(ValueError, match="reset"):
+        t.adapt(x, same_size)

@@ -12,7 +12,7 @@ from ctta.strategies import BoostAdapter
 from ctta.strategies._cache import ClassCache
 from ctta.strategies._dual_cache import DualCache
 from ctta.strategies.boost_adapter import boosted_items, boosting_samples
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
+from tests._tta_stub import StubClip, images_for, label_space_check, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])
 SPACE6 = LabelSpace([f"class {i}" for i in range(6)])
@@ -113,3 +113,11 @@ def test_label_space_and_arguments():
 
 def test_through_wrap_with_every_reset_policy():
     wrap_check(lambda: BoostAdapter(n_views=11), SPACE6)
+
+
+def test_label_spaces():
+    def make() -> BoostAdapter:
+        s = BoostAdapter(n_views=3, query="view0", delta=0)
+        s.setup(StubClip(torch.eye(3)))
+        return s
+    label_space_check(make)

@@ -12,7 +12,7 @@ from ctta import LabelSpace
 from ctta.strategies import DMN
 from ctta.strategies._cache import ClassCache
 from ctta.strategies.dmn import ORACLE_GRID, oracle_mix_weight
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
+from tests._tta_stub import StubClip, images_for, label_space_check, no_change, round_trip_check, wrap_check
 
 SPACE2 = LabelSpace(["a", "b"])
 SPACE3 = LabelSpace(["a", "b", "c"])
@@ -113,10 +113,7 @@ def test_predict_is_pure_and_draws_no_views(tiny_clip):
 def test_state_round_trip_and_label_space(tiny_clip):
     x = torch.rand(7, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     round_trip_check(lambda: DMN(n_views=7, memory_size=2), tiny_clip, SPACE6, x[:3], x[3:])
-    s = _dmn(torch.eye(3), n_views=0)
-    s.adapt(images_for([[1.0, 0.0, 0.0]]), SPACE2)
-    with pytest.raises(ValueError, match="2-class label space"):
-        s.adapt(images_for([[1.0, 0.0, 0.0]]), SPACE3)
+    label_space_check(lambda: _dmn(torch.eye(3), n_views=0))
     for kw in ({"memory_size": 0}, {"selection_p": 0.0}, {"mix_weight": -1.0}):
         with pytest.raises(ValueError):
             DMN(**kw)

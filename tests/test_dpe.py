@@ -14,7 +14,7 @@ from ctta.losses import info_nce
 from ctta.strategies import DPE
 from ctta.strategies._cache import ClassCache
 from ctta.strategies.dpe import class_prototypes
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
+from tests._tta_stub import StubClip, images_for, label_space_check, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])
 SPACE6 = LabelSpace([f"class {i}" for i in range(6)])
@@ -136,10 +136,7 @@ def test_state_round_trip_mid_stream(tiny_clip):
 
 
 def test_label_space_and_arguments():
-    s = _dpe()
-    s.adapt(images_for([[1.0, 0.0, 0.0]]), LabelSpace(["a", "b"]))
-    with pytest.raises(ValueError, match="2-class label space"):
-        s.adapt(images_for([[1.0, 0.0, 0.0]]), SPACE3)
+    label_space_check(_dpe)
     for kw in ({"final_query": "mean"}, {"shot_capacity": 0}, {"lr_text": -1.0}, {"entropy_norm": "x"}):
         with pytest.raises(ValueError):
             DPE(**kw)

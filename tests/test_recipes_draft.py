@@ -87,6 +87,19 @@ def test_tta_stream_passes_draft_to_every_variant_dataset(tmp_path):
     _check_pixels(IN.tta_stream(["imagenet_a"], shuffle=True, sh_filter=True, **kw).tasks[0].test, shuffled, big)
 
 
+def test_imagenet_c_passes_draft(tmp_path):
+    from streams.corrupted import imagenet_c_stream
+    wn = IN.imagenet_wnids()
+    for w in wn:  # ImageNet-C keeps all 1,000 class folders
+        (tmp_path / "fog" / "3" / w).mkdir(parents=True)
+    _jpeg(tmp_path / "fog" / "3" / wn[1] / "big.JPEG", 96, 64, 0)
+    big = {str(tmp_path / "fog" / "3" / wn[1] / "big.JPEG")}
+    plain = imagenet_c_stream(tmp_path, corruptions=["fog"], severity=3, image_size=SIZE).tasks[0].test
+    drafted = imagenet_c_stream(tmp_path, corruptions=["fog"], severity=3, image_size=SIZE, draft=2).tasks[0].test
+    assert _draft_of(plain) is None and _draft_of(drafted) == 2.0
+    _check_pixels(plain, drafted, big)
+
+
 def test_imagenet100_passes_draft_to_train_and_test(tmp_path):
     wn = IN.imagenet_wnids()
     lines = {"train": [], "val": []}
@@ -162,6 +175,7 @@ def test_xtail_coop_splits_pass_draft(tmp_path):
 @pytest.mark.parametrize("bad", [0.5, 0, -2, "2", True])
 def test_bad_draft_fails_plainly_before_any_folder(bad, tmp_path):
     from streams.coop import coop_dataset
+    from streams.corrupted import imagenet_c_stream
     missing = tmp_path / "nowhere"  # a bad value is reported before the (absent) data is looked for
     msg = "draft must be None .* or a number >= 1"
     calls = [lambda: IN.tta_stream(["imagenet_a"], data_root=missing, draft=bad),
@@ -169,7 +183,8 @@ def test_bad_draft_fails_plainly_before_any_folder(bad, tmp_path):
              lambda: IN.imagenet100_cil(missing / "a.txt", missing / "b.txt", data_root=missing, draft=bad),
              lambda: mtil.mtil_stream(missing, order=["eurosat"], draft=bad),
              lambda: mtil.xtail_stream(missing, order=["eurosat"], draft=bad),
-             lambda: coop_dataset("eurosat", missing, 8, draft=bad)]
+             lambda: coop_dataset("eurosat", missing, 8, draft=bad),
+             lambda: imagenet_c_stream(missing, corruptions=["fog"], draft=bad)]
     for call in calls:
         with pytest.raises(ValueError, match=msg):
             call()

@@ -86,3 +86,12 @@ def test_class_incremental_b0_and_bx():
 def test_class_order_is_seeded():
     assert class_order(10, 1) == class_order(10, 1) != class_order(10, 2)
     assert class_order(5, None) == [0, 1, 2, 3, 4]
+
+
+def test_label_space_fingerprint_is_stable_and_distinguishes_spaces():
+    ab = LabelSpace(["a", "b"], ["a photo of a {}."])
+    # pinned: strategies save it in their state, so it must not change across processes or versions
+    assert ab.fingerprint == "560a6cf6c9526e21"
+    assert LabelSpace(["a", "b"], ["a photo of a {}."], name="other").fingerprint == ab.fingerprint  # name: a label
+    assert len({ab.fingerprint, LabelSpace(["b", "a"], ["a photo of a {}."]).fingerprint,
+                LabelSpace(["a", "b"], ["a {} shape"]).fingerprint, LabelSpace(["a", "c"]).fingerprint}) == 4

@@ -11,7 +11,7 @@ from ctta import LabelSpace
 from ctta.strategies import TDA
 from ctta.strategies._cache import ClassCache, affinity_logits, confident_query, normalized_entropy
 from ctta.strategies._dual_cache import DualCache
-from tests._tta_stub import StubClip, images_for, no_change, round_trip_check, wrap_check
+from tests._tta_stub import StubClip, images_for, label_space_check, no_change, round_trip_check, wrap_check
 
 SPACE3 = LabelSpace(["a", "b", "c"])
 SPACE6 = LabelSpace([f"class {i}" for i in range(6)])
@@ -162,19 +162,11 @@ def test_state_round_trip_mid_stream(tiny_clip):
     round_trip_check(lambda: TDA(n_views=0, augmix=False), tiny_clip, SPACE6, x[:3], x[3:])
 
 
-def test_label_space_of_another_size():
+def test_label_spaces():
+    label_space_check(lambda: _stub_tda()[0])
     s, _ = _stub_tda()
-    two = LabelSpace(["a", "b"])
-    s.predict(images_for([[1.0, 0.0, 0.0]]), two)  # empty cache: any size, nothing stored
-    assert s.cache is None
-    s.adapt(images_for([[1.0, 0.0, 0.0]]), two)
-    with pytest.raises(ValueError, match="2-class label space"):
-        s.adapt(images_for([[1.0, 0.0, 0.0]]), SPACE3)
-    with pytest.raises(ValueError, match="reset"):
-        s.predict(images_for([[1.0, 0.0, 0.0]]), SPACE3)
-    empty, _ = _stub_tda()
-    empty.load_state_dict(s.state_dict())
-    assert empty.cache.pos.count.tolist() == [1, 0]
+    s.predict(images_for([[1.0, 0.0, 0.0]]), LabelSpace(["a", "b"]))  # predicting builds nothing
+    assert s.cache is None and s.space is None
 
 
 def test_bad_arguments():

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ctta.losses import entropy, marginal_entropy, select_confident
+from ctta.stream import LabelSpace
 from ctta.views import tpt_views
 
 Policy = Literal["entropy", "fifo"]
@@ -99,16 +100,24 @@ def fork_generator(generator: torch.Generator) -> torch.Generator:
     return torch.Generator(generator.device).set_state(generator.get_state())
 
 
-def ensure_space(n_cached: int, is_empty: bool, space_size: int, who: str) -> bool:
-    """Whether the state must be (re)built for a label space of ``space_size`` classes: yes when nothing was built
-    yet or the state is still empty (then any size is fine); a non-empty state built for another size raises."""
-    if n_cached == space_size:
-        return False
-    if n_cached == 0 or is_empty:
+def ensure_space(held: str | None, n_held: int, is_empty: bool, space: LabelSpace, who: str, adapt: bool) -> bool:
+    """Whether a strategy whose per-class state was built for the label space with fingerprint ``held`` (``n_held``
+    classes; ``is_empty``: nothing adapted yet) must use fresh state for ``space``:
+    - the state still empty (or none built): fresh (any space; the caller keeps it once it adapts);
+    - the same space (by `LabelSpace.fingerprint`, so two spaces of one size are never confused): the held state;
+    - another space: adapting raises, since the state is indexed by class and cannot carry over (reset first);
+      predicting uses fresh state that is not kept: the strategy has learned nothing about that space, so it
+      predicts as from an empty state (what a retention check on control label spaces measures), and the held
+      state is untouched. (A non-empty state without a fingerprint, saved before there were any, matches no space.)"""
+    if is_empty:
         return True
-    raise ValueError(f"{who} holds state for a {n_cached}-class label space and was called with {space_size} "
-                     f"classes: its cache is keyed by class index, so it cannot be reused; reset the strategy "
-                     f"(OnlineAdapter.reset) before switching label spaces")
+    if held == space.fingerprint:
+        return False
+    if not adapt:
+        return True
+    raise ValueError(f"{who} holds state for a {n_held}-class label space and was asked to adapt on another "
+                     f"({len(space)} classes, {space.name or 'unnamed'}): its state is keyed by class index, so it "
+                     f"cannot be reused; reset the strategy (OnlineAdapter.reset) before switching label spaces")
 
 
 class ClassCache:

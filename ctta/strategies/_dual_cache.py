@@ -94,13 +94,15 @@ class DualCache:
         return out
 
 
-def dual_cache_for(current: DualCache | None, head: Tensor, cfg: DualCacheConfig, who: str) -> DualCache:
-    """The `DualCache` to use for a label space whose class head is ``head [C, D]``: ``current`` if it was built for
-    C classes, else a new empty one (allowed only while ``current`` is None or empty; see `ensure_space`)."""
+def dual_cache_for(s: Any, head: Tensor, space: LabelSpace, adapt: bool) -> DualCache:
+    """The `DualCache` of strategy ``s`` to use for ``space`` (class head ``head [C, D]``): the held one if it was
+    built for that space, else a new empty one (see `ensure_space`: adapting on another space raises once the held
+    cache is non-empty)."""
+    current = s.cache
     n = current.n_classes if current is not None else 0
-    if not ensure_space(n, current is None or len(current) == 0, head.shape[0], who):
+    if not ensure_space(s.space, n, current is None or len(current) == 0, space, type(s).__name__, adapt):
         return current
-    return DualCache(head.shape[0], head.shape[1], cfg, head.device)
+    return DualCache(head.shape[0], head.shape[1], s.cfg, head.device)
 
 
 def run_dual_cache(s: Any, images: Tensor, space: LabelSpace, adapt: bool,
@@ -109,12 +111,12 @@ def run_dual_cache(s: Any, images: Tensor, space: LabelSpace, adapt: bool,
     order. ``s`` is the strategy (``cache``, ``cfg``, ``generator``, ``n_views``, ``augmix``, ``view_batch``);
     ``adapt`` False draws views from a copy of the generator and keeps nothing (``predict``)."""
     head = s._model().text_head(space)  # frozen text tower: encoded once per label space, then cached by the Clip
-    cache = dual_cache_for(s.cache, head, s.cfg, type(s).__name__)
+    cache = dual_cache_for(s, head, space, adapt)
     gen = s.generator if adapt else fork_generator(s.generator)
     feats = encode_views(s, images, s.n_views, augmix=s.augmix, generator=gen, view_batch=s.view_batch)
     ok = finite_samples(feats)
     if adapt and bool(ok.any()):
-        s.cache = cache  # built for this label space on first use (still empty: rebuilt for a new one)
+        s.cache, s.space = cache, space.fingerprint  # built for this space on first use (while empty: rebuilt)
     out = []
     for b in range(feats.shape[0]):
         if adapt and not ok[b]:
@@ -125,10 +127,12 @@ def run_dual_cache(s: Any, images: Tensor, space: LabelSpace, adapt: bool,
 
 def dual_cache_state(s: Any) -> dict[str, Any]:
     """The caches and the view generator of a TDA-style strategy, for its ``state_dict``."""
-    return {"generator": s.generator.get_state(), "cache": s.cache.state_dict() if s.cache is not None else None}
+    return {"generator": s.generator.get_state(), "cache": s.cache.state_dict() if s.cache is not None else None,
+            "space": s.space}
 
 
 def load_dual_cache_state(s: Any, state: dict[str, Any]) -> None:
     dev = s.model.device if s.model is not None else None
-    s.cache = DualCache.from_state(state["cache"], s.cfg, dev) if state["cache"] is not None else None
+    cache = DualCache.from_state(state["cache"], s.cfg, dev) if state["cache"] is not None else None
     s.generator.set_state(state["generator"].clone())
+    s.cache, s.space = cache, state.get("space")

@@ -26,8 +26,9 @@ Defaults are the ImageNet-A row (α 2, β 5, δ 3); the per-dataset values (δ: 
 ``int(1·0.1) = 0`` boosting samples (the authors never ran it). Logits are 100·cos (``logit_scale=100.0``; ``None`` =
 the model's learned scale). The ImageNet-A ``"sh"`` filter of the official loader belongs to the stream, not here.
 
-Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
-another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+Label spaces: the state is built for the first label space adapted on and keyed by its fingerprint
+(`LabelSpace.fingerprint`); adapting on another space raises ValueError once the state is non-empty (reset first),
+and predicting on another space answers from empty state without touching the held one (see `ensure_space`).
 
 Deliberate deviations:
 - fp32 features, logits and cache values (official: fp16 model, fp16 cache values);
@@ -116,11 +117,12 @@ class BoostAdapter(Strategy):
         self.selection_p, self.boost_p = selection_p, boost_p
         self.logit_scale, self.view_batch, self.seed = logit_scale, view_batch, seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.cache: DualCache | None = None
+        self.cache: DualCache | None = None  # built for the first label space adapted on
+        self.space: str | None = None  # that space's fingerprint (LabelSpace.fingerprint)
 
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        self.cache = None
+        self.cache, self.space = None, None
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)

@@ -20,8 +20,9 @@ Per sample, with ``logits = 100·cos`` (the official ``logit_scale.exp()``):
 4. ``P = softmax(100·f_0·T) + β₂·P_mem``; the prediction is ``argmax P``. Returned as logits
    ``log(P / (1 + β₂))``: their softmax is the normalised mixture, their argmax the official prediction.
 
-Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
-another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+Label spaces: the state is built for the first label space adapted on and keyed by its fingerprint
+(`LabelSpace.fingerprint`); adapting on another space raises ValueError once the state is non-empty (reset first),
+and predicting on another space answers from empty state without touching the held one (see `ensure_space`).
 
 The trap: the official β₂ is grid-searched **after the run on the test labels** over ``ORACLE_GRID`` (the reported
 "Searched Acc"; the author confirms it in YBZh/DMN issue #2). Here β₂ is the fixed ``mix_weight`` (default 1.0, the
@@ -89,11 +90,12 @@ class DMN(Strategy):
         self.crop_scale, self.logit_scale, self.view_batch, self.seed = tuple(crop_scale), logit_scale, view_batch, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.memory: ClassCache | None = None
+        self.space: str | None = None  # fingerprint of the label space the memory was built for
         self.last_components: tuple[Tensor, Tensor] | None = None  # (P_text, P_mem) of the last adapt: diagnostics
 
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        self.memory = None
+        self.memory, self.space = None, None
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
@@ -119,14 +121,16 @@ class DMN(Strategy):
         agg = (w_text[:, None] * text).index_add(0, classes, w_mem[:, None] * keys)
         return class_logits(self._model(), f0[None], F.normalize(agg, dim=-1), self.logit_scale)[0].softmax(-1)
 
-    def _memory_for(self, head: Tensor, keep: bool) -> ClassCache:
+    def _memory_for(self, head: Tensor, space: LabelSpace, adapt: bool, keep: bool) -> ClassCache:
+        """The memory for ``space``: the held one if built for it, else a new empty one, stored when ``keep``
+        (adapting on another space raises once the held memory is non-empty; `ensure_space`)."""
         mem = self.memory
         n = mem.n_classes if mem is not None else 0
-        if not ensure_space(n, mem is None or len(mem) == 0, head.shape[0], type(self).__name__):
+        if not ensure_space(self.space, n, mem is None or len(mem) == 0, space, type(self).__name__, adapt):
             return mem
         new = ClassCache(head.shape[0], self.memory_size, head.shape[1], device=head.device)
         if keep:
-            self.memory = new
+            self.memory, self.space = new, space.fingerprint
         return new
 
     def _run(self, images: Tensor, space: LabelSpace, adapt: bool) -> Tensor:
@@ -136,7 +140,7 @@ class DMN(Strategy):
         feats = encode_views(self, images, n_views, augmix=self.augmix, generator=self.generator,
                              scale=self.crop_scale, view_batch=self.view_batch)
         ok = finite_samples(feats)
-        memory = self._memory_for(head, keep=adapt and bool(ok.any()))
+        memory = self._memory_for(head, space, adapt, keep=adapt and bool(ok.any()))
         p_text, p_mem = [], []
         for f, fine in zip(feats, ok.tolist()):
             logits = class_logits(m, f, head, self.logit_scale)
@@ -167,13 +171,14 @@ class DMN(Strategy):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(generator=self.generator.get_state(),
-                     memory=self.memory.state_dict() if self.memory is not None else None)
+                     memory=self.memory.state_dict() if self.memory is not None else None, space=self.space)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         dev = self.model.device if self.model is not None else None
-        self.memory = ClassCache.from_state(state["memory"], device=dev) if state["memory"] is not None else None
-        if self.memory is not None and self.memory.capacity != self.memory_size:
-            raise ValueError(f"memory state has {self.memory.capacity} slots per class, this DMN {self.memory_size}")
+        memory = ClassCache.from_state(state["memory"], device=dev) if state["memory"] is not None else None
+        if memory is not None and memory.capacity != self.memory_size:  # checked before anything changes
+            raise ValueError(f"memory state has {memory.capacity} slots per class, this DMN {self.memory_size}")
+        super().load_state_dict(state)
         self.generator.set_state(state["generator"].clone())
+        self.memory, self.space = memory, state.get("space")

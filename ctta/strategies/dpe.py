@@ -28,8 +28,9 @@ Defaults are the ImageNet row (α 6, β 5, lr 6e-4, λ 0.5); other datasets in `
 ``entropy_norm`` switches TDA's log2 quirk (the 0.1 threshold is tuned to it); ``logit_scale=None`` uses the model's
 learned scale. The ImageNet-A ``"sh"`` file filter of the official loader belongs to the stream, not here.
 
-Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
-another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+Label spaces: the state is built for the first label space adapted on and keyed by its fingerprint
+(`LabelSpace.fingerprint`); adapting on another space raises ValueError once the state is non-empty (reset first),
+and predicting on another space answers from empty state without touching the held one (see `ensure_space`).
 
 Deliberate deviations:
 - fp32 residuals and logits (official: fp16 residual parameters under ``torch.cuda.amp.autocast``);
@@ -97,22 +98,24 @@ class DPE(Strategy):
         self.text: Tensor | None = None   # t̄ [C, D], the evolving textual prototypes
         self.n_avg = 0                    # members of the running mean besides the initial text head
         self.cache: ClassCache | None = None
+        self.space: str | None = None  # fingerprint of the label space the state was built for
 
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        self.text, self.n_avg, self.cache = None, 0, None
+        self.text, self.n_avg, self.cache, self.space = None, 0, None, None
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
         self.generator.manual_seed(seed)
 
     # ----------------------------------------------------------------------------------------- the method
-    def _state_for(self, head: Tensor) -> tuple[Tensor, ClassCache, bool]:
-        """``(t̄, cache, fresh)`` for a label space with class head ``head``; fresh state (the text head and an empty
-        cache) while nothing has been adapted, else the stored one (a non-empty state of another size raises)."""
+    def _state_for(self, head: Tensor, space: LabelSpace, adapt: bool) -> tuple[Tensor, ClassCache, bool]:
+        """``(t̄, cache, fresh)`` for ``space`` with class head ``head``: fresh state (the text head and an empty
+        cache) while nothing has been adapted or when predicting on another space, else the held one (adapting on
+        another space raises; `ensure_space`)."""
         n = self.text.shape[0] if self.text is not None else 0
         empty = self.text is None or (self.n_avg == 0 and len(self.cache) == 0)
-        if ensure_space(n, empty, head.shape[0], type(self).__name__):
+        if ensure_space(self.space, n, empty, space, type(self).__name__, adapt):
             return head.clone(), ClassCache(head.shape[0], self.shot_capacity, head.shape[1], device=head.device), True
         return self.text, self.cache, False
 
@@ -171,12 +174,12 @@ class DPE(Strategy):
     def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:
         """Cache, residual step, prediction and textual evolution for each image in stream order. ``[B, C]``."""
         head = self._model().text_head(space)  # frozen text tower: cached by the Clip
-        text, cache, fresh = self._state_for(head)
+        text, cache, fresh = self._state_for(head, space, adapt=True)
         feats = encode_views(self, images, self.n_views, augmix=self.augmix, generator=self.generator,
                              view_batch=self.view_batch)
         ok = finite_samples(feats)
         if fresh and bool(ok.any()):
-            self.text, self.cache, self.n_avg = text, cache, 0
+            self.text, self.cache, self.n_avg, self.space = text, cache, 0, space.fingerprint
         out = []
         for f, fine in zip(feats, ok.tolist()):
             if not fine:  # non-finite features: no cache entry, no step, no evolution
@@ -192,7 +195,7 @@ class DPE(Strategy):
     @torch.no_grad()
     def predict(self, images: Tensor, space: LabelSpace) -> Tensor:
         """The current prototypes' prediction (no residual step, no cache insertion, no evolution)."""
-        text, cache, _ = self._state_for(self._model().text_head(space))
+        text, cache, _ = self._state_for(self._model().text_head(space), space, adapt=False)
         n = self.n_views if self.final_query == "confident" else 0
         feats = encode_views(self, images, n, augmix=self.augmix, generator=fork_generator(self.generator),
                              view_batch=self.view_batch)
@@ -204,13 +207,13 @@ class DPE(Strategy):
         state = super().state_dict()
         state.update(generator=self.generator.get_state(), n_avg=self.n_avg,
                      text=self.text.clone() if self.text is not None else None,
-                     cache=self.cache.state_dict() if self.cache is not None else None)
+                     cache=self.cache.state_dict() if self.cache is not None else None, space=self.space)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         dev = self.model.device if self.model is not None else None
-        self.n_avg = int(state["n_avg"])
-        self.text = state["text"].clone().to(dev) if state["text"] is not None else None
-        self.cache = ClassCache.from_state(state["cache"], device=dev) if state["cache"] is not None else None
+        text = state["text"].clone().to(dev) if state["text"] is not None else None
+        cache = ClassCache.from_state(state["cache"], device=dev) if state["cache"] is not None else None
         self.generator.set_state(state["generator"].clone())
+        self.n_avg, self.text, self.cache, self.space = int(state["n_avg"]), text, cache, state.get("space")

@@ -23,8 +23,9 @@ values are in ``configs/experiment/tda_*.yaml`` (ImageNet and the cross-domain s
 ``n_views=0``). The state (`state_dict`) is both caches as fixed-capacity tensors plus the view generator; resets
 belong to `ctta.OnlineAdapter`.
 
-Label spaces: the state is built for the first label space adapted on (keyed by class index); a space of
-another size re-initialises it while it is still empty and otherwise raises ValueError (reset first).
+Label spaces: the state is built for the first label space adapted on and keyed by its fingerprint
+(`LabelSpace.fingerprint`); adapting on another space raises ValueError once the state is non-empty (reset first),
+and predicting on another space answers from empty state without touching the held one (see `ensure_space`).
 
 Switches for the documented traps (design note ``tta_methods.md`` §0–1):
 - ``entropy_norm="log2"`` (official ``get_entropy``: nats divided by log2 C; the 0.2/0.5 band is tuned to it) or
@@ -88,11 +89,12 @@ class TDA(Strategy):
         self.n_views, self.augmix, self.selection_p = n_views, augmix, selection_p
         self.logit_scale, self.view_batch, self.seed = logit_scale, view_batch, seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.cache: DualCache | None = None  # built for the first label space seen (its size is in the state)
+        self.cache: DualCache | None = None  # built for the first label space adapted on
+        self.space: str | None = None  # that space's fingerprint (LabelSpace.fingerprint)
 
     def setup(self, model: Clip) -> None:
         super().setup(model)  # frozen CLIP: nothing but the caches adapts
-        self.cache = None
+        self.cache, self.space = None, None
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
