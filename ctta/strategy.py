@@ -136,6 +136,13 @@ class Strategy:
         self.steps = int(state.get("steps", 0))
 
     # ----------------------------------------------------------------------------------------- helpers
+    @property
+    def min_batch(self) -> int:
+        """The fewest images one ``adapt`` or ``predict`` call accepts (default 1: every sample is scored on its
+        own). A strategy whose forward normalises with its batch's own statistics (TENT on a BatchNorm tower) needs
+        more; a server that cannot gather that many pads the call instead (`ctta.serve.service`)."""
+        return 1
+
     def task_steps(self, task: Task) -> int:
         """How many times the runner will call ``learn`` for ``task`` (at least 1, for schedules)."""
         n = len(task.train) if task.train is not None else 0

@@ -47,6 +47,8 @@ class Metrics:
         self.paused = Gauge("ctta_paused", "1 while adaptation is paused (POST /pause)", registry=r)
         self.position = Gauge("ctta_adapted_samples", "samples the adapter has adapted on (its stream position; "
                               "resumed from the state file)", registry=r)
+        self.padded = Counter("ctta_padded_calls", "model calls smaller than the strategy's min_batch, padded "
+                              "with earlier answered images and run without adaptation", registry=r)
         self.snapshots = Counter("ctta_snapshots", "adapted-state files written", registry=r)
         self._window: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=window)
 

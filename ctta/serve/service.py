@@ -6,6 +6,19 @@ content-hashed, checked against this adapter and rolled back on failure); this m
 (resume when the file exists), on ``POST /snapshot``, every ``snapshot_every_s`` when the state moved, and after
 the last request at shutdown. Pause is an operator's switch, not part of the adapted state: a restarted server adapts
 again until it is paused again.
+
+**Padded calls (a deliberate serving deviation).** A strategy may need several images per model call
+(`ctta.Strategy.min_batch`): TENT on a BatchNorm image tower normalises every forward with its own batch's
+statistics, as the reference does, and the reference never sees a batch of 1. When a model call would hold fewer
+images than that (a lone request with nobody to batch with), the call is padded with the most recent images this
+server has already answered (a ring buffer of the last ``min_batch`` preprocessed inputs, on the model's device),
+run **without adaptation** (`OnlineAdapter.predict`: the padding is context for the batch statistics only, never
+a loss term), and only the request's own rows are answered (``adapted: false``, ``batch.padding``: how many
+images were added). So a lone answer depends on the images served just before it, as an answer in a micro-batch
+depends on its neighbours; the padding images come from earlier clients. Counted in ``ctta_padded_calls_total``.
+Before anything has been answered (a fresh start: the ring buffer is not saved with the state) such a call is
+refused with a 422 ``batch_too_small`` that says how many images to send. Calls of ``min_batch`` images or more,
+alone or gathered from concurrent requests, are not touched.
 """
 from __future__ import annotations
 
@@ -13,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +75,12 @@ class Service:
         self._batches = 0
         self._periodic: asyncio.Task | None = None
         self.metrics.position.set(adapter.samples)
+        self._recent: Tensor | None = None  # the last min_batch images answered (padding for too-small calls)
+        self.padded_calls = 0
+        if adapter.strategy.min_batch > 1:
+            log.info("ctta serve: %s needs %d images per model call; a smaller call is padded with the last "
+                     "images answered and not adapted on", type(adapter.strategy).__name__,
+                     adapter.strategy.min_batch)
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -108,12 +127,23 @@ class Service:
         adapt, classes = jobs[0].key
         x = torch.cat([j.payload.images for j in jobs]) if len(jobs) > 1 else jobs[0].payload.images
         resets, skipped, position = a.resets, a.skipped_steps, a.samples
+        pad = self._padding(len(x))  # None unless the call is smaller than the strategy's min_batch
         t = time.perf_counter()
-        out = a(x, classes) if adapt else a.predict(x, classes)
+        if pad is None:
+            out = a(x, classes) if adapt else a.predict(x, classes)
+        else:  # context for the batch statistics only: predict (no adaptation step), then keep the real rows
+            out = a.predict(torch.cat([x, pad]), classes)
+            n = len(x)
+            out = replace(out, logits=out.logits[:n], probs=out.probs[:n], index=out.index[:n],
+                          classnames=out.classnames[:n], entropy=out.entropy[:n])
         seconds = time.perf_counter() - t
+        self._remember(x)
         m = self.metrics
         m.call_seconds.labels("true" if out.adapted else "false").observe(seconds)
-        m.batch_images.observe(len(x))
+        m.batch_images.observe(len(x) + (0 if pad is None else len(pad)))
+        if pad is not None:
+            self.padded_calls += 1
+            m.padded.inc()
         m.samples.labels("true" if out.adapted else "false").inc(len(x))
         m.resets.inc(max(0, a.resets - resets))
         m.skipped.inc(max(0, a.skipped_steps - skipped))
@@ -134,9 +164,35 @@ class Service:
                      for i in range(job.n)]
             results.append({"predictions": preds, "adapted": out.adapted, "skipped_updates": out.skipped,
                             "reset": out.reset, "position": position + row if out.adapted else None,
-                            "seq": job.seq, "batch": {"id": self._batches, "images": len(x), "requests": len(jobs)}})
+                            "seq": job.seq, "batch": {"id": self._batches, "images": len(x), "requests": len(jobs),
+                                                          "padding": 0 if pad is None else len(pad)}})
             row += job.n
         return results
+
+    def _padding(self, n: int) -> Tensor | None:
+        """The images that bring a call of ``n`` up to the strategy's ``min_batch``: the most recent answered ones
+        (None when the call is large enough). 422 when fewer have been answered so far."""
+        need = self.adapter.strategy.min_batch - n
+        if need <= 0:
+            return None
+        have = 0 if self._recent is None else len(self._recent)
+        if have < need:
+            strategy = self.adapter.strategy
+            k, what = strategy.min_batch, type(strategy).__name__
+            if getattr(strategy, "batch_norms", None):
+                what += " on a BatchNorm image tower"
+            raise ServeError(422, "batch_too_small", f"this strategy ({what}) needs at least {k} images per model "
+                             f"call, and this server has no earlier images to pad a call of {n} with yet; send {k} "
+                             f"or more images in one request (the first request), or send concurrent requests")
+        return self._recent[have - need:]
+
+    def _remember(self, x: Tensor) -> None:
+        """Keep the last ``min_batch`` answered images (copies, so a large call's batch is not held)."""
+        k = self.adapter.strategy.min_batch
+        if k <= 1:
+            return
+        recent = x.detach() if self._recent is None else torch.cat([self._recent, x.detach()])
+        self._recent = recent[-k:].clone()
 
     # ---------------------------------------------------------------------------------------------- control
     def reset(self) -> dict[str, Any]:
@@ -191,4 +247,5 @@ class Service:
                 "strategy": type(a.strategy).__name__, "reset_policy": a.reset_policy, "classes": len(self.space),
                 "samples": a.samples, "calls": a.calls, "resets": a.resets, "paused": self.paused,
                 "queue_images": self.batcher.queued_images, "state_path": str(self.state_path or "") or None,
-                "resumed": self.resumed, "micro_batching": self.batcher.merge}
+                "resumed": self.resumed, "micro_batching": self.batcher.merge,
+                "min_batch": a.strategy.min_batch, "padded_calls": self.padded_calls}

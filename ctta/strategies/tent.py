@@ -81,6 +81,17 @@ class Tent(Strategy):
         self.optimizer = torch.optim.Adam([p for _, p in named], lr=self.lr, betas=self.betas,
                                           weight_decay=self.weight_decay)
 
+    @property
+    def min_batch(self) -> int:
+        """2 on a BatchNorm tower (``batch_norms`` switched to batch statistics by ``setup``), else 1.
+
+        The reference normalises every forward with its own batch's statistics and only ever sees large batches
+        (64 or 200 images); one image has no batch statistics where a BatchNorm sees a 1x1 feature map (the last
+        stage of the micro-CLIP's ModifiedResNet), so `ctta.batchnorm` refuses it, and where the map is larger the
+        "batch" statistics would be one image's own spatial ones, a regime TENT was not designed for. A ViT tower
+        adapts LayerNorms, which normalise per token: no batch statistics, any batch size."""
+        return 2 if getattr(self, "batch_norms", None) else 1
+
     def loss(self, logits: Tensor) -> Tensor:
         """Mean softmax entropy of the batch (the reference's ``softmax_entropy(outputs).mean(0)``)."""
         return softmax_entropy(logits.float()).mean()
