@@ -21,7 +21,8 @@ stays frozen, so the class text head is computed once and cached.
   ``state_dict`` keys stay those of its checkpoint and a reset (`ctta.OnlineAdapter`) restores the BatchNorm
   affine parameters (with their untouched running buffers, `Clip.trainable_state`) and the optimizer state.
   ``predict`` therefore depends on the batch it is given, as the reference's does (it stays free of side effects);
-  it needs batches of at least 2 images when a BatchNorm sees a 1×1 feature map (a clear error says so).
+  it needs batches of at least 2 images when a BatchNorm sees a 1×1 feature map (a clear error says so;
+  `min_batch` tells callers, and ``ctta serve`` pads a lone request with earlier images, predicting only).
   ``Clip.freeze`` (a later strategy's ``setup``) switches the batch statistics off again.
 - **ViT tower** (deliberate deviation: a ViT has no BatchNorm): the LayerNorms' affine parameters. LayerNorm
   normalises per token, so there are no batch statistics to re-estimate and batch size 1 works.
