@@ -237,10 +237,15 @@ TTA_COLUMNS = (("online acc. % (domain mean)", "online_accuracy", 100.0, 1), ("E
                ("p50 ms", "p50_ms", 1.0, 1), ("p95 ms", "p95_ms", 1.0, 1), ("samples/s", "samples_per_s", 1.0, 0))
 
 
+TRANSFER_COLUMN = (("transfer", "transfer", 100.0, 1),)
+
+
 def cl_markdown(rows: Sequence[dict]) -> str:
-    """The README's continual-learning table (rank columns added when any row has them)."""
+    """The README's continual-learning table: ZSCL's Transfer first when any row has it (streams scored per dataset,
+    as MTIL), rank columns when any row has them."""
+    transfer = any("transfer" in r["metrics"] for r in rows)
     ranks = any("effective_rank" in r["metrics"] for r in rows)
-    return markdown(rows, CL_COLUMNS + (RANK_COLUMNS if ranks else ()))
+    return markdown(rows, (TRANSFER_COLUMN if transfer else ()) + CL_COLUMNS + (RANK_COLUMNS if ranks else ()))
 
 
 def tta_markdown(rows: Sequence[dict]) -> str:

@@ -100,6 +100,20 @@ def test_rank_columns_appear_with_lora_summaries():
     assert lines[3].endswith("| 7.00 | 2.50 |")  # mean over tasks; drift after the last task
 
 
+def test_transfer_column_first_when_a_stream_measures_it():
+    mtil = [_doc("finetune", s, stream="world-mtil-I") for s in (0, 1)]
+    for d, t in zip(mtil, (0.5, 0.7)):
+        d["results"]["metrics"]["transfer"] = t
+    rows = R.summarize_groups(R.group_runs([R.run_record(d) for d in mtil + [_doc("zeroshot")]]))
+    lines = R.cl_markdown(rows).splitlines()
+    assert lines[0].startswith("| experiment | stream | method | seeds | transfer | average |")
+    half = 100 * 12.706 * math.sqrt(0.02) / math.sqrt(2)  # sd 0.1414, t(0.975, 1)
+    by_stream = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert by_stream["world-mtil-I"].startswith(f"| world_cl | world-mtil-I | finetune | n=2 | 60.0 ± {half:.1f} | 50.0")
+    assert by_stream["world-cil10"].startswith("| world_cl | world-cil10 | zeroshot | n=1 | – | 50.0")
+    assert "transfer" not in R.cl_markdown(R.summarize_groups(R.group_runs([R.run_record(_doc())]))).splitlines()[0]
+
+
 def test_tta_rows_domain_means_and_severity_split():
     docs = [_online_doc("tpt", s, severity=sev) for s in (0, 1) for sev in (3, 5)]
     records = [R.run_record(d) for d in docs]
