@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 # config keys that say how or where a run went, not what it computed: never a reason to split a group
 IGNORED_KEYS = ("seed", "out_dir", "name", "method", "progress", "threads", "device", "data_root", "dist_timeout_s",
                 "samples.checkpoint_every", "samples.checkpoint_seconds")
+IGNORED_PREFIXES = ("loading.",)  # workers, prefetch, device decode: the same batches whatever their values
 # two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -144,7 +145,7 @@ def _follows_seed(key: str, runs: Sequence[RunRecord]) -> bool:
 
 def group_runs(records: Iterable[RunRecord]) -> list[tuple[str, dict[str, Any], list[RunRecord]]]:
     """``(label, overrides, runs)`` per group. Runs share a group when they have the same name, method and stream
-    and their configs differ only in ignored keys (`IGNORED_KEYS`) and in keys that equal each run's seed (the
+    and their configs differ only in ignored keys (`IGNORED_KEYS`, `IGNORED_PREFIXES`) and in keys that equal each run's seed (the
     stream's and the controls' ``seed: ${seed}``). ``overrides``: the values that set the group apart from the
     other runs of its name, method and stream. Zero-shot methods come first, then by name, stream, method."""
     buckets: dict[tuple[str, str, str], list[RunRecord]] = {}
@@ -154,7 +155,8 @@ def group_runs(records: Iterable[RunRecord]) -> list[tuple[str, dict[str, Any], 
     for (name, stream, method), runs in sorted(buckets.items(), key=lambda kv: (
             kv[0][0], kv[0][1], "zeroshot" not in kv[0][2].lower(), kv[0][2])):
         keys = sorted({k for r in runs for k in r.config})
-        varying = [k for k in keys if k not in IGNORED_KEYS and len({repr(r.config.get(k)) for r in runs}) > 1
+        varying = [k for k in keys if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)
+                   and len({repr(r.config.get(k)) for r in runs}) > 1
                    and not _follows_seed(k, runs)]
         subgroups: dict[tuple, list[RunRecord]] = {}
         for r in runs:

@@ -68,6 +68,13 @@ def test_grouping_by_method_and_override_not_by_seed():
     assert ft["curve"] == pytest.approx([0.6, 0.4])
 
 
+def test_loading_options_never_split_a_group():
+    docs = [_doc("finetune", 0), _doc("finetune", 1)]
+    docs[1]["provenance"]["config"]["loading"] = {"workers": "auto", "prefetch": 2}  # added to configs later
+    groups = R.group_runs(R.run_record(d) for d in docs)
+    assert [(g[0], len(g[2])) for g in groups] == [("finetune", 2)]
+
+
 def test_different_names_and_streams_never_mix():
     docs = [_doc(name="world_cl"), _doc(name="world_cl_visual"), _doc(stream="world-dil")]
     rows = R.summarize_groups(R.group_runs(R.run_record(d) for d in docs))
