@@ -125,7 +125,8 @@ def run_record(doc: dict, path: str = "") -> RunRecord:
         "online_accuracy": on.get("mean_domain_accuracy"), "cumulative_accuracy": on.get("cumulative_accuracy"),
         "ece": _mean([d.get("ece") for d in (on.get("per_domain") or {}).values()]), "ece_pooled": on.get("ece"),
         "p50_ms": lat.get("p50_ms"), "p95_ms": lat.get("p95_ms"), "samples_per_s": lat.get("samples_per_s"),
-        "peak_rss_mb": (res.get("memory") or {}).get("peak_rss_mb")}
+        "peak_rss_mb": (res.get("memory") or {}).get("peak_rss_mb"),
+        "wall_min": (lambda w: w / 60 if w is not None else None)((res.get("timing") or {}).get("wall_s"))}
     tasks = (res.get("strategy") or {}).get("tasks") or []
     if tasks and all("mean_effective_rank" in t for t in tasks):
         metrics["effective_rank"] = _mean([t["mean_effective_rank"] for t in tasks])  # mean over tasks
@@ -240,14 +241,16 @@ TTA_COLUMNS = (("online acc. % (domain mean)", "online_accuracy", 100.0, 1), ("E
 
 
 TRANSFER_COLUMN = (("transfer", "transfer", 100.0, 1),)
+WALL_COLUMN = (("wall min (train + eval)", "wall_min", 1.0, 1),)
 
 
 def cl_markdown(rows: Sequence[dict]) -> str:
     """The README's continual-learning table: ZSCL's Transfer first when any row has it (streams scored per dataset,
-    as MTIL), rank columns when any row has them."""
-    transfer = any("transfer" in r["metrics"] for r in rows)
-    ranks = any("effective_rank" in r["metrics"] for r in rows)
-    return markdown(rows, (TRANSFER_COLUMN if transfer else ()) + CL_COLUMNS + (RANK_COLUMNS if ranks else ()))
+    as MTIL), rank columns and the wall time (learning + evaluation, set-up excluded) when any row has them."""
+    def has(key: str) -> bool:
+        return any(key in r["metrics"] for r in rows)
+    return markdown(rows, (TRANSFER_COLUMN if has("transfer") else ()) + CL_COLUMNS
+                    + (RANK_COLUMNS if has("effective_rank") else ()) + (WALL_COLUMN if has("wall_min") else ()))
 
 
 def tta_markdown(rows: Sequence[dict]) -> str:

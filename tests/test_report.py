@@ -68,6 +68,16 @@ def test_grouping_by_method_and_override_not_by_seed():
     assert ft["curve"] == pytest.approx([0.6, 0.4])
 
 
+def test_wall_time_column_when_runs_record_it():
+    timed = _doc("finetune")
+    timed["results"]["timing"] = {"train_s": [50.0, 40.0], "evaluate_s": [20.0, 10.0], "wall_s": 120.0}
+    rows = R.summarize_groups(R.group_runs([R.run_record(timed), R.run_record(_doc("zeroshot"))]))
+    lines = R.cl_markdown(rows).splitlines()
+    assert lines[0].endswith("| wall min (train + eval) |")
+    assert lines[2].endswith("| – |") and lines[3].endswith("| 2.0 |")  # 120 s; an untimed run shows a dash
+    assert "wall" not in R.cl_markdown(R.summarize_groups(R.group_runs([R.run_record(_doc())]))).splitlines()[0]
+
+
 def test_loading_options_never_split_a_group():
     docs = [_doc("finetune", 0), _doc("finetune", 1)]
     docs[1]["provenance"]["config"]["loading"] = {"workers": "auto", "prefetch": 2}  # added to configs later

@@ -34,7 +34,8 @@ def test_resume_ends_with_the_results_of_an_uninterrupted_run(tmp_path, tiny_str
     hooks = _hooks(tiny_stream) + [Killer(at=2)]
     with pytest.raises(KeyboardInterrupt):
         run(make_tiny_clip(), strategy(), tiny_stream, hooks, out_dir=tmp_path / "b", seed=3, progress=False)
-    assert safe_torch_load(tmp_path / "b" / "checkpoint.pt")["next_task"] == 2
+    killed = safe_torch_load(tmp_path / "b" / "checkpoint.pt")
+    assert killed["next_task"] == 2 and len(killed["results"]["timing"]["train_s"]) == 2
     model = make_tiny_clip()
     resumed = run(model, strategy(), tiny_stream, _hooks(tiny_stream) + [Killer(at=99)], out_dir=tmp_path / "b",
                   seed=3, progress=False)
@@ -43,6 +44,14 @@ def test_resume_ends_with_the_results_of_an_uninterrupted_run(tmp_path, tiny_str
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert a["results"]["metrics"] == b["results"]["metrics"] and b["finished"]
+    # seconds per task: the resumed run keeps the two tasks it did not run again and adds the rest
+    n = len(tiny_stream)
+    for doc, res in ((a, full), (b, resumed)):
+        t = doc["results"]["timing"]
+        assert len(t["train_s"]) == len(t["evaluate_s"]) == n and min(t["train_s"] + t["evaluate_s"]) >= 0
+        assert t["wall_s"] == pytest.approx(sum(t["train_s"]) + sum(t["evaluate_s"]), abs=0.01)
+        assert t["train_s"][0] > 0 and res["timing"] == t  # Finetune trains every task
+    assert b["results"]["timing"]["train_s"][:2] == killed["results"]["timing"]["train_s"]
 
 
 def test_resume_refuses_a_different_run(tmp_path, tiny_stream):

@@ -9,6 +9,7 @@ exactly the results of an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,14 +81,17 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
             seed_everything(seed + 1000 * (t + 1))
             space, offset = stream.train_space(t)
             call(hooks, "on_task_start", ctx)
+            t_start = time.perf_counter()
             if task.boundary:
                 strategy.begin_task(task, space)
             if strategy.learns and task.train is not None and len(task.train) > 0:
                 tasks.set_postfix_str(f"{task.name}: train")
                 _train(ctx, hooks, par, task, space, offset, progress)
             strategy.end_task(task, space)
+            t_trained = time.perf_counter()
             tasks.set_postfix_str(f"{task.name}: evaluate")
             call(hooks, "on_task_end", ctx)
+            _record_time(ctx.results, t_trained - t_start, time.perf_counter() - t_trained)
             ckpt.write({"next_task": t + 1, "model": model.net.state_dict(), "strategy": strategy.state_dict(),
                         "hooks": hook_states(hooks), "results": ctx.results})
         tasks.close()
@@ -95,6 +99,16 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
         return ctx.results if par.main else {}
     finally:
         par.uninstall(strategy)
+
+
+def _record_time(results: dict, train_s: float, evaluate_s: float) -> None:
+    """Seconds per task in ``results["timing"]``: learning (begin_task, the steps, end_task) and evaluation (the
+    task-end hooks), and their running total. It travels in the checkpoint, so a resumed run keeps the earlier
+    tasks' times and adds only what it ran."""
+    timing = results.setdefault("timing", {"train_s": [], "evaluate_s": [], "wall_s": 0.0})
+    timing["train_s"].append(round(train_s, 3))
+    timing["evaluate_s"].append(round(evaluate_s, 3))
+    timing["wall_s"] = round(sum(timing["train_s"]) + sum(timing["evaluate_s"]), 3)
 
 
 def _train(ctx: RunContext, hooks, par: Parallel, task: Task, space, offset: int, progress: bool | None) -> None:
