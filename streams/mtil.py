@@ -94,6 +94,12 @@ def _wrap(ds: Any, image_size: int, draft: float | None) -> Any:
 
 def _tv(cls_name: str, root: Path, **kw) -> Any:
     import torchvision.datasets as tvd
+    if cls_name == "Caltech101":  # its __getitem__ imports scipy.io: fail here, before any training, not mid-run
+        try:
+            import scipy.io  # noqa: F401
+        except ImportError:
+            raise DatasetError("torchvision's Caltech101 reads its items with scipy, which is not installed: "
+                               "pip install scipy (or the extra: pip install 'ctta[mtil]')") from None
     try:
         return getattr(tvd, cls_name)(str(root), download=False, **kw)
     except (RuntimeError, FileNotFoundError) as e:  # torchvision: "Dataset not found or corrupted..."

@@ -137,3 +137,11 @@ def test_coop_split_files(tmp_path):
     (d / "split_zhou_EuroSAT.json").write_text(json.dumps(bad))
     with pytest.raises(DatasetError, match="label 0 is named both"):
         coop.coop_dataset("eurosat", tmp_path, 8)
+
+
+def test_caltech_without_scipy_fails_before_any_training(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    with pytest.raises(DatasetError, match="Caltech101 reads its items with scipy.*ctta\\[mtil\\]"):
+        mtil.mtil_stream(tmp_path, order=["caltech101"], image_size=8)
