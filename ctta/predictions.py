@@ -2,7 +2,7 @@
 checks and preprocessing, class subsets, and the `Prediction` returned."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,6 +26,11 @@ class Prediction:
     adapted: bool         # did the strategy adapt on this call (False while paused)
     skipped: int          # updates skipped on this call because the loss or gradient was non-finite
     reset: bool           # was the adapted state reset during this call (policy or drift signal)
+
+    def head(self, n: int) -> "Prediction":
+        """The first ``n`` rows (the per-image fields cut, the per-call ones kept): a padded call's own images."""
+        return replace(self, logits=self.logits[:n], probs=self.probs[:n], index=self.index[:n],
+                       classnames=self.classnames[:n], entropy=self.entropy[:n])
 
 
 def as_clip(model: Clip | nn.Module, tokenizer: Callable | None = None) -> Clip:

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +132,7 @@ class Service:
         if pad is None:
             out = a(x, classes) if adapt else a.predict(x, classes)
         else:  # context for the batch statistics only: predict (no adaptation step), then keep the real rows
-            out = a.predict(torch.cat([x, pad]), classes)
-            n = len(x)
-            out = replace(out, logits=out.logits[:n], probs=out.probs[:n], index=out.index[:n],
-                          classnames=out.classnames[:n], entropy=out.entropy[:n])
+            out = a.predict(torch.cat([x, pad]), classes).head(len(x))
         seconds = time.perf_counter() - t
         self._remember(x)
         m = self.metrics
