@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     rows = [child(__file__, [*argv, "--one", name]) for name in args.strategies]
     model, _ = load_model(args.device)
-    head = (f"{stream.name}, {rows[0]['samples']} samples, batch {args.batch_size} (or the strategy's min_batch), device "
-            f"{model.device}, {torch.get_num_threads()} threads")
+    head = (f"{stream.name}, {rows[0]['samples']} samples, batch {args.batch_size} (or the strategy's min_batch), "
+            f"device {model.device}, {torch.get_num_threads()} threads")
     return finish(args, {"benchmark": "online", "stream": stream.name, "samples": rows[0]["samples"],
                          "batch_size": args.batch_size, "severity": args.severity, "rows": rows},
                   head + "\n" + table(rows, COLUMNS), model=model)

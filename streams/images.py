@@ -10,9 +10,9 @@ least ``draft`` times the target is used, so the antialiased bicubic resize stil
 (Pillow's own ``Image.thumbnail`` rule; its default ``reducing_gap=2.0`` is "very close to fair resampling"). It is
 a lever, not a default, because it is not exact: the pixels differ slightly from a full-size decode, and on the
 micro-CLIP at 32x32, 25 of 5,000 zero-shot predictions on 400x300 JPEGs changed (same accuracy; loading 1.6-3.5x
-faster in process, in two runs on a loaded machine: benchmarks/results/data_throughput*.json). Images the model sees at about their own size (ViT-B/16 at 224
-on 500x375 ImageNet photos) are never reduced anyway. `ImageFiles` can also hand its raw bytes to `ctta.loading`, which then decodes JPEGs on
-the GPU (``torchvision.io.decode_jpeg``).
+faster in process, in two runs on a loaded machine: benchmarks/results/data_throughput*.json). Images the model
+sees at about their own size (ViT-B/16 at 224 on 500x375 ImageNet photos) are never reduced anyway. `ImageFiles` can
+also hand its raw bytes to `ctta.loading`, which then decodes JPEGs on the GPU (``torchvision.io.decode_jpeg``).
 """
 from __future__ import annotations
 
