@@ -203,6 +203,17 @@ def _corrupt_domain(images: Tensor, name: str, severity: int, g: torch.Generator
     return out
 
 
+def check_domains(names: Sequence[str], allowed: Sequence[str], what: str) -> None:
+    """``names`` (one stream domain each) must be a non-empty list of distinct names from ``allowed``."""
+    if isinstance(names, str) or not list(names):
+        raise ValueError(f"{what} must be a non-empty list of names from {list(allowed)}, got {names!r}")
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; available: {list(allowed)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} are listed twice: {list(names)} (each domain must be unique)")
+
+
 def _check_shift_args(corruptions: Sequence[str], severity: int | Sequence[int], setting: str, labels: str,
                       per_class: int | None, per_domain: int | None) -> tuple[list[int], int]:
     """Everything checked before any image is rendered; returns (severities, images per class)."""
@@ -210,13 +221,7 @@ def _check_shift_args(corruptions: Sequence[str], severity: int | Sequence[int],
         raise ValueError(f"unknown shift setting {setting!r}; choose from {SHIFT_SETTINGS}")
     if labels not in SHIFT_LABELS:
         raise ValueError(f"unknown shift label space {labels!r}; choose from {SHIFT_LABELS}")
-    if isinstance(corruptions, str) or not list(corruptions):
-        raise ValueError(f"corruptions must be a non-empty list of names from {list(CORRUPTIONS)}, got {corruptions!r}")
-    unknown = sorted(set(corruptions) - set(CORRUPTIONS))
-    if unknown:
-        raise ValueError(f"unknown corruptions {unknown}; available: {list(CORRUPTIONS)}")
-    if len(set(corruptions)) != len(corruptions):
-        raise ValueError(f"corruptions are listed twice: {list(corruptions)} (each domain must be unique)")
+    check_domains(corruptions, CORRUPTIONS, "corruptions")
     sev = list(severity) if isinstance(severity, Sequence) and not isinstance(severity, str) else [severity]
     if not sev or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 5 for s in sev):
         raise ValueError(f"severity must be an int in 1..5 or a non-empty list of them, got {severity!r}")

@@ -19,7 +19,7 @@ from ctta.data import ImageTensorDataset
 from ctta.stream import Task, TaskStream
 from streams import synthetic as W
 from streams.corruptions import CORRUPTIONS
-from streams.world import SHIFT_CHUNK, _corrupt_domain, render_labels, shift_space
+from streams.world import SHIFT_CHUNK, _corrupt_domain, check_domains, render_labels, shift_space
 
 STYLE_SETTINGS = ("reset", "episodic", "continual")
 _STYLE_SEED = 53  # beside streams.world's split seeds (11, 23, 37, 41): images no other world stream draws
@@ -34,13 +34,7 @@ def style_shift_tasks(styles: Sequence[str] = ("textured",), *, corruption: str 
     style; without one, ``severity`` is unused (it stays a parameter so that the ``world_tta`` experiments, which
     name their run folders by it, apply unchanged). A style seen in pre-training is allowed (a control: no shift).
     """
-    if isinstance(styles, str) or not list(styles):
-        raise ValueError(f"styles must be a non-empty list of names from {list(W.STYLES)}, got {styles!r}")
-    unknown = sorted(set(styles) - set(W.STYLES))
-    if unknown:
-        raise ValueError(f"unknown styles {unknown}; available: {list(W.STYLES)}")
-    if len(set(styles)) != len(styles):
-        raise ValueError(f"styles are listed twice: {list(styles)} (each domain must be unique)")
+    check_domains(styles, W.STYLES, "styles")
     if setting not in STYLE_SETTINGS:
         raise ValueError(f"unknown style-shift setting {setting!r}; choose from {STYLE_SETTINGS}")
     if corruption is not None and corruption not in CORRUPTIONS:
