@@ -46,6 +46,22 @@ def test_text_head_cache_invalidated_after_text_update(tiny_clip):
     assert not calls
 
 
+def test_text_head_cache_sees_parameters_added_after_it_was_built(tiny_clip):
+    # the text-parameter list is cached between module changes; a LoRA injected into the text tower after the
+    # first head, then stepped alone, must still invalidate the head
+    from ctta.adapters.inject import inject_lora
+    space = LabelSpace(["dog", "cat"])
+    h1 = tiny_clip.text_head(space)
+    n_before = len(tiny_clip.text_parameters())
+    loras = inject_lora(tiny_clip.net, targets=("fc",), towers=("text",), rank=2)
+    new = [p for lora in loras for p in lora.parameters()]
+    assert len(tiny_clip.text_parameters()) == n_before + len(new)
+    with torch.no_grad():
+        for p in new:
+            p.add_(0.5)  # LoRA's B starts at zero: make the update visible
+    assert not torch.allclose(tiny_clip.text_head(space), h1)
+
+
 def test_snapshot_restore_never_aliases(tiny_clip):
     tiny_clip.unfreeze("visual.")
     anchor = tiny_clip.trainable_state()
