@@ -103,30 +103,33 @@ def _autocontrast(x: Tensor) -> Tensor:
     return torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-12), x)
 
 
-def _affine_inverse_maps(ops: list[str], u: Tensor, sign: Tensor, size: int) -> Tensor:
-    """3×3 maps from output to input pixel coordinates for the geometric ops (PIL's ``transform`` convention)."""
-    n = len(ops)
-    a = torch.eye(3, device=u.device).repeat(n, 1, 1)
+def _affine_inverse_maps(ops: list[str], u: list[float], sign: list[float], size: int,
+                         device: torch.device) -> Tensor:
+    """3×3 maps from output to input pixel coordinates for the geometric ops (PIL's ``transform`` convention).
+    ``u`` (levels) and ``sign`` are Python floats: the maps are built in Python and become one tensor."""
     c = (size - 1) / 2
-    for k, op in enumerate(ops):
-        s = float(sign[k])
+    maps = []
+    for op, lv, s in zip(ops, u, sign):
+        a = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
         if op == "rotate":  # int(level·30/10) degrees about the centre, random direction
-            t = math.radians(int(float(u[k]) * 3) * s)
+            t = math.radians(int(lv * 3) * s)
             cos, sin = math.cos(t), math.sin(t)
-            a[k, :2] = torch.tensor([[cos, -sin, c - cos * c + sin * c], [sin, cos, c - sin * c - cos * c]])
+            a[0], a[1] = [cos, -sin, c - cos * c + sin * c], [sin, cos, c - sin * c - cos * c]
         elif op == "shear_x":  # level·0.3/10
-            a[k, 0, 1] = float(u[k]) * 0.03 * s
+            a[0][1] = lv * 0.03 * s
         elif op == "shear_y":
-            a[k, 1, 0] = float(u[k]) * 0.03 * s
+            a[1][0] = lv * 0.03 * s
         elif op == "translate_x":  # int(level·(size/3)/10) pixels
-            a[k, 0, 2] = int(float(u[k]) * size / 30) * s
+            a[0][2] = int(lv * size / 30) * s
         elif op == "translate_y":
-            a[k, 1, 2] = int(float(u[k]) * size / 30) * s
-    return a
+            a[1][2] = int(lv * size / 30) * s
+        maps.append(a)
+    return torch.tensor(maps, dtype=torch.float32, device=device)
 
 
-def _apply_ops(x: Tensor, ops: list[str | None], u: Tensor, sign: Tensor) -> Tensor:
-    """One AugMix step: image k gets ``ops[k]`` (None = unchanged); each op is one batched call on its subset."""
+def _apply_ops(x: Tensor, ops: list[str | None], u: list[float], sign: list[float]) -> Tensor:
+    """One AugMix step: image k gets ``ops[k]`` (None = unchanged; levels ``u`` and signs as Python floats); each op
+    is one batched call on its subset."""
     out = x.clone()
     size = x.shape[-1]
     groups: dict[str, list[int]] = {}
@@ -143,10 +146,11 @@ def _apply_ops(x: Tensor, ops: list[str | None], u: Tensor, sign: Tensor) -> Ten
         elif name == "posterize":  # 4 − int(level·4/10) = 4 bits at severity 1
             sub = kornia.enhance.posterize(sub, 4)
         elif name == "solarize":  # threshold 256 − int(level·256/10) on the 0..255 scale
-            thr = torch.tensor([(256 - int(float(u[k]) * 25.6)) / 255.0 for k in idx_list], device=x.device)
+            thr = torch.tensor([(256 - int(u[k] * 25.6)) / 255.0 for k in idx_list], device=x.device)
             sub = torch.where(sub >= thr.view(-1, 1, 1, 1), 1.0 - sub, sub)
         else:
-            inv = _affine_inverse_maps([ops[k] for k in idx_list], u[idx_list], sign[idx_list], size)
+            inv = _affine_inverse_maps([ops[k] for k in idx_list], [u[k] for k in idx_list],
+                                       [sign[k] for k in idx_list], size, x.device)
             m = torch.linalg.inv(inv)[:, :2].to(x.dtype)  # kornia wants the input→output map
             sub = kornia.geometry.transform.warp_affine(sub, m, (size, size), mode="bilinear", padding_mode="zeros")
         out[idx] = sub
@@ -168,9 +172,11 @@ def augmix(views: Tensor, generator: torch.Generator | None = None, width: int =
     level = 0.1 + 0.9 * _rand((max_depth, width * n), generator)
     sign = torch.where(_rand((max_depth, width * n), generator) < 0.5, -1.0, 1.0)
     chains = views.repeat(width, 1, 1, 1)  # chain i of view k sits at row i·n + k
+    # the draws as Python lists once: per-element tensor indexing cost more than the image ops themselves
+    depth_l, op_l, level_l, sign_l = depth.tolist(), op_idx.tolist(), level.tolist(), sign.tolist()
     for d in range(max_depth):
-        ops = [AUGMIX_OPS[int(o)] if d < int(dp) else None for o, dp in zip(op_idx[d], depth)]
-        chains = _apply_ops(chains, ops, level[d], sign[d])
+        ops = [AUGMIX_OPS[o] if d < dp else None for o, dp in zip(op_l[d], depth_l)]
+        chains = _apply_ops(chains, ops, level_l[d], sign_l[d])
     mix = (chains.view(width, n, *views.shape[1:]) * wts.t().reshape(width, n, 1, 1, 1)).sum(0)
     mm = m.view(n, 1, 1, 1)
     return (mm * views + (1 - mm) * mix).clamp_(0, 1)

@@ -124,6 +124,30 @@ def test_views_shape_range_seed():
     assert torch.equal(vb, tpt_views(big, 16, 5, augmix_views=True, generator=torch.Generator().manual_seed(1)))
 
 
+def test_augmix_ops_by_hand():
+    """TPT's AugMix ops at severity 1 (azshue/TPT data/augmix_ops.py), on levels and signs chosen here."""
+    import math
+
+    from ctta.views import _affine_inverse_maps, _apply_ops
+    m = _affine_inverse_maps(["translate_x", "shear_y", "rotate"], [0.95, 0.5, 0.7], [-1.0, -1.0, 1.0], 32,
+                             torch.device("cpu"))
+    assert m[0].tolist() == [[1, 0, -1], [0, 1, 0], [0, 0, 1]]  # int(0.95 · 32 / 30) = 1 pixel, sign −
+    assert m[1, 1, 0].item() == pytest.approx(-0.015) and m[1, 0, 1] == 0  # 0.5 · 0.3 / 10, sign −
+    t, c = math.radians(2), 15.5  # int(0.7 · 3) = 2 degrees about the centre
+    torch.testing.assert_close(m[2], torch.tensor([[math.cos(t), -math.sin(t), c - math.cos(t) * c + math.sin(t) * c],
+                                                   [math.sin(t), math.cos(t), c - math.sin(t) * c - math.cos(t) * c],
+                                                   [0, 0, 1]]))
+    x = torch.full((3, 3, 32, 32), 0.5)
+    x[:, :, 3, 3] = 0.99
+    out = _apply_ops(x, ["translate_x", "solarize", None], [0.95, 0.5, 0.0], [-1.0, 1.0, 1.0])
+    # PIL's inverse map: output x reads input x − 1, so the bright pixel moves one to the right
+    assert out[0, :, 3, 4].tolist() == pytest.approx([0.99] * 3, abs=1e-5)
+    assert out[0, :, 3, 3].tolist() == pytest.approx([0.5] * 3, abs=1e-5)
+    # solarize at level 0.5: threshold (256 − int(12.8)) / 255 = 244 / 255; 0.99 inverts, 0.5 stays
+    assert out[1, :, 3, 3].tolist() == pytest.approx([0.01] * 3) and out[1, :, 0, 0].tolist() == [0.5] * 3
+    assert torch.equal(out[2], x[2])  # no op: unchanged
+
+
 def test_crop_geometry(monkeypatch):
     p = crop_params(2000, 30, 40, torch.Generator().manual_seed(0))
     top, left, h, w = p.unbind(1)
