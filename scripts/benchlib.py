@@ -102,18 +102,30 @@ def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tu
 
 
 def interleaved(fns: dict[str, Callable[[int], Any]], n: int, device: torch.device | str | None = None,
-                warmup: bool = True) -> dict[str, dict[str, float]]:
-    """Time each contender ``n`` times, alternating between them (call ``i`` of each gets argument ``i``, 1..n;
-    0 is the warm-up), and return each one's median wall and CPU seconds."""
-    if n < 1:
-        raise ValueError(f"need at least one timed call, got n={n}")
+                warmup: bool = True, block: int = 1) -> dict[str, dict[str, float]]:
+    """Time each contender ``n`` times, alternating between them, and return each one's median wall and CPU seconds.
+
+    Arguments run 1..n (0 is the warm-up). ``block > 1``: each turn runs ``block`` consecutive calls of one contender
+    and times all but the first, so every contender is timed warm, as it runs when it serves a stream alone (a
+    one-view method called right after a 64-view one otherwise pays for the caches the other flushed); the turns
+    still alternate, so a shared machine's load hits all contenders alike. Arguments wrap around after n."""
+    if n < 1 or block < 1:
+        raise ValueError(f"need at least one timed call and a block of at least 1, got n={n}, block={block}")
     if warmup:
         for fn in fns.values():
             fn(0)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
-    for i in range(1, n + 1):
+    per_turn = max(1, block - 1)
+    i = 0
+    while i < n:
         for k, fn in fns.items():
-            times[k].append(timed(lambda: fn(i), device))
+            for j in range(block):
+                arg = (i + j - (block > 1)) % n + 1
+                if block > 1 and j == 0:
+                    fn(arg)  # the contender's first call of its turn: untimed
+                elif len(times[k]) < n:
+                    times[k].append(timed(lambda: fn(arg), device))
+        i += per_turn
     return {k: {"wall_s": statistics.median(t[0] for t in v), "cpu_s": statistics.median(t[1] for t in v), "n": n}
             for k, v in times.items()}
 

@@ -131,3 +131,21 @@ def test_benchlib_table_and_ratio():
     calls = []
     t = benchlib.interleaved({"a": calls.append, "b": lambda i: calls.append(-i)}, 2)
     assert calls == [0, 0, 1, -1, 2, -2] and set(t) == {"a", "b"} and t["a"]["n"] == 2
+    # in turns of 3: the first call of each turn is untimed (warm-up after the other contender), arguments wrap
+    calls.clear()
+    timed_args = []
+    orig = benchlib.timed
+
+    def spy(f, device=None):
+        out = orig(f, device)
+        timed_args.append(calls[-1])
+        return out
+    benchlib.timed = spy
+    try:
+        t = benchlib.interleaved({"a": calls.append, "b": lambda i: calls.append(-i)}, 3, warmup=False, block=3)
+    finally:
+        benchlib.timed = orig
+    assert calls == [3, 1, 2, -3, -1, -2, 2, 3, -2, -3] and t["a"]["n"] == 3
+    assert timed_args == [1, 2, -1, -2, 3, -3]  # n timed calls per contender, never the first of a turn
+    with pytest.raises(ValueError, match="block"):
+        benchlib.interleaved({"a": calls.append}, 1, block=0)
