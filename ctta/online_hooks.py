@@ -22,10 +22,15 @@ from ctta.metrics import expected_calibration_error
 class OnlineAccuracy:
     """Accuracy of the adapter's predictions (made while adapting, as TTA benchmarks score them) per domain and
     cumulative over the stream, and ECE with ``n_bins`` equal-width bins (C-TPT's 20) per domain and overall.
+    Each domain's accuracy is also given in ``parts`` consecutive stretches of (near) equal length (quarters by
+    default): a stream method that adapts gains more in the later stretches than in the first, while a
+    non-adapting one only varies by sampling — the warm-up a cache or a memory needs, seen per domain.
     Writes ``results["online"]``."""
 
-    def __init__(self, n_bins: int = 20):
-        self.n_bins = n_bins
+    def __init__(self, n_bins: int = 20, parts: int = 4):
+        if parts < 1:
+            raise ValueError(f"parts must be at least 1, got {parts}")
+        self.n_bins, self.parts = n_bins, parts
         # name -> (confidence, correct) per sample: 5 bytes a sample, no Python object per sample
         self.domains: dict[str, tuple[array.array, array.array]] = {}
 
@@ -45,7 +50,10 @@ class OnlineAccuracy:
         for name, (conf, corr) in self._arrays().items():
             acc = float(corr.double().mean())
             per[name] = {"accuracy": acc, "error": 1 - acc, "n": len(corr),
-                         "ece": expected_calibration_error(conf, corr, self.n_bins)}
+                         "ece": expected_calibration_error(conf, corr, self.n_bins),
+                         # stretches in stream order; fewer samples than parts: the empty stretches are None
+                         "accuracy_by_part": [float(p.double().mean()) if len(p) else None
+                                              for p in torch.tensor_split(corr, self.parts)]}
             confs.append(conf)
             corrs.append(corr)
         if not per:
@@ -55,7 +63,8 @@ class OnlineAccuracy:
                 "curve": self.curve(corr),
                 "mean_domain_accuracy": float(np.mean([v["accuracy"] for v in per.values()])),
                 "mean_domain_error": float(np.mean([v["error"] for v in per.values()])),
-                "ece": expected_calibration_error(conf, corr, self.n_bins), "ece_bins": self.n_bins}
+                "ece": expected_calibration_error(conf, corr, self.n_bins), "ece_bins": self.n_bins,
+                "parts": self.parts}
 
     @staticmethod
     def curve(correct: Tensor, points: int = 200) -> dict:

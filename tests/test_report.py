@@ -142,6 +142,18 @@ def test_tta_rows_domain_means_and_severity_split():
                    "12.0 ± 0.0 | 20.0 ± 0.0 | 75 ± 0 |"
 
 
+def test_first_and_last_quarter_columns_when_the_runs_have_them():
+    doc = _online_doc("tda", 0)
+    for d, parts in zip(doc["results"]["online"]["per_domain"].values(), ([0.1, 0.2, 0.3, 0.3], [0.3, 0.4, 0.5, None])):
+        d["accuracy_by_part"] = parts  # the second domain was too short for its last quarter: left out of that mean
+    r = R.run_record(doc)
+    assert r.metrics["online_first_part"] == pytest.approx(0.2) and r.metrics["online_last_part"] == pytest.approx(0.3)
+    table = R.tta_markdown(R.summarize_groups(R.group_runs([r]))).splitlines()
+    assert "| first quarter % | last quarter % |" in table[0]
+    assert table[2] == "| world_tpt | world-shift-reset | tda | n=1 | 30.0 | 20.0 | 20.0 | 30.0 | 12.0 | 20.0 | 75 |"
+    assert "quarter" not in R.tta_markdown(R.summarize_groups(R.group_runs([R.run_record(_online_doc())])))
+
+
 def test_flatten_keeps_lists_whole():
     assert R.flatten({"a": {"b": [1, [2, 3]], "c": None}, "d": "x"}) == {"a.b": (1, (2, 3)), "a.c": None, "d": "x"}
 

@@ -136,6 +136,23 @@ def test_online_accuracy_and_ece_on_hand_computed_predictions():
     assert copy.summary() == r
 
 
+def test_online_accuracy_by_stretch_of_each_domain():
+    hook = OnlineAccuracy(parts=4)
+    right = [[0.9, 0.1], [0.1, 0.9]]
+    # domain a, 8 samples: wrong, wrong | right, wrong | right, right | right, right (label 1 = right here)
+    for k in (0, 0, 1, 0, 1, 1, 1, 1):
+        hook.on_batch_end(_batch("a", [right[k]], [1]))
+    # domain b, 3 samples into 4 stretches of sizes 1, 1, 1, 0: the empty last stretch has no accuracy
+    ctx = _batch("b", [right[1], right[0], right[1]], [1, 1, 1])
+    hook.on_batch_end(ctx)
+    hook.on_run_end(ctx)
+    per = ctx.results["online"]["per_domain"]
+    assert per["a"]["accuracy_by_part"] == [0.0, 0.5, 1.0, 1.0] and per["a"]["accuracy"] == 0.625
+    assert per["b"]["accuracy_by_part"] == [1.0, 0.0, 1.0, None] and ctx.results["online"]["parts"] == 4
+    with pytest.raises(ValueError, match="parts"):
+        OnlineAccuracy(parts=0)
+
+
 def test_latency_percentiles_and_throughput():
     hook = Latency(warmup=1)
     for sec, n in ((5.0, 1), (0.001, 1), (0.002, 1), (0.008, 2)):  # the 5 s call is warm-up
