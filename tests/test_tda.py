@@ -48,6 +48,21 @@ def test_positive_admission_capacity_replace_worst_sorted():
     assert probs.shape == (4, 0)
 
 
+def test_items_follow_every_change_of_the_cache():
+    c = ClassCache(2, 1, 1)
+    c.insert(0, torch.tensor([1.0]), 0.5)
+    first = c.items()
+    assert c.items() is first  # unchanged cache: the same gather, not recomputed
+    assert not c.insert(0, torch.tensor([2.0]), 0.9)  # rejected: nothing changed
+    assert c.items() is first
+    assert c.insert(0, torch.tensor([3.0]), 0.1)  # admitted: replaces the item
+    assert c.items()[0][:, 0].tolist() == [3.0]
+    c.keys[0, 0, 0] = 4.0  # a write from outside
+    assert c.items()[0][:, 0].tolist() == [4.0]
+    c.count = torch.tensor([0, 0])  # a replaced tensor
+    assert len(c.items()[0]) == 0
+
+
 def test_fifo_policy_drops_the_oldest():
     c = ClassCache(2, 2, 1, policy="fifo", with_probs=True)
     for v in (1.0, 2.0, 3.0):

@@ -179,9 +179,18 @@ class ClassCache:
     def items(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Filled items, class by class in slot order: ``keys [N, D]``, ``classes [N]``, ``entropy [N]``,
         ``probs [N, C]`` (``[N, 0]`` without probabilities)."""
+        # Memoised until any of the four tensors is replaced or written in place (each write bumps a tensor's
+        # _version): past the warm-up most samples are not admitted, and the gather costs as much as the read.
+        # Callers get the same tensors again, so they must not write into them (none does).
+        version = tuple((id(t), t._version) for t in (self.keys, self.entropy, self.probs, self.count))
+        memo = getattr(self, "_items_memo", None)
+        if memo is not None and memo[0] == version:
+            return memo[1]
         mask = torch.arange(self.capacity, device=self.count.device)[None] < self.count[:, None]  # [C, K]
         classes = torch.arange(self.n_classes, device=self.count.device)[:, None].expand_as(mask)[mask]
-        return self.keys[mask], classes, self.entropy[mask], self.probs[mask]
+        out = (self.keys[mask], classes, self.entropy[mask], self.probs[mask])
+        self._items_memo = (version, out)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"keys": self.keys.clone(), "entropy": self.entropy.clone(), "probs": self.probs.clone(),
