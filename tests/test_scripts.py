@@ -149,3 +149,37 @@ def test_benchlib_table_and_ratio():
     assert timed_args == [1, 2, -1, -2, 3, -3]  # n timed calls per contender, never the first of a turn
     with pytest.raises(ValueError, match="block"):
         benchlib.interleaved({"a": calls.append}, 1, block=0)
+
+
+def test_cache_diagnosis_replay_by_hand(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import cache_diagnosis
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    import math
+
+    import torch
+
+    from ctta.strategies._dual_cache import DualCacheConfig
+    head = torch.eye(2)
+    f2 = torch.nn.functional.normalize(torch.tensor([0.7070, 0.7072]), dim=0)  # class 0, zero-shot says 1 (by 0.02)
+    feats, labels = torch.stack([torch.tensor([1.0, 0.0]), f2, torch.tensor([0.0, 1.0])]), torch.tensor([0, 0, 1])
+    r = cache_diagnosis.replay(feats, labels, head, DualCacheConfig())
+    # at f2: pseudo cache {0: f1, 1: f2} -> class 0 gets 2·exp(−5(1 − f1·f2)) = 0.46, class 1 gets 2·1: stays wrong;
+    # oracle cache {0: f1, f2} -> class 0 gets 2.46: right. f1 and f3 are right with any cache.
+    assert (r["acc_zeroshot"], r["acc_pseudo"], r["acc_oracle"]) == pytest.approx((2 / 3, 2 / 3, 1.0))
+    # f1 under 0 and f3 under 1 are right, f2 is cached under class 1 though its class is 0
+    assert r["purity"] == pytest.approx(2 / 3) and r["cached_items"] == 3
+    # only at f3 does the oracle cache hold both classes: own class f3 (weight 1), others f1 and f2
+    assert r["w_same"] == pytest.approx(1.0)
+    assert r["w_other"] == pytest.approx((math.exp(-5.0) + math.exp(-5 * (1 - float(f2[1])))) / 2, rel=1e-5)
+    assert r["text_margin"] == pytest.approx((100 + 100 * float(f2[1] - f2[0]) + 100) / 3, rel=1e-5)
+    out = tmp_path / "d.json"
+    _script("cache_diagnosis.py", "--per-class", "1", "--corruptions", "contrast", "--out", str(out), cwd=tmp_path)
+    doc = json.loads(out.read_text())
+    assert set(doc["domains"]) == {"contrast-3"} and doc["domains"]["contrast-3"]["n"] == 100
+    assert doc["provenance"]["seed"] == 0
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "cache_diagnosis.py"), "--per-class", "0"],
+                         capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert bad.returncode != 0 and "--per-class must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
