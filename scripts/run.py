@@ -1,4 +1,4 @@
-"""Run a strategy on a stream: python scripts/run.py strategy=finetune stream=world_cil [experiment=...]
+"""Run a strategy on a stream: python scripts/run.py strategy=finetune stream=world_cil_shifted [experiment=...]
 
 Hydra composes the model, strategy, stream and hooks from configs/ (`_target_` paths, so a user's own strategy plugs
 in with `-cd my_configs strategy=my_strategy` or `strategy._target_=my_pkg.MyStrategy`). Results, the accuracy-
