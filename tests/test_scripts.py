@@ -183,3 +183,44 @@ def test_cache_diagnosis_replay_by_hand(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPTS / "cache_diagnosis.py"), "--per-class", "0"],
                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert bad.returncode != 0 and "--per-class must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tower_drift_by_hand():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import tower_drift
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    import torch
+
+    # two classes in 2-D; the text of class 0 turned by 90 degrees during the run, the images by 60 and 0 degrees
+    t0, t1 = torch.eye(2), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    f0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    c, s = 0.5, 3 ** 0.5 / 2
+    f1 = torch.tensor([[c, s], [0.0, 1.0]])
+    y = torch.tensor([0, 1])
+    r = tower_drift.tower_table(f0, f1, y, t0, t1, torch.tensor([0]))
+    assert r["text_cos"] == pytest.approx(0.0)  # class 0's text only
+    assert r["image_cos"] == pytest.approx((c + 1.0) / 2)
+    # end·end: f1[0]·t1 = (s, -c) -> 0 right; f1[1]·t1 = (1, 0) -> 0 wrong.  end·start: (c, s) -> 1 wrong; (0, 1) right
+    # start·end: (0, -1) -> 0 right; (1, 0) -> 0 wrong.  start·start: both right
+    assert r["acc"] == pytest.approx({"end_end": 0.5, "end_start": 0.5, "start_end": 0.5, "start_start": 1.0})
+
+
+def test_tower_drift_reads_a_run_and_reproduces_its_accuracy(tmp_path):
+    tiny = ["stream.n_tasks=2", "stream.train_per_class=2", "stream.test_per_class=1", "hooks.retention.controls.n=10",
+            "strategy=finetune", "strategy.iterations=2", "strategy.batch_size=8", "+hooks.results.plot=false",
+            "progress=false", "threads=1", "out_dir=run"]
+    _script("run.py", *tiny, cwd=tmp_path)
+    out = tmp_path / "drift.json"
+    _script("tower_drift.py", "run", "--json", str(out), cwd=tmp_path)
+    doc = json.loads(out.read_text())
+    last_row = json.loads((tmp_path / "run/results.json").read_text())["results"]["accuracy_matrix"][-1]
+    rows = doc["runs"][0]["rows"]
+    assert [r["task"] for r in rows] == [1, 2] and doc["runs"][0]["strategy"] == "Finetune"
+    assert [r["acc"]["end_end"] for r in rows] == pytest.approx(last_row)  # the run's own evaluation, recomputed
+    assert all(0 < r["text_cos"] <= 1.0 + 1e-6 and 0 < r["image_cos"] <= 1.0 + 1e-6 for r in rows)
+    assert doc["provenance"]["packages"]["torch"]
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "tower_drift.py"), str(tmp_path)], capture_output=True,
+                         text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "not a task-stream run folder" in bad.stderr and "Traceback" not in bad.stderr

@@ -25,8 +25,9 @@ Deliberate deviations (exact or cheaper unless said):
   ImageNet subset (50 images a class, their class names added to the head), to match ZSCL's ImageNet reference
   data. That is a property of the benchmark, not the method; we train on the task's data only.
 - ``distill_scale=100.0`` (default) pins the distillation logits' scale at ZSCL's (CLIP's ``logit_scale.exp()``,
-  100 for the OpenAI weights); see `ctta.strategies.lwf`. With the micro-CLIP's learned ~25 the teacher's softmax
-  over 1000 similar pseudo-sentences at T = 2 is nearly uniform and the distillation barely pulls.
+  100 for the OpenAI weights); see `ctta.strategies.lwf`. With a learned scale of ~25 (the micro-CLIP v3; v4 has 57.7)
+  the teacher's softmax over 1000 similar pseudo-sentences at T = 2 is nearly uniform and the distillation barely
+  pulls.
 - Optional: a user word list (file, one entry a line, or a list of strings) replaces the random vocabulary, as
   WildCLIP's ``VRLwR`` does with domain anchors; ``wise_alpha`` adds WiSE-FT interpolation with the zero-shot
   weights after every task (`ctta.merging.interpolate_`). Both are off by default.
