@@ -30,7 +30,7 @@ from ctta.weights import (ASSETS, BUILTIN_ARCH, BUILTIN_WEIGHTS, check_text_conf
                           check_text_tower, file_sha256, register_builtin, resolve_quick_gelu, verify_weights_file)
 from ctta.weights import is_path as _is_path
 
-_TEXT_CHUNK = 256  # prompts per text-tower forward when building heads
+_HEAD_CHUNK = 64  # prompts per text-tower forward when building heads: one fixed shape (`Clip._encode_fixed_shape`)
 
 # Bumped whenever any module in the process registers a parameter or a submodule (``setattr``, ``add_module``,
 # ``register_parameter``: how LoRA injection and parametrizations change a tower). `Clip` caches its list of text
@@ -208,6 +208,27 @@ class Clip(nn.Module):
     def invalidate_text_cache(self) -> None:
         self._head_cache.clear()
 
+    def _encode_fixed_shape(self, prompts: Sequence[str]) -> Tensor:
+        """`encode_text` of ``prompts`` in forwards of one fixed shape: prompts grouped by token length, each group
+        run trimmed to that length in chunks of exactly ``_HEAD_CHUNK`` rows (the last chunk padded with copies of its
+        last prompt). A forward's floats depend on its shape (the trimmed length and the row count change the matmul
+        kernels: ~1e-7) but not on the other rows of a batch of the same shape, so a prompt's feature is a function of
+        the prompt alone, never of the classes it happened to be encoded with. The per-class head cache relies on
+        that: a head built task by task equals one built at once, so a resumed run predicts exactly as the
+        uninterrupted one (tests/test_model.py checks both)."""
+        tokens = self.tokenize(prompts)
+        eot = self.eot_positions(tokens)
+        out: Tensor | None = None
+        for length in eot.unique().tolist():
+            for chunk in (eot == length).nonzero().flatten().split(_HEAD_CHUNK):
+                rows = torch.cat([chunk, chunk[-1:].expand(_HEAD_CHUNK - len(chunk))])
+                f = self.text_forward(self.token_embedding(tokens[rows, : length + 1]), eot[rows])[: len(chunk)]
+                if out is None:
+                    out = f.new_empty(len(prompts), f.shape[1])
+                out[chunk] = f
+        assert out is not None, "no prompts"
+        return out
+
     @torch.no_grad()
     def text_head(self, space: LabelSpace) -> Tensor:
         """Class embeddings ``[C, D]``: per class, the normalised mean of its normalised template embeddings.
@@ -222,8 +243,7 @@ class Clip(nn.Module):
             prompts = [t.replace("{}", c) for c, temps in todo for t in temps]
             was_training = self.net.training
             self.net.eval()
-            feats = torch.cat([self.encode_text(prompts[i:i + _TEXT_CHUNK])
-                               for i in range(0, len(prompts), _TEXT_CHUNK)])
+            feats = self._encode_fixed_shape(prompts)
             self.net.train(was_training)
             i = 0
             for k in todo:

@@ -22,6 +22,26 @@ def test_text_head_is_template_average(tiny_clip):
     torch.testing.assert_close(tiny_clip.text_head(space), F.normalize(per.mean(1), dim=-1))
 
 
+def test_a_class_head_does_not_depend_on_the_classes_encoded_with_it(tiny_clip):
+    # built task by task (a class-incremental run) or all at once (a resumed run): the same floats, bit for bit.
+    # A forward trimmed to a longer neighbour's length changes the matmul shapes and the last bits of the result.
+    short, long_ = LabelSpace(["dog"]), LabelSpace(["dog", "small red star on a striped background"])
+    alone = tiny_clip.text_head(short)
+    tiny_clip.invalidate_text_cache()
+    together = tiny_clip.text_head(long_)
+    assert torch.equal(alone[0], together[0])
+    tiny_clip.invalidate_text_cache()
+    assert torch.equal(tiny_clip.text_head(LabelSpace(["small red star on a striped background", "dog"]))[1], alone[0])
+    # many classes of one length (more than a forward's rows): each still as when encoded alone
+    many = LabelSpace([f"dog {i}" for i in range(150)], ["{}"])
+    tiny_clip.invalidate_text_cache()
+    head = tiny_clip.text_head(many)
+    for i in (0, 63, 64, 149):
+        tiny_clip.invalidate_text_cache()
+        assert torch.equal(tiny_clip.text_head(LabelSpace([f"dog {i}"], ["{}"]))[0], head[i])
+    torch.testing.assert_close(head, F.normalize(tiny_clip.encode_text([f"dog {i}" for i in range(150)]), dim=-1))
+
+
 def test_text_head_cache_invalidated_after_text_update(tiny_clip):
     space = LabelSpace(["dog", "cat"])
     h1 = tiny_clip.text_head(space)
