@@ -266,3 +266,73 @@ def tta_markdown(rows: Sequence[dict]) -> str:
     method that adapts along the stream shows its gain."""
     has_parts = any("online_first_part" in r["metrics"] for r in rows)
     return markdown(rows, TTA_COLUMNS[:2] + (PART_COLUMNS if has_parts else ()) + TTA_COLUMNS[2:])
+
+
+# --------------------------------------------------------------------------------------------- paired gains
+PAIRED_SAMPLE_METRICS = ("online_accuracy", "online_first_part", "online_last_part")
+PAIRED_TASK_METRICS = ("average", "last")
+
+
+def _baseline_for(run: RunRecord, keys: Sequence[str], baselines: Sequence[RunRecord]) -> RunRecord | None:
+    """The one baseline run on the same experiment, stream and seed whose config agrees with ``run`` on every key
+    of ``keys`` that both configs have (the values that split the groups: a severity, a setting); None when there
+    is none or more than one (ambiguous: no pair is made)."""
+    found = [b for b in baselines if b.name == run.name and b.stream == run.stream and b.seed == run.seed
+             and all(b.config.get(k) == run.config.get(k) for k in keys if k in b.config and k in run.config)]
+    return found[0] if len(found) == 1 else None
+
+
+def paired_gains(groups: Sequence[tuple[str, dict[str, Any], list[RunRecord]]], baseline: str,
+                 metrics: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per group, the change of each metric over the ``baseline`` method on the same experiment, stream and seed:
+    the per-seed differences and their `mean_interval`. Pairing removes what the seeds share (a stream that is
+    harder for every method), so a small gain that the unpaired intervals hide shows: e.g. TDA vs zero-shot on the
+    same three streams. Groups of the baseline itself, and runs without a matching baseline run, are left out."""
+    base_groups = [g for g in groups if g[2] and g[2][0].method == baseline]
+    base_runs = [r for g in base_groups for r in g[2]]
+    split = sorted({k for g in groups for k in g[1]})  # every key that sets a group apart
+    rows = []
+    for label, overrides, runs in groups:
+        if not runs or runs[0].method == baseline:
+            continue
+        names = metrics or (PAIRED_TASK_METRICS if runs[0].kind == "tasks" else PAIRED_SAMPLE_METRICS)
+        diffs: dict[str, list[float]] = {k: [] for k in names}
+        seeds = []
+        for r in runs:
+            b = _baseline_for(r, split, base_runs)
+            if b is None:
+                continue
+            seeds.append(r.seed)
+            for k in names:
+                if k in r.metrics and k in b.metrics:
+                    diffs[k].append(r.metrics[k] - b.metrics[k])
+        if not seeds:
+            continue
+        rows.append({"label": label, "name": runs[0].name, "method": runs[0].method, "stream": runs[0].stream,
+                     "baseline": baseline, "n": len(seeds), "seeds": seeds,
+                     "metrics": {k: mean_interval(v) for k, v in diffs.items() if v}})
+    return rows
+
+
+def paired_markdown(rows: Sequence[dict]) -> str:
+    """The paired-gain table (points over the baseline, mean ± 95 % t interval over the paired seeds)."""
+    if not rows:
+        return ""
+    names = [k for k in (*PAIRED_SAMPLE_METRICS, *PAIRED_TASK_METRICS) if any(k in r["metrics"] for r in rows)]
+    header = {"online_accuracy": "Δ online acc. (pts)", "online_first_part": "Δ first quarter",
+              "online_last_part": "Δ last quarter", "average": "Δ average", "last": "Δ last"}
+    columns = [(f"{header.get(k, k)} vs {rows[0]['baseline']}", k, 100.0, 2) for k in names]
+
+    def signed(row: dict, key: str, scale: float, digits: int) -> str:
+        s = row["metrics"].get(key)
+        if s is None:
+            return MISSING
+        text = f"{scale * s['mean']:+.{digits}f}"
+        return text if s["half"] is None else f"{text} ± {scale * s['half']:.{digits}f}"
+
+    head = ["experiment", "stream", "method", "paired seeds", *(c[0] for c in columns)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out.append("| " + " | ".join([r["name"] or MISSING, r["stream"], r["label"], f"n={r['n']}",
+                                      *(signed(r, k, s, d) for _, k, s, d in columns)]) + " |")
+    return "\n".join(out)

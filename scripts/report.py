@@ -9,6 +9,7 @@ them (e.g. ``strategy.params=visual.``); seeds are aggregated: mean and a 95 % S
 (one seed: the value, marked n=1). Task streams print the continual-learning table (average / last / forgetting /
 retention ratio / drop, plus effective rank and drift for LoRA strategies), test-time streams the online table
 (accuracy and ECE as means over domains, latency p50 / p95, samples/s). Unfinished runs are left out and listed.
+``--baseline zeroshot`` adds each method's change over zero-shot, paired by seed (the same streams).
 The aggregation lives in `ctta.report` (tested); this is the command line around it.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from ctta.io import atomic_write_json, provenance
 from ctta.plots import plot_curves
-from ctta.report import cl_markdown, group_runs, run_record, summarize_groups, tta_markdown
+from ctta.report import (cl_markdown, group_runs, paired_gains, paired_markdown, run_record, summarize_groups,
+                         tta_markdown)
 
 
 def find_results(sources: list[str]) -> list[Path]:
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  "online accuracy against stream position (sample streams; beside it as "
                                  "<name>_online.png when both kinds are there)")
     p.add_argument("--include-unfinished", action="store_true", help="also tabulate runs that have not finished")
+    p.add_argument("--baseline", metavar="METHOD",
+                   help="also tabulate each method's change over this method (e.g. zeroshot), paired by experiment, "
+                        "stream, seed and the values that split the groups: mean ± 95 %% t interval of the differences")
     a = p.parse_args(argv)
 
     paths = find_results(a.sources)
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
             unfinished.append(str(path))
             continue
         records.append(run_record(doc, str(path)))
-    rows = summarize_groups(group_runs(records))
+    groups = group_runs(records)
+    rows = summarize_groups(groups)
     tasks = [r for r in rows if r["kind"] == "tasks"]
     samples = [r for r in rows if r["kind"] == "samples"]
     print(f"{len(records)} runs in {len(rows)} groups (mean ± 95 % t-interval half-width over seeds)\n")
@@ -70,10 +76,14 @@ def main(argv: list[str] | None = None) -> dict:
     if samples:
         print("Test-time sample streams\n")
         print(tta_markdown(samples) + "\n")
+    paired = paired_gains(groups, a.baseline) if a.baseline else []
+    if a.baseline:
+        print(f"Paired change over {a.baseline} (points; mean ± 95 % t-interval half-width over paired seeds)\n")
+        print((paired_markdown(paired) or f"(no run pairs with a {a.baseline} run)") + "\n")
     if unfinished:
         print(f"left out, not finished ({len(unfinished)}): " + ", ".join(unfinished), file=sys.stderr)
     doc = {"sources": a.sources, "runs": len(records), "unfinished": unfinished, "groups": rows,
-           "provenance": provenance()}
+           **({"paired": paired} if a.baseline else {}), "provenance": provenance()}
     if a.json:
         print(f"summary -> {atomic_write_json(a.json, doc)}")
     if a.png:

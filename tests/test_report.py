@@ -171,3 +171,30 @@ def test_sample_runs_carry_their_cumulative_accuracy_curve(tmp_path):
     out = plot_curves({"tda": row["curve"]}, tmp_path / "c.png", x={"tda": row["positions"]},
                       xlabel="stream position (samples)")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_gains_over_a_baseline_by_seed_and_split():
+    # zero-shot and TDA on seeds 0-2 at two severities; TDA's seed 3 has no zero-shot run and is left out
+    zs = {(3, 0): 0.40, (3, 1): 0.41, (3, 2): 0.42, (5, 0): 0.10, (5, 1): 0.20, (5, 2): 0.30}
+    tda = {(3, 0): 0.41, (3, 1): 0.43, (3, 2): 0.42, (5, 0): 0.10, (5, 1): 0.20, (5, 2): 0.30, (3, 3): 0.9}
+    docs = [_online_doc("zeroshot", s, accs=(a, a), severity=sev) for (sev, s), a in zs.items()]
+    docs += [_online_doc("tda", s, accs=(a, a), severity=sev) for (sev, s), a in tda.items()]
+    groups = R.group_runs(R.run_record(d) for d in docs)
+    rows = R.paired_gains(groups, "zeroshot")
+    assert [r["label"] for r in rows] == ["tda (stream.severity=3)", "tda (stream.severity=5)"]
+    sev3, sev5 = rows
+    assert sev3["n"] == 3 and sorted(sev3["seeds"]) == [0, 1, 2]  # seed 3 unpaired
+    # severity 3: differences +1, +2, 0 points: mean 1, sd 1, half-width 4.303 / sqrt(3) points;
+    # severity 5 pairs with severity 5 only: every difference 0
+    g = sev3["metrics"]["online_accuracy"]
+    assert g["mean"] == pytest.approx(0.01) and g["half"] == pytest.approx(0.01 * 4.303 / math.sqrt(3), rel=1e-6)
+    assert sev5["metrics"]["online_accuracy"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert "online_first_part" not in sev3["metrics"]  # these runs did not record quarters
+    table = R.paired_markdown(rows).splitlines()
+    assert table[0] == "| experiment | stream | method | paired seeds | Δ online acc. (pts) vs zeroshot |"
+    assert table[2] == f"| world_tpt | world-shift-reset | tda (stream.severity=3) | n=3 | +1.00 ± {4.303 / math.sqrt(3):.2f} |"
+    assert R.paired_gains(groups, "nonexistent") == [] and R.paired_markdown([]) == ""
+    # two baseline runs that both match (same seed, nothing tells them apart): ambiguous, no pair
+    twice = R.group_runs(R.run_record(d) for d in [_online_doc("zeroshot", 0), _online_doc("zeroshot", 0),
+                                                     _online_doc("tda", 0)])
+    assert R.paired_gains(twice, "zeroshot") == []

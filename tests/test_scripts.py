@@ -224,3 +224,20 @@ def test_tower_drift_reads_a_run_and_reproduces_its_accuracy(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPTS / "tower_drift.py"), str(tmp_path)], capture_output=True,
                          text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "not a task-stream run folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_report_paired_gains_on_the_command_line(tmp_path):
+    def doc(method, seed, acc):
+        cfg = {"name": "w", "method": method, "seed": seed, "stream": {"seed": seed}}
+        return {"finished": True, "stream": {"name": "s"}, "strategy": method, "provenance": {"config": cfg},
+                "results": {"online": {"per_domain": {"d": {"accuracy": acc, "ece": 0.1, "n": 4}},
+                                       "mean_domain_accuracy": acc, "cumulative_accuracy": acc}}}
+    for method, accs in (("zeroshot", (0.40, 0.50)), ("tda", (0.42, 0.51))):
+        for seed, acc in enumerate(accs):
+            path = tmp_path / "runs" / method / f"seed{seed}" / "results.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(doc(method, seed, acc)))
+    r = _script("report.py", "runs", "--baseline", "zeroshot", "--json", "out.json", cwd=tmp_path)
+    assert "| w | s | tda | n=2 | +1.50 ± 6.35 |" in r.stdout  # +2 and +1 points: sd 0.707, t(1) 12.706
+    paired = json.loads((tmp_path / "out.json").read_text())["paired"]
+    assert paired[0]["metrics"]["online_accuracy"]["values"] == pytest.approx([0.02, 0.01])
