@@ -211,11 +211,11 @@ class Clip(nn.Module):
     def _encode_fixed_shape(self, prompts: Sequence[str]) -> Tensor:
         """`encode_text` of ``prompts`` in forwards of one fixed shape: prompts grouped by token length, each group
         run trimmed to that length in chunks of exactly ``_HEAD_CHUNK`` rows (the last chunk padded with copies of its
-        last prompt). A forward's floats depend on its shape (the trimmed length and the row count change the matmul
-        kernels: ~1e-7) but not on the other rows of a batch of the same shape, so a prompt's feature is a function of
-        the prompt alone, never of the classes it happened to be encoded with. The per-class head cache relies on
-        that: a head built task by task equals one built at once, so a resumed run predicts exactly as the
-        uninterrupted one (tests/test_model.py checks both)."""
+        last prompt). A forward's floats depend on its shape (the trimmed length and the row count select the matmul
+        kernels: ~1e-7 apart); with the shape fixed they do not depend on the other rows (measured on this project's
+        CPU machine; tests/test_model.py checks it wherever the suite runs). So a prompt's feature is a function of the
+        prompt alone, never of the classes it happened to be encoded with. The per-class head cache relies on that: a
+        head built task by task equals one built at once, so a resumed run predicts exactly as the uninterrupted one."""
         tokens = self.tokenize(prompts)
         eot = self.eot_positions(tokens)
         out: Tensor | None = None
