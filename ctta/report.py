@@ -216,23 +216,25 @@ def summarize_groups(groups: Sequence[tuple[str, dict[str, Any], list[RunRecord]
     return rows
 
 
-def cell(row: dict, key: str, scale: float = 100.0, digits: int = 1) -> str:
-    """``mean ± half`` of a row's metric (× ``scale``), the mean alone when n = 1, "–" when absent."""
+def cell(row: dict, key: str, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
+    """``mean ± half`` of a row's metric (× ``scale``; ``signed``: with its sign, for changes), the mean alone when
+    n = 1, "–" when absent."""
     s = row["metrics"].get(key)
     if s is None:
         return MISSING
-    text = f"{scale * s['mean']:.{digits}f}"
+    text = f"{scale * s['mean']:{'+' if signed else ''}.{digits}f}"
     return text if s["half"] is None else f"{text} ± {scale * s['half']:.{digits}f}"
 
 
-def markdown(rows: Sequence[dict], columns: Sequence[tuple[str, str, float, int]]) -> str:
-    """A markdown table: experiment, stream, method, seeds (``n=3``; with n=1 the cells carry no interval), then
-    ``(header, metric, scale, digits)`` columns."""
-    head = ["experiment", "stream", "method", "seeds", *(c[0] for c in columns)]
+def markdown(rows: Sequence[dict], columns: Sequence[tuple[str, str, float, int]], seeds: str = "seeds",
+             signed: bool = False) -> str:
+    """A markdown table: experiment, stream, method, ``seeds`` (``n=3``; with n=1 the cells carry no interval), then
+    ``(header, metric, scale, digits)`` columns (``signed``: values with their sign)."""
+    head = ["experiment", "stream", "method", seeds, *(c[0] for c in columns)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"] or MISSING, r["stream"], r["label"], f"n={r['n']}",
-                 *(cell(r, k, s, d) for _, k, s, d in columns)]
+                 *(cell(r, k, s, d, signed) for _, k, s, d in columns)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -322,17 +324,4 @@ def paired_markdown(rows: Sequence[dict]) -> str:
     header = {"online_accuracy": "Δ online acc. (pts)", "online_first_part": "Δ first quarter",
               "online_last_part": "Δ last quarter", "average": "Δ average", "last": "Δ last"}
     columns = [(f"{header.get(k, k)} vs {rows[0]['baseline']}", k, 100.0, 2) for k in names]
-
-    def signed(row: dict, key: str, scale: float, digits: int) -> str:
-        s = row["metrics"].get(key)
-        if s is None:
-            return MISSING
-        text = f"{scale * s['mean']:+.{digits}f}"
-        return text if s["half"] is None else f"{text} ± {scale * s['half']:.{digits}f}"
-
-    head = ["experiment", "stream", "method", "paired seeds", *(c[0] for c in columns)]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        out.append("| " + " | ".join([r["name"] or MISSING, r["stream"], r["label"], f"n={r['n']}",
-                                      *(signed(r, k, s, d) for _, k, s, d in columns)]) + " |")
-    return "\n".join(out)
+    return markdown(rows, columns, seeds="paired seeds", signed=True)

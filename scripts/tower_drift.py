@@ -45,11 +45,11 @@ def tower_table(f0: Tensor, f1: Tensor, y: Tensor, t0: Tensor, t1: Tensor, class
 
 
 def _features(model, dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    from ctta.loading import iter_batches
+    from ctta.data import iter_batches
     feats, labels = [], []
     with torch.no_grad():
-        for images, y, *_ in iter_batches(dataset, batch_size):
-            feats.append(model.encode_image(images.to(model.device)).float().cpu())
+        for images, y, *_ in iter_batches(dataset, batch_size, device=model.device):
+            feats.append(model.encode_image(images).float().cpu())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -87,7 +87,7 @@ def drift(run: Path, device: str = "cpu") -> dict:
         t0, t1 = start.text_head(space).float().cpu(), end.text_head(space).float().cpu()
     rows = []
     for k in range(done):
-        task_space, offset = stream.space_for(done - 1, k)
+        _, offset = stream.space_for(done - 1, k)
         f0, y = _features(start, stream.tasks[k].test)
         f1, _ = _features(end, stream.tasks[k].test)
         classes = torch.arange(len(stream.tasks[k].space)) + offset
