@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  "<name>_online.png when both kinds are there)")
     p.add_argument("--include-unfinished", action="store_true", help="also tabulate runs that have not finished")
     p.add_argument("--baseline", metavar="METHOD",
-                   help="also tabulate each method's change over this method (e.g. zeroshot), paired by experiment, "
-                        "stream, seed and the values that split the groups: mean ± 95 %% t interval of the differences")
+                   help="also tabulate each method's change over this method (e.g. zeroshot), paired by "
+                        "experiment, stream, seed and the values that split the groups: mean ± 95 %% t interval "
+                        "of the differences")
     a = p.parse_args(argv)
 
     paths = find_results(a.sources)

@@ -72,7 +72,8 @@ def test_progress_shows_within_seconds(finished):
     assert first.startswith("ctta: zeroshot on world_cil_shifted") and "setting up" in first
     assert "stream world-cil2-textured-colour_shift4: 2 tasks, 200 test images" in r.stderr
     assert "loading model micro-clip (builtin)" in r.stderr
-    assert "tasks:" in r.stderr and "world-cil2-textured-colour_shift4/t1: evaluate" in r.stderr  # the outer bar, "task: step"
+    # the outer bar, "task: step"
+    assert "tasks:" in r.stderr and "world-cil2-textured-colour_shift4/t1: evaluate" in r.stderr
     assert "evaluate after task 1/2" in r.stderr and "evaluate after task 2/2" in r.stderr  # the evaluation bar
     # third-party INFO lines are quiet by default
     assert "Loaded built-in micro-clip model config" not in r.out and "[INFO]" not in r.out

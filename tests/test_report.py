@@ -192,7 +192,8 @@ def test_paired_gains_over_a_baseline_by_seed_and_split():
     assert "online_first_part" not in sev3["metrics"]  # these runs did not record quarters
     table = R.paired_markdown(rows).splitlines()
     assert table[0] == "| experiment | stream | method | paired seeds | Δ online acc. (pts) vs zeroshot |"
-    assert table[2] == f"| world_tpt | world-shift-reset | tda (stream.severity=3) | n=3 | +1.00 ± {4.303 / math.sqrt(3):.2f} |"
+    half = f"{4.303 / math.sqrt(3):.2f}"
+    assert table[2] == f"| world_tpt | world-shift-reset | tda (stream.severity=3) | n=3 | +1.00 ± {half} |"
     assert R.paired_gains(groups, "nonexistent") == [] and R.paired_markdown([]) == ""
     # two baseline runs that both match (same seed, nothing tells them apart): ambiguous, no pair
     twice = R.group_runs(R.run_record(d) for d in [_online_doc("zeroshot", 0), _online_doc("zeroshot", 0),

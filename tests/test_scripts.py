@@ -202,7 +202,8 @@ def test_tower_drift_by_hand():
     r = tower_drift.tower_table(f0, f1, y, t0, t1, torch.tensor([0]))
     assert r["text_cos"] == pytest.approx(0.0)  # class 0's text only
     assert r["image_cos"] == pytest.approx((c + 1.0) / 2)
-    # end·end: f1[0]·t1 = (s, -c) -> 0 right; f1[1]·t1 = (1, 0) -> 0 wrong.  end·start: (c, s) -> 1 wrong; (0, 1) right
+    # end·end: f1[0]·t1 = (s, -c) -> 0 right; f1[1]·t1 = (1, 0) -> 0 wrong.
+    # end·start: (c, s) -> 1 wrong; (0, 1) right
     # start·end: (0, -1) -> 0 right; (1, 0) -> 0 wrong.  start·start: both right
     assert r["acc"] == pytest.approx({"end_end": 0.5, "end_start": 0.5, "start_end": 0.5, "start_start": 1.0})
 

@@ -29,7 +29,8 @@ Deliberate deviations (all exact-or-cheaper, none changes the objective's expect
 - ``distill_scale=100.0`` (default) pins the distillation logits' scale at the value ZSCL trains with: its code
   reads CLIP's ``logit_scale.exp()``, 100 for the OpenAI weights. A model with a smaller learned scale (the
   micro-CLIP v4: 57.7; v3: ~25) would otherwise distil through a flatter softmax (at T = 2 and scale 25, nearly
-  uniform over similar texts) than the recipe was tuned for. ``None`` uses the model's scale. The cross-entropy keeps the model's scale.
+  uniform over similar texts) than the recipe was tuned for. ``None`` uses the model's scale. The cross-entropy
+  keeps the model's scale.
 - ``wise_alpha`` (off by default, as in ZSCL's LwF) adds WiSE-FT interpolation with the zero-shot weights after
   every task (`ctta.merging.interpolate_`).
 
