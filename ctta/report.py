@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 # config keys that say how or where a run went, not what it computed: never a reason to split a group
 IGNORED_KEYS = ("seed", "out_dir", "name", "method", "progress", "threads", "device", "data_root", "dist_timeout_s",
@@ -45,32 +45,6 @@ def format_summary(results: dict) -> str:
         lines.append("online: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in o.items() if not isinstance(v, (dict, list))))
     return "\n".join(lines) if lines else "(no metrics)"
-
-
-def cl_row(results: dict) -> dict:
-    """One benchmark row from a task-stream results dict (`AccuracyMatrix` + `ZeroShotRetention`): average, last,
-    forgetting, BWT, the retention ratio / drop / mean accuracies, and each control's (before, after) accuracy."""
-    m, r = results["metrics"], results["retention"]
-    return {"average": m["average"], "last": m["last"], "forgetting": m["forgetting"], "bwt": m["bwt"],
-            "retention_ratio": r["mean_ratio"], "retention_drop": r["mean_drop"], "control_acc0": r["mean_acc0"],
-            "control_acc": r["mean_acc"],
-            "per_control": {k.split("/")[-1]: (v["acc0"], v["acc"][-1]) for k, v in r["tasks"].items()}}
-
-
-def cl_table(rows: dict[str, dict], extra: Sequence[tuple[str, Callable[[dict], str]]] = ()) -> str:
-    """A markdown table of `cl_row` rows (plus ``wall_s``), with ``extra`` (header, cell function) columns
-    before the wall time."""
-    controls = " / ".join(next(iter(rows.values()))["per_control"]) if rows else ""
-    head = ["method", "average", "last", "forgetting", "retention ratio", "retention drop (pts)",
-            f"controls {controls} (after)", *(h for h, _ in extra), "wall (s)"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, s in rows.items():
-        ctl = " / ".join(f"{100 * v[1]:.1f}" for v in s["per_control"].values())
-        cells = [name, f"{100 * s['average']:.1f}", f"{100 * s['last']:.1f}", f"{100 * s['forgetting']:.1f}",
-                 f"{s['retention_ratio']:.3f}", f"{100 * s['retention_drop']:.1f}", ctl,
-                 *(fn(s) for _, fn in extra), f"{s['wall_s']:.0f}"]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------ many runs

@@ -102,18 +102,3 @@ def test_ece_on_hand_computed_predictions():
     assert M.expected_calibration_error(torch.ones(3), torch.ones(3)) == pytest.approx(0.0)
     with pytest.raises(ValueError):
         M.expected_calibration_error(torch.tensor([1.5]), torch.tensor([1]))
-
-
-def test_cl_row_and_table_from_a_results_dict():
-    from ctta.report import cl_row, cl_table
-    res = {"metrics": {"average": 0.5, "last": 0.25, "forgetting": 0.3, "bwt": -0.3},
-           "retention": {"mean_ratio": 0.9, "mean_drop": 0.05, "mean_acc0": 0.5, "mean_acc": 0.45,
-                         "tasks": {"control/shape": {"acc0": 0.4, "acc": [0.4, 0.3]},
-                                   "control/size": {"acc0": 0.6, "acc": [0.6, 0.6]}}}}
-    row = cl_row(res)
-    assert row["per_control"] == {"shape": (0.4, 0.3), "size": (0.6, 0.6)} and row["bwt"] == -0.3
-    table = cl_table({"ft": {**row, "wall_s": 12.4, "rank": 3}}, [("rank", lambda s: str(s["rank"]))]).splitlines()
-    assert table[0] == ("| method | average | last | forgetting | retention ratio | retention drop (pts) | "
-                        "controls shape / size (after) | rank | wall (s) |")
-    assert table[1] == "|---|---|---|---|---|---|---|---|---|"
-    assert table[2] == "| ft | 50.0 | 25.0 | 30.0 | 0.900 | 5.0 | 30.0 / 60.0 | 3 | 12 |"
