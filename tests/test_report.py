@@ -92,7 +92,7 @@ def test_different_names_and_streams_never_mix():
         ("world_cl", "world-cil10", 1), ("world_cl", "world-dil", 1), ("world_cl_visual", "world-cil10", 1)]
 
 
-def test_cl_table_cells_and_missing_metric():
+def test_cl_markdown_cells_and_missing_metric():
     docs = [_doc("finetune", s, average=a, last=0.4) for s, a in ((0, 0.5), (1, 0.6), (2, 0.7))]
     no_retention = _doc("zeroshot")
     del no_retention["results"]["retention"]
