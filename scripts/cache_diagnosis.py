@@ -2,6 +2,7 @@
 
     python scripts/cache_diagnosis.py                          # severity 3, 2,000 images per corruption, seed 0
     python scripts/cache_diagnosis.py --severity 5 --per-class 5 --corruptions contrast jpeg --out /tmp/d.json
+    python scripts/cache_diagnosis.py --styles textured --per-class 150   # the natural shift (streams.world_style)
 
 Replays TDA's positive cache on the micro-CLIP's features of the world's shift streams (`streams.world.shift_tasks`,
 each corruption from an empty cache, images in stream order, update before predict as TDA does), with the pieces the
@@ -17,6 +18,10 @@ strategies use (`ClassCache` with TDA's entropy admission, `affinity_logits`, 10
   that the cache term ``α · Σ w`` has to overcome to flip a prediction.
 
 ``purity``: the share of the pseudo cache's items (at the end of each domain) whose pseudo-label is right.
+The zero-shot errors themselves: ``gap_wrong``, the median lead of the wrong class over the true one (100·cos), which
+a full cache can overcome only where it is below ``α · capacity · w_same``; ``entropy_wrong`` / ``entropy_right``,
+the median prediction entropy (nats) of the errors and of the right answers (confident errors enter the cache under
+their wrong label); ``top_confusions``, the three most frequent (true, predicted) class pairs.
 Prints a markdown table; ``--out`` writes it as JSON with provenance. About 1 minute on one core at the defaults.
 """
 from __future__ import annotations
@@ -31,7 +36,9 @@ from ctta.io import atomic_write_json, provenance
 from ctta.strategies._cache import ClassCache, affinity_logits, class_logits
 from ctta.strategies._dual_cache import DualCacheConfig
 from streams.corruptions import CORRUPTIONS
+from streams import synthetic as W
 from streams.world import shift_tasks
+from streams.world_style import style_shift_tasks
 
 
 def replay(feats: Tensor, labels: Tensor, head: Tensor, cfg: DualCacheConfig, scale: float = 100.0) -> dict:
@@ -62,11 +69,26 @@ def replay(feats: Tensor, labels: Tensor, head: Tensor, cfg: DualCacheConfig, sc
     _, classes, _, truth = caches["pseudo"].items()
     top2 = z_all.topk(2, dim=-1).values
     n = len(labels)
+    # the zero-shot errors: how far the true class trails (what the cache term must add to flip one), how sure the
+    # model is of them (entropy, nats) against its right answers, and the most frequent (true, predicted) pairs
+    pred = z_all.argmax(-1)
+    wrong = pred != labels
+    rows = torch.arange(n)
+    gap = (z_all[rows, pred] - z_all[rows, labels])[wrong]
+    p_all = z_all.softmax(-1)
+    ent = -(p_all * p_all.clamp_min(1e-12).log()).sum(-1)
+    pairs: dict[tuple[int, int], int] = {}
+    for t, q in zip(labels[wrong].tolist(), pred[wrong].tolist()):
+        pairs[(t, q)] = pairs.get((t, q), 0) + 1
+    top = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    median = (lambda v: float(v.median()) if len(v) else float("nan"))
     return {"n": n, **{f"acc_{k}": v / n for k, v in right.items()},
             "purity": float((truth.argmax(-1) == classes).float().mean()) if len(classes) else float("nan"),
             "cached_items": len(classes),
             "w_same": sum(w_same) / max(1, len(w_same)), "w_other": sum(w_other) / max(1, len(w_other)),
-            "text_margin": float((top2[:, 0] - top2[:, 1]).mean())}
+            "text_margin": float((top2[:, 0] - top2[:, 1]).mean()),
+            "gap_wrong": median(gap), "entropy_wrong": median(ent[wrong]), "entropy_right": median(ent[~wrong]),
+            "top_confusions": [[t, q, k] for (t, q), k in top]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)
     ap.add_argument("--severity", type=int, default=3, choices=range(1, 6))
+    ap.add_argument("--styles", nargs="+", choices=W.STYLES, default=None,
+                    help="diagnose the natural-shift stream instead (streams.world_style: the classes drawn in these "
+                         "styles, no corruption; --corruptions and --severity are then unused)")
     ap.add_argument("--per-class", type=int, default=20, help="images per class and corruption (x 100 classes)")
     ap.add_argument("--seed", type=int, default=0, help="stream seed")
     ap.add_argument("--out", help="write the figures here as JSON (atomically)")
@@ -83,28 +108,38 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(a.seed)
     model = Clip.from_pretrained("micro-clip", "builtin")
     cfg = DualCacheConfig()  # TDA's official positive-cache settings
-    stream = shift_tasks(a.corruptions, a.severity, per_class=a.per_class, seed=a.seed, setting="reset")
+    if a.styles:
+        stream = style_shift_tasks(a.styles, per_class=a.per_class, seed=a.seed, setting="reset")
+        what = f"styles {', '.join(a.styles)}"
+    else:
+        stream = shift_tasks(a.corruptions, a.severity, per_class=a.per_class, seed=a.seed, setting="reset")
+        what = f"severity {a.severity}"
     rows = {}
-    print(f"{len(stream.tasks)} domains of {a.per_class * 100} images, severity {a.severity}, seed {a.seed}; "
+    print(f"{len(stream.tasks)} domains of {a.per_class * 100} images, {what}, seed {a.seed}; "
           f"alpha {cfg.pos_alpha}, beta {cfg.pos_beta}, capacity {cfg.pos_capacity}, 100*cos", flush=True)
     for task in stream.tasks:
         images, labels = task.test.get_batch(torch.arange(len(task.test)))[:2]
         with torch.no_grad():
             feats = torch.cat([model.encode_image(images[i:i + 256]) for i in range(0, len(images), 256)]).float()
-        rows[task.name] = replay(feats, labels, model.text_head(task.space).float(), cfg)
-        r = rows[task.name]
+        rows[task.name] = r = replay(feats, labels, model.text_head(task.space).float(), cfg)
+        names = task.space.classnames
+        r["top_confusions"] = [[names[t], names[q], k] for t, q, k in r["top_confusions"]]
         print(f"  {task.name}: zero-shot {100 * r['acc_zeroshot']:.1f}, pseudo cache {100 * r['acc_pseudo']:.1f}, "
-              f"oracle cache {100 * r['acc_oracle']:.1f}, purity {100 * r['purity']:.0f} %", flush=True)
-    keys = ("acc_zeroshot", "acc_pseudo", "acc_oracle", "purity", "w_same", "w_other", "text_margin")
+              f"oracle cache {100 * r['acc_oracle']:.1f}, purity {100 * r['purity']:.0f} %; most frequent errors "
+              + ", ".join(f"{t} -> {q} ({k})" for t, q, k in r["top_confusions"]), flush=True)
+    keys = ("acc_zeroshot", "acc_pseudo", "acc_oracle", "purity", "w_same", "w_other", "text_margin", "gap_wrong",
+            "entropy_wrong", "entropy_right")
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
-    head = "| domain | zero-shot | pseudo cache | oracle cache | purity % | w same | w other | text margin |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = ("| domain | zero-shot | pseudo cache | oracle cache | purity % | w same | w other | text margin | "
+            "gap on errors | entropy errors / right |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in [*rows.items(), ("mean", mean)]:
         lines.append(f"| {name} | {100 * r['acc_zeroshot']:.1f} | {100 * r['acc_pseudo']:.1f} | "
                      f"{100 * r['acc_oracle']:.1f} | {100 * r['purity']:.0f} | {r['w_same']:.3f} | "
-                     f"{r['w_other']:.3f} | {r['text_margin']:.2f} |")
+                     f"{r['w_other']:.3f} | {r['text_margin']:.2f} | {r['gap_wrong']:.2f} | "
+                     f"{r['entropy_wrong']:.3f} / {r['entropy_right']:.3f} |")
     print("\n" + "\n".join(lines))
-    doc = {"severity": a.severity, "per_class": a.per_class, "seed": a.seed, "config": {
+    doc = {"severity": None if a.styles else a.severity, "styles": a.styles, "per_class": a.per_class, "seed": a.seed, "config": {
         "pos_alpha": cfg.pos_alpha, "pos_beta": cfg.pos_beta, "pos_capacity": cfg.pos_capacity, "logit_scale": 100.0},
         "domains": rows, "mean": mean, "provenance": provenance(model, seed=a.seed, config=vars(a))}
     if a.out:

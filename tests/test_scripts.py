@@ -175,11 +175,21 @@ def test_cache_diagnosis_replay_by_hand(tmp_path):
     assert r["w_same"] == pytest.approx(1.0)
     assert r["w_other"] == pytest.approx((math.exp(-5.0) + math.exp(-5 * (1 - float(f2[1])))) / 2, rel=1e-5)
     assert r["text_margin"] == pytest.approx((100 + 100 * float(f2[1] - f2[0]) + 100) / 3, rel=1e-5)
+    # the one zero-shot error: f2 (class 0) read as class 1, which leads by 100·(f2[1] − f2[0]) = 0.028
+    assert r["gap_wrong"] == pytest.approx(100 * float(f2[1] - f2[0]), rel=1e-4)
+    assert r["top_confusions"] == [[0, 1, 1]]
+    p2 = torch.softmax(100 * f2, 0)  # near 50/50: entropy close to ln 2; f1 and f3 at 100·cos: near 0
+    assert r["entropy_wrong"] == pytest.approx(float(-(p2 * p2.log()).sum()), rel=1e-5)
+    assert r["entropy_right"] == pytest.approx(0.0, abs=1e-30)
     out = tmp_path / "d.json"
     _script("cache_diagnosis.py", "--per-class", "1", "--corruptions", "contrast", "--out", str(out), cwd=tmp_path)
     doc = json.loads(out.read_text())
     assert set(doc["domains"]) == {"contrast-3"} and doc["domains"]["contrast-3"]["n"] == 100
     assert doc["provenance"]["seed"] == 0
+    _script("cache_diagnosis.py", "--per-class", "1", "--styles", "textured", "--out", str(out), cwd=tmp_path)
+    doc = json.loads(out.read_text())
+    assert set(doc["domains"]) == {"textured"} and doc["styles"] == ["textured"] and doc["severity"] is None
+    assert all(len(c) == 3 and isinstance(c[0], str) for c in doc["domains"]["textured"]["top_confusions"])
     bad = subprocess.run([sys.executable, str(SCRIPTS / "cache_diagnosis.py"), "--per-class", "0"],
                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert bad.returncode != 0 and "--per-class must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
