@@ -21,7 +21,10 @@ strategies use (`ClassCache` with TDA's entropy admission, `affinity_logits`, 10
 The zero-shot errors themselves: ``gap_wrong``, the median lead of the wrong class over the true one (100·cos), which
 a full cache can overcome only where it is below ``α · capacity · w_same``; ``entropy_wrong`` / ``entropy_right``,
 the median prediction entropy (nats) of the errors and of the right answers (confident errors enter the cache under
-their wrong label); ``top_confusions``, the three most frequent (true, predicted) class pairs.
+their wrong label); ``top_confusions``, the three most frequent (true, predicted) class pairs; ``nn_fixable``, the
+share of errors whose nearest other image of the domain (cosine) is a right zero-shot answer of the same class (a
+cache of right pseudo-labels has something near them); ``errors_in_lost_classes``, the share of errors in classes that
+zero-shot gets less than 20 % right on the domain (errors massed by class rather than spread).
 Prints a markdown table; ``--out`` writes it as JSON with provenance. About 1 minute on one core at the defaults.
 """
 from __future__ import annotations
@@ -39,6 +42,17 @@ from streams.corruptions import CORRUPTIONS
 from streams import synthetic as W
 from streams.world import shift_tasks
 from streams.world_style import style_shift_tasks
+
+
+def nearest_other(feats: Tensor, chunk: int = 1024) -> Tensor:
+    """Index of each row's most similar other row (cosine on L2-normalised ``feats [N, D]``), in chunks of rows."""
+    out = []
+    for i in range(0, len(feats), chunk):
+        sim = feats[i:i + chunk] @ feats.t()
+        rows = torch.arange(len(sim))
+        sim[rows, rows + i] = -float("inf")  # not itself
+        out.append(sim.argmax(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def replay(feats: Tensor, labels: Tensor, head: Tensor, cfg: DualCacheConfig, scale: float = 100.0) -> dict:
@@ -82,12 +96,20 @@ def replay(feats: Tensor, labels: Tensor, head: Tensor, cfg: DualCacheConfig, sc
         pairs[(t, q)] = pairs.get((t, q), 0) + 1
     top = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
     median = (lambda v: float(v.median()) if len(v) else float("nan"))
+    share = (lambda m: float(m[wrong].float().mean()) if bool(wrong.any()) else float("nan"))
+    # where a cache could help at all: an error whose nearest other image of the stream is a right zero-shot answer
+    # of its own class, and errors spread over classes or massed in classes zero-shot has lost (accuracy < 20 %)
+    nn = nearest_other(feats)
+    right_zs = pred == labels
+    class_acc = torch.zeros(c).index_add_(0, labels, right_zs.float()) / torch.bincount(labels, minlength=c).clamp(1)
     return {"n": n, **{f"acc_{k}": v / n for k, v in right.items()},
             "purity": float((truth.argmax(-1) == classes).float().mean()) if len(classes) else float("nan"),
             "cached_items": len(classes),
             "w_same": sum(w_same) / max(1, len(w_same)), "w_other": sum(w_other) / max(1, len(w_other)),
             "text_margin": float((top2[:, 0] - top2[:, 1]).mean()),
             "gap_wrong": median(gap), "entropy_wrong": median(ent[wrong]), "entropy_right": median(ent[~wrong]),
+            "nn_fixable": share((labels[nn] == labels) & right_zs[nn]),
+            "errors_in_lost_classes": share(class_acc[labels] < 0.2),
             "top_confusions": [[t, q, k] for (t, q), k in top]}
 
 
@@ -128,16 +150,17 @@ def main(argv: list[str] | None = None) -> dict:
               f"oracle cache {100 * r['acc_oracle']:.1f}, purity {100 * r['purity']:.0f} %; most frequent errors "
               + ", ".join(f"{t} -> {q} ({k})" for t, q, k in r["top_confusions"]), flush=True)
     keys = ("acc_zeroshot", "acc_pseudo", "acc_oracle", "purity", "w_same", "w_other", "text_margin", "gap_wrong",
-            "entropy_wrong", "entropy_right")
+            "entropy_wrong", "entropy_right", "nn_fixable", "errors_in_lost_classes")
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
     head = ("| domain | zero-shot | pseudo cache | oracle cache | purity % | w same | w other | text margin | "
-            "gap on errors | entropy errors / right |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+            "gap on errors | entropy errors / right | errors NN-fixable % | errors in lost classes % |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in [*rows.items(), ("mean", mean)]:
         lines.append(f"| {name} | {100 * r['acc_zeroshot']:.1f} | {100 * r['acc_pseudo']:.1f} | "
                      f"{100 * r['acc_oracle']:.1f} | {100 * r['purity']:.0f} | {r['w_same']:.3f} | "
                      f"{r['w_other']:.3f} | {r['text_margin']:.2f} | {r['gap_wrong']:.2f} | "
-                     f"{r['entropy_wrong']:.3f} / {r['entropy_right']:.3f} |")
+                     f"{r['entropy_wrong']:.3f} / {r['entropy_right']:.3f} | {100 * r['nn_fixable']:.0f} | "
+                     f"{100 * r['errors_in_lost_classes']:.0f} |")
     print("\n" + "\n".join(lines))
     doc = {"severity": None if a.styles else a.severity, "styles": a.styles, "per_class": a.per_class, "seed": a.seed, "config": {
         "pos_alpha": cfg.pos_alpha, "pos_beta": cfg.pos_beta, "pos_capacity": cfg.pos_capacity, "logit_scale": 100.0},

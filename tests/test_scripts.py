@@ -181,6 +181,19 @@ def test_cache_diagnosis_replay_by_hand(tmp_path):
     p2 = torch.softmax(100 * f2, 0)  # near 50/50: entropy close to ln 2; f1 and f3 at 100·cos: near 0
     assert r["entropy_wrong"] == pytest.approx(float(-(p2 * p2.log()).sum()), rel=1e-5)
     assert r["entropy_right"] == pytest.approx(0.0, abs=1e-30)
+    # f2's nearest other image is f3 (cos 0.7072 vs 0.7070), of the other class: nothing right of its class nearby;
+    # class 0 is half right, so its error is not in a lost class
+    assert (r["nn_fixable"], r["errors_in_lost_classes"]) == (0.0, 0.0)
+    # a tilted head: a = (1, -0.05) is read as class 0 (right), b = (0.96, 0.28) of class 0 as class 1 (wrong), and
+    # b's nearest other image is a (cos 0.95 vs 0.28 to c): a right answer of its class, so the error is NN-fixable
+    tilted = torch.tensor([[0.6, -0.8], [0.6, 0.8]])
+    a, b, c = (torch.nn.functional.normalize(torch.tensor(v), dim=0) for v in ([1.0, -0.05], [0.96, 0.28], [0.0, 1.0]))
+    r = cache_diagnosis.replay(torch.stack([a, b, c]), torch.tensor([0, 0, 1]), tilted, DualCacheConfig())
+    assert r["acc_zeroshot"] == pytest.approx(2 / 3) and r["nn_fixable"] == 1.0 and r["errors_in_lost_classes"] == 0.0
+    # two wrong images of class 0 (each the other's neighbour): class 0 is lost (0 % right), nothing is NN-fixable
+    b2 = torch.nn.functional.normalize(torch.tensor([0.9, 0.436]), dim=0)
+    r = cache_diagnosis.replay(torch.stack([b, b2, c]), torch.tensor([0, 0, 1]), tilted, DualCacheConfig())
+    assert r["acc_zeroshot"] == pytest.approx(1 / 3) and r["nn_fixable"] == 0.0 and r["errors_in_lost_classes"] == 1.0
     out = tmp_path / "d.json"
     _script("cache_diagnosis.py", "--per-class", "1", "--corruptions", "contrast", "--out", str(out), cwd=tmp_path)
     doc = json.loads(out.read_text())
