@@ -38,8 +38,8 @@ from ctta import Clip
 from ctta.io import atomic_write_json, provenance
 from ctta.strategies._cache import ClassCache, affinity_logits, class_logits
 from ctta.strategies._dual_cache import DualCacheConfig
-from streams.corruptions import CORRUPTIONS
 from streams import synthetic as W
+from streams.corruptions import CORRUPTIONS
 from streams.world import shift_tasks
 from streams.world_style import style_shift_tasks
 
@@ -123,13 +123,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "styles, no corruption; --corruptions and --severity are then unused)")
     ap.add_argument("--per-class", type=int, default=20, help="images per class and corruption (x 100 classes)")
     ap.add_argument("--seed", type=int, default=0, help="stream seed")
+    ap.add_argument("--capacity", type=int, default=3,
+                    help="items a class in the replayed cache (TDA's official 3; more is a what-if, not TDA)")
     ap.add_argument("--out", help="write the figures here as JSON (atomically)")
     a = ap.parse_args(argv)
     if a.per_class < 1:
         raise SystemExit(f"--per-class must be at least 1, got {a.per_class}")
+    if a.capacity < 1:
+        raise SystemExit(f"--capacity must be at least 1, got {a.capacity}")
     torch.manual_seed(a.seed)
     model = Clip.from_pretrained("micro-clip", "builtin")
-    cfg = DualCacheConfig()  # TDA's official positive-cache settings
+    cfg = DualCacheConfig(pos_capacity=a.capacity)  # TDA's official positive-cache settings at the default 3
     if a.styles:
         stream = style_shift_tasks(a.styles, per_class=a.per_class, seed=a.seed, setting="reset")
         what = f"styles {', '.join(a.styles)}"

@@ -206,6 +206,9 @@ def test_cache_diagnosis_replay_by_hand(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPTS / "cache_diagnosis.py"), "--per-class", "0"],
                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert bad.returncode != 0 and "--per-class must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "cache_diagnosis.py"), "--capacity", "0"],
+                         capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert bad.returncode != 0 and "--capacity must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_tower_drift_by_hand():
