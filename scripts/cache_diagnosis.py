@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['entropy_wrong']:.3f} / {r['entropy_right']:.3f} | {100 * r['nn_fixable']:.0f} | "
                      f"{100 * r['errors_in_lost_classes']:.0f} |")
     print("\n" + "\n".join(lines))
-    doc = {"severity": None if a.styles else a.severity, "styles": a.styles, "per_class": a.per_class, "seed": a.seed, "config": {
-        "pos_alpha": cfg.pos_alpha, "pos_beta": cfg.pos_beta, "pos_capacity": cfg.pos_capacity, "logit_scale": 100.0},
+    doc = {"severity": None if a.styles else a.severity, "styles": a.styles, "per_class": a.per_class,
+           "seed": a.seed, "config": {"pos_alpha": cfg.pos_alpha, "pos_beta": cfg.pos_beta,
+                                      "pos_capacity": cfg.pos_capacity, "logit_scale": 100.0},
         "domains": rows, "mean": mean, "provenance": provenance(model, seed=a.seed, config=vars(a))}
     if a.out:
         print(f"-> {atomic_write_json(a.out, doc)}")
