@@ -119,6 +119,32 @@ def augment(images: torch.Tensor, mentions: torch.Tensor, g: torch.Generator, cr
     return out, cropped
 
 
+def degrade(images: torch.Tensor, g: torch.Generator, frac: float, noise_max: float,
+            blur_max: float) -> torch.Tensor:
+    """Photographic quality variation (a pre-training lever, off at ``frac`` 0): a ``frac`` share of the images gets
+    sensor noise ``σ ~ U(0, noise_max)`` and a defocus blur ``σ ~ U(0, blur_max)`` px (3×3 Gaussian), one draw per
+    image. Real CLIP's web photos carry such noise and blur; the world's renders carry none. Keep both maxima below
+    the world's severity 1 (`streams.corruptions`: noise 0.06, blur 0.4), so that the test-time corruptions stay
+    stronger than anything pre-training shows. Nothing is drawn at ``frac`` 0. Returns a new tensor in [0, 1]."""
+    if frac <= 0:
+        return images
+    from kornia.filters import gaussian_blur2d
+
+    n = len(images)
+    picked = (torch.rand(n, generator=g) < frac).nonzero().flatten()
+    if not picked.numel():
+        return images
+    sub = images[picked]
+    k = len(picked)
+    blur = (torch.rand(k, generator=g) * blur_max).clamp_min(1e-3)  # σ → 0 is the identity kernel
+    sub = gaussian_blur2d(sub, (3, 3), torch.stack([blur, blur], 1), border_type="reflect")
+    noise = torch.rand(k, generator=g) * noise_max
+    sub = sub + noise[:, None, None, None] * torch.randn(sub.shape, generator=g)
+    out = images.clone()
+    out[picked] = sub.clamp(0, 1)
+    return out
+
+
 def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                         positives: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE with soft targets uniform over all positives. positives: [images, texts] bool.

@@ -46,14 +46,14 @@ import open_clip  # noqa: E402
 import eval_micro  # noqa: E402
 from ctta.io import atomic_write_bytes  # noqa: E402
 from ctta.weights import weights_sha256_entry  # noqa: E402
-from micro_batches import (TRAIN_STYLES, augment, caption_batch, class_contrast_loss, make_batch,  # noqa: E402,F401
-                           multi_positive_loss, shape_group)
+from micro_batches import (TRAIN_STYLES, augment, caption_batch, class_contrast_loss, degrade,  # noqa: E402,F401
+                           make_batch, multi_positive_loss, shape_group)
 from streams import synthetic as W  # noqa: E402
 
 # Stage 1 of a run with --base-steps: v3's recipe (its flags; v3 ran 3,160 steps on a 30-minute budget)
 BASE_RECIPE = {"lr": 2e-3, "warmup": 0.04, "hard_frac": 0.6, "group": 16, "combo_frac": 0.0, "shape_frac": 0.0,
                "flip": 0, "crop_frac": 0.0, "class_weight": 0.0, "class_label": "combo", "grey_frac": 0.0,
-               "solo_frac": 0.2, "mention_p": None}
+               "solo_frac": 0.2, "mention_p": None, "degrade_frac": 0.0}
 
 
 def lr_at(progress: float, warmup: float, base: float) -> float:
@@ -100,6 +100,10 @@ def main() -> None:
                     help="share of images (among those whose caption leaves size unnamed) given a random resized crop")
     ap.add_argument("--crop-scale", type=float, nargs=2, default=(0.25, 1.0), metavar=("LO", "HI"),
                     help="area range of the pre-training crops")
+    ap.add_argument("--degrade-frac", type=float, default=0.0,
+                    help="share of images with mild sensor noise and defocus blur (micro_batches.degrade; 0: off)")
+    ap.add_argument("--degrade-max", type=float, nargs=2, default=(0.04, 0.3), metavar=("NOISE", "BLUR"),
+                    help="largest noise sigma and blur sigma (px) of --degrade-frac, below the world's severity 1")
     ap.add_argument("--grey-frac", type=float, default=0.0, help="share rendered in greyscale, never colour-captioned")
     ap.add_argument("--solo-frac", type=float, default=0.2, help="share of captions naming exactly one factor")
     ap.add_argument("--mention-p", type=float, nargs=5, default=None, metavar="P",
@@ -155,6 +159,7 @@ def main() -> None:
             "class_weight": args.class_weight, "class_scale": args.class_scale, "class_label": args.class_label,
             "crop_frac": args.crop_frac, "crop_scale": list(args.crop_scale), "precision": args.precision,
             "grey_frac": args.grey_frac, "solo_frac": args.solo_frac, "mention_p": args.mention_p,
+            "degrade_frac": args.degrade_frac, "degrade_max": list(args.degrade_max),
             "threads": args.threads,
             "train_styles": list(TRAIN_STYLES), "held_out_combos": sorted(map(list, W.HELD_OUT)),
             "param_count": n_params, "config": json.loads(Path(args.config).read_text()),
@@ -212,6 +217,7 @@ def train(model: torch.nn.Module, tokenizer, args: argparse.Namespace, out: Path
             if cropped.any():
                 valid = ~(cropped[:, None] & (mentions[:, W.MENTIONED.index("size")] >= 0)[None, :])
                 positives = positives & valid
+        images = degrade(images, g, args.degrade_frac, *args.degrade_max)
         images = (images - mean) / std
         tokens = tokenizer(texts)
         with compute():

@@ -111,6 +111,28 @@ def test_augment_keeps_range_and_crops_only_size_free_captions():
     assert same is images and not none.any()
 
 
+def test_degrade_is_off_by_default_and_stays_below_its_maxima():
+    images = torch.full((64, 3, 8, 8), 0.5)
+    images[:, :, 4, 4] = 0.9
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert P.degrade(images, g, 0.0, 0.04, 0.3) is images and torch.equal(g.get_state(), state)  # nothing drawn
+    # noise only: each picked image's noise has σ ≤ 0.04 (the flat part away from the bright pixel)
+    out = P.degrade(images, torch.Generator().manual_seed(1), 1.0, 0.04, 0.0)
+    sd = (out[:, :, :2, :] - 0.5).flatten(1).std(1)
+    assert sd.max() < 0.04 * 1.35 and 0.01 < sd.mean() < 0.03  # σ ~ U(0, 0.04): mean 0.02
+    assert torch.equal(out, P.degrade(images, torch.Generator().manual_seed(1), 1.0, 0.04, 0.0))  # seeded
+    # blur only: the bright pixel spreads to its neighbours by the 3x3 Gaussian of each image's σ ≤ 0.3
+    out = P.degrade(images, torch.Generator().manual_seed(2), 1.0, 0.0, 0.3)
+    assert out.min() >= 0 and out.max() <= 1 and (out[:, 0, 4, 4] <= 0.9).all() and (out[:, 0, 4, 4] < 0.899).any()
+    w = math.exp(-1 / (2 * 0.3 ** 2))  # largest neighbour weight before normalisation, at σ = 0.3
+    assert (out[:, 0, 4, 5] - 0.5).max() <= 0.4 * w / (1 + 4 * w + 4 * w * w) + 1e-6
+    # a share: about half the images picked, the others untouched
+    out = P.degrade(images, torch.Generator().manual_seed(3), 0.5, 0.04, 0.3)
+    touched = (out != images).flatten(1).any(1)
+    assert 16 < int(touched.sum()) < 48
+
+
 def test_loss_drops_invalid_pairs_exactly():
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
