@@ -21,8 +21,9 @@ Levers measured for issue #16 (image features organised by class), figures in st
 the image tower (``--config``: v3's ViT vs v4's ModifiedResNet), ``--shape-frac`` (``shape_group``), ``--flip`` and
 ``--crop-frac`` (CLIP-style flips and random resized crops, ``augment``), ``--class-weight`` / ``--class-label``
 (the class term on the colour x shape class or on the shape alone), ``--combo-frac``, ``--init`` / ``--base-steps``
-(continue from a checkpoint, or train v3's recipe, ``BASE_RECIPE``, first as a stage 1 of fixed length) and
-``--eval-rep`` (nearest-neighbour figures in the periodic evaluation). v3's recipe is
+(continue from a checkpoint, or train v3's recipe, ``BASE_RECIPE``, first as a stage 1 of fixed length),
+``--degrade-frac`` / ``--degrade-max`` (mild sensor noise and blur, ``degrade``; off by default) and ``--eval-rep``
+(nearest-neighbour figures in the periodic evaluation). v3's recipe is
 ``--config benchmarks/micro-clip-v3/micro-clip.json --steps 0 --minutes 30 --hard-frac 0.6 --combo-frac 0
 --shape-frac 0 --class-weight 0 --flip 0``.
 """
