@@ -125,7 +125,8 @@ def degrade(images: torch.Tensor, g: torch.Generator, frac: float, noise_max: fl
     sensor noise ``σ ~ U(0, noise_max)`` and a defocus blur ``σ ~ U(0, blur_max)`` px (3×3 Gaussian), one draw per
     image. Real CLIP's web photos carry such noise and blur; the world's renders carry none. Keep both maxima below
     the world's severity 1 (`streams.corruptions`: noise 0.06, blur 0.4), so that the test-time corruptions stay
-    stronger than anything pre-training shows. Nothing is drawn at ``frac`` 0. Returns a new tensor in [0, 1]."""
+    stronger than anything pre-training shows. Nothing is drawn at ``frac`` 0. Returns ``images`` itself when no image
+    is picked, else a new tensor in [0, 1]."""
     if frac <= 0:
         return images
     from kornia.filters import gaussian_blur2d

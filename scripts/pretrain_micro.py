@@ -130,6 +130,9 @@ def main() -> None:
                          "on a CPU with AMX; use fp32 on a CPU without native bf16, where autocast is emulated")
     ap.add_argument("--save-every-min", type=float, default=5.0, help="interim checkpoint period")
     args = ap.parse_args()
+    if not 0 <= args.degrade_frac <= 1 or min(args.degrade_max) < 0:
+        ap.error(f"--degrade-frac must lie in [0, 1] and --degrade-max be >= 0, got {args.degrade_frac} and "
+                 f"{list(args.degrade_max)}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -131,6 +131,9 @@ def test_degrade_is_off_by_default_and_stays_below_its_maxima():
     out = P.degrade(images, torch.Generator().manual_seed(3), 0.5, 0.04, 0.3)
     touched = (out != images).flatten(1).any(1)
     assert 16 < int(touched.sum()) < 48
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), "--degrade-frac", "1.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--degrade-frac must lie in [0, 1]" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_loss_drops_invalid_pairs_exactly():
@@ -168,7 +171,7 @@ def test_two_stage_bf16_run_writes_a_loadable_checkpoint(tmp_path):
     args = ["--base-steps", "1", "--steps", "2", "--batch", "32", "--shape-frac", "0.5", "--group", "8", "--flip", "1",
             "--crop-frac", "0.5", "--combo-frac", "0.25", "--hard-frac", "0.0", "--class-weight", "1.0",
             "--precision", "bf16", "--solo-frac", "0.3", "--threads", "1", "--eval-n", "10", "--eval-every", "2",
-            "--eval-rep", "1", "--out", str(out)]
+            "--eval-rep", "1", "--degrade-frac", "0.5", "--out", str(out)]
     r = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), *args], check=True,
                        capture_output=True, cwd=tmp_path, text=True)
     assert "eval step 2:" in r.stdout and "nn_clean" in r.stdout  # stage 2's periodic check with NN figures
@@ -176,6 +179,8 @@ def test_two_stage_bf16_run_writes_a_loadable_checkpoint(tmp_path):
     assert meta["steps"] == 2 and meta["precision"] == "bf16" and meta["solo_frac"] == 0.3
     assert meta["base_stage"]["steps"] == 1 and meta["base_stage"]["shape_frac"] == 0.0 and meta["shape_frac"] == 0.5
     assert meta["class_weight"] == 1.0 and meta["base_stage"]["class_weight"] == 0.0
+    assert meta["degrade_frac"] == 0.5 and meta["base_stage"]["degrade_frac"] == 0.0
+    assert meta["degrade_max"] == [0.04, 0.3]
     assert set(meta["zeroshot"]) and all(math.isfinite(v) for v in meta["zeroshot"].values())
     from ctta import Clip
     model = Clip.from_pretrained("micro-clip", str(out))
