@@ -36,23 +36,14 @@ from torch import Tensor
 
 from ctta import Clip
 from ctta.io import atomic_write_json, provenance
+from ctta.losses import entropy
 from ctta.strategies._cache import ClassCache, affinity_logits, class_logits
 from ctta.strategies._dual_cache import DualCacheConfig
+from representation import nearest_other
 from streams import synthetic as W
 from streams.corruptions import CORRUPTIONS
 from streams.world import shift_tasks
 from streams.world_style import style_shift_tasks
-
-
-def nearest_other(feats: Tensor, chunk: int = 1024) -> Tensor:
-    """Index of each row's most similar other row (cosine on L2-normalised ``feats [N, D]``), in chunks of rows."""
-    out = []
-    for i in range(0, len(feats), chunk):
-        sim = feats[i:i + chunk] @ feats.t()
-        rows = torch.arange(len(sim))
-        sim[rows, rows + i] = -float("inf")  # not itself
-        out.append(sim.argmax(-1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def replay(feats: Tensor, labels: Tensor, head: Tensor, cfg: DualCacheConfig, scale: float = 100.0) -> dict:
@@ -89,8 +80,7 @@ def replay(feats: Tensor, labels: Tensor, head: Tensor, cfg: DualCacheConfig, sc
     wrong = pred != labels
     rows = torch.arange(n)
     gap = (z_all[rows, pred] - z_all[rows, labels])[wrong]
-    p_all = z_all.softmax(-1)
-    ent = -(p_all * p_all.clamp_min(1e-12).log()).sum(-1)
+    ent = entropy(z_all)
     pairs: dict[tuple[int, int], int] = {}
     for t, q in zip(labels[wrong].tolist(), pred[wrong].tolist()):
         pairs[(t, q)] = pairs.get((t, q), 0) + 1
@@ -100,15 +90,14 @@ def replay(feats: Tensor, labels: Tensor, head: Tensor, cfg: DualCacheConfig, sc
     # where a cache could help at all: an error whose nearest other image of the stream is a right zero-shot answer
     # of its own class, and errors spread over classes or massed in classes zero-shot has lost (accuracy < 20 %)
     nn = nearest_other(feats)
-    right_zs = pred == labels
-    class_acc = torch.zeros(c).index_add_(0, labels, right_zs.float()) / torch.bincount(labels, minlength=c).clamp(1)
+    class_acc = torch.zeros(c).index_add_(0, labels, (~wrong).float()) / torch.bincount(labels, minlength=c).clamp(1)
     return {"n": n, **{f"acc_{k}": v / n for k, v in right.items()},
             "purity": float((truth.argmax(-1) == classes).float().mean()) if len(classes) else float("nan"),
             "cached_items": len(classes),
             "w_same": sum(w_same) / max(1, len(w_same)), "w_other": sum(w_other) / max(1, len(w_other)),
             "text_margin": float((top2[:, 0] - top2[:, 1]).mean()),
             "gap_wrong": median(gap), "entropy_wrong": median(ent[wrong]), "entropy_right": median(ent[~wrong]),
-            "nn_fixable": share((labels[nn] == labels) & right_zs[nn]),
+            "nn_fixable": share((labels[nn] == labels) & ~wrong[nn]),
             "errors_in_lost_classes": share(class_acc[labels] < 0.2),
             "top_confusions": [[t, q, k] for (t, q), k in top]}
 

@@ -44,11 +44,21 @@ def class_balanced_factors(per_class: int, seed: int = REPORT_SEED) -> W.Factors
                           for c in W.COLOURS for s in W.SHAPES])
 
 
+def nearest_other(features: Tensor, chunk: int = 1024) -> Tensor:
+    """Index of each row's most similar other row (cosine on L2-normalised ``features [N, D]``: leave-one-out), in
+    chunks of rows so that long streams need no N x N matrix."""
+    out = []
+    for i in range(0, len(features), chunk):
+        sim = features[i:i + chunk] @ features.T
+        rows = torch.arange(len(sim))
+        sim[rows, rows + i] = -float("inf")  # not itself
+        out.append(sim.argmax(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
 def nn_rates(features: Tensor, f: W.Factors) -> dict[str, float]:
     """Leave-one-out nearest-neighbour agreement (percent) of class, colour and shape; features L2-normalised."""
-    sim = features @ features.T
-    sim.fill_diagonal_(-float("inf"))
-    nn = sim.argmax(1)
+    nn = nearest_other(features)
     cls = f.combo_index()
     return {"nn_same_class": 100.0 * (cls[nn] == cls).float().mean().item(),
             "nn_same_colour": 100.0 * (f.colour[nn] == f.colour).float().mean().item(),
