@@ -67,20 +67,15 @@ def build_folder(root: Path, n: int, seed: int = 0) -> Path:
     f.shape = torch.tensor([W.SHAPES.index(s) for _, s in combos])[labels]
     f.colour = torch.tensor([W.COLOURS.index(c) for c, _ in combos])[labels]
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU renders in moments (float noise aside)
-    saved = W.RESOLUTION
-    W.RESOLUTION = SIZE[0]  # the renderer reads its resolution at call time: the same scenes, drawn at 400x400
-    try:
-        for s in range(0, n, 16):
-            x = W.render(f[s:s + 16].to(device)).cpu()
-            x = x[:, :, (SIZE[0] - SIZE[1]) // 2:(SIZE[0] + SIZE[1]) // 2]  # 400 wide, 300 high
-            x = (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1)  # sensor noise: photo-like file sizes
-            for k, img in enumerate(W.to_uint8(x).permute(0, 2, 3, 1).numpy()):
-                c = int(labels[s + k])
-                d = tmp / f"{c:03d}_{combos[c][0]}_{combos[c][1]}"
-                d.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(img).save(d / f"{s + k:05d}.jpg", quality=90)
-    finally:
-        W.RESOLUTION = saved
+    for s in range(0, n, 16):
+        x = W.render(f[s:s + 16].to(device), SIZE[0]).cpu()  # the same scenes as the world's, drawn at 400x400
+        x = x[:, :, (SIZE[0] - SIZE[1]) // 2:(SIZE[0] + SIZE[1]) // 2]  # 400 wide, 300 high
+        x = (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1)  # sensor noise: photo-like file sizes
+        for k, img in enumerate(W.to_uint8(x).permute(0, 2, 3, 1).numpy()):
+            c = int(labels[s + k])
+            d = tmp / f"{c:03d}_{combos[c][0]}_{combos[c][1]}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{s + k:05d}.jpg", quality=90)
     (tmp / "DONE").write_text(json.dumps({"images": n, "size": SIZE, "quality": 90, "seed": seed}))
     tmp.rename(folder)
     return folder

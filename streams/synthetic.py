@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 WORLD_VERSION = "2"  # bump whenever rendering or sampling changes the pixels for a given seed
-RESOLUTION = 32
+RESOLUTION = 32  # the model's input size; scenes are defined on this grid (stripe, texture and outline widths)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart",
                            "cross", "diamond", "hexagon", "ring", "crescent")
@@ -238,9 +238,9 @@ def _sd_shape(kind: int, p: Tensor) -> Tensor:
     raise AssertionError(name)
 
 
-def _grid(device: torch.device) -> Tensor:
+def _grid(device: torch.device, resolution: int = RESOLUTION) -> Tensor:
     """Pixel centres in [-1, 1], y down: [H, W, 2] (x, y)."""
-    c = (torch.arange(RESOLUTION, device=device, dtype=torch.float32) + 0.5) / RESOLUTION * 2 - 1
+    c = (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) / resolution * 2 - 1
     y, x = torch.meshgrid(c, c, indexing="ij")
     return torch.stack([x, y], -1)
 
@@ -251,7 +251,7 @@ def _background(f: Factors, xy: Tensor) -> Tensor:
     proj = torch.einsum("hwk,nk->nhw", xy, direction)[:, None]                    # [N, 1, H, W] in ~[-1.4, 1.4]
     gradient = ((proj / 1.42 + 1) / 2).clamp(0, 1)
     stripes = (torch.sin(proj * (RESOLUTION / 2) * 2 * math.pi / f.bg_period[:, None, None, None]) * 3).sigmoid()
-    noise = F.interpolate(f.bg_noise[:, None], size=(RESOLUTION, RESOLUTION), mode="bilinear",
+    noise = F.interpolate(f.bg_noise[:, None], size=xy.shape[:2], mode="bilinear",
                           align_corners=False)
     kind = f.background[:, None, None, None]
     mix = torch.where(kind == 1, gradient, torch.where(kind == 2, stripes, torch.where(
@@ -259,29 +259,36 @@ def _background(f: Factors, xy: Tensor) -> Tensor:
     return c0 + (c1 - c0) * mix
 
 
-def render(factors: Factors) -> Tensor:
-    """Render images from factors: float tensor [N, 3, 32, 32] in [0, 1] on the factors' device."""
+def render(factors: Factors, resolution: int = RESOLUTION) -> Tensor:
+    """Render images from factors: float tensor [N, 3, R, R] in [0, 1] on the factors' device, R = ``resolution``.
+
+    The scene does not depend on ``resolution``: stripe periods, texture periods and outline widths are defined on
+    the 32-pixel grid, and only the sampling (pixel centres, 1-pixel anti-aliasing) follows R. A render above 32
+    pixels is the same picture with more source pixels, as a photograph holds more than the model's input: views
+    cropped from it (TPT-style random resized crops) are upsampled less. At R = 32 the pixels are unchanged."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
+        raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
     f = factors
     dev = f.shape.device
     n = len(f)
-    xy = _grid(dev)
+    xy = _grid(dev, resolution)
     if n == 0:
-        return torch.zeros(0, 3, RESOLUTION, RESOLUTION, device=dev)
+        return torch.zeros(0, 3, resolution, resolution, device=dev)
     radius = torch.tensor(_RADIUS, device=dev)[f.size] * f.scale                          # [N]
     cos, sin = torch.cos(f.rotation), torch.sin(f.rotation)
     d = xy[None] - f.center[:, None, None, :]                                              # [N, H, W, 2]
     local = torch.stack([cos[:, None, None] * d[..., 0] + sin[:, None, None] * d[..., 1],
                          -sin[:, None, None] * d[..., 0] + cos[:, None, None] * d[..., 1]], -1)
     local = local / radius[:, None, None, None]
-    sdf = torch.empty(n, RESOLUTION, RESOLUTION, device=dev)
+    sdf = torch.empty(n, resolution, resolution, device=dev)
     for k in range(len(SHAPES)):  # one batched pass per shape kind
         idx = (f.shape == k).nonzero().squeeze(1)
         if idx.numel():
             sdf[idx] = _sd_shape(k, local[idx])
     sdf = sdf * radius[:, None, None]                                                      # back to image units
-    pixel = 2.0 / RESOLUTION
+    pixel, unit = 2.0 / resolution, 2.0 / RESOLUTION  # the render's pixel; the scene's (32-grid) pixel
     outline = f.style[:, None, None] == 1
-    sdf = torch.where(outline, sdf.abs() - 0.6 * pixel * (1 + f.size[:, None, None] * 0.35), sdf)
+    sdf = torch.where(outline, sdf.abs() - 0.6 * unit * (1 + f.size[:, None, None] * 0.35), sdf)
     alpha = (0.5 - sdf / pixel).clamp(0, 1)[:, None]                                      # 1-px anti-aliasing
     colour = (_RGB.to(dev)[f.colour] * f.tint).clamp(0, 1)[:, :, None, None]              # [N, 3, 1, 1]
     ta, tp = f.texture[:, 0], f.texture[:, 1]

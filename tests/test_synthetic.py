@@ -32,6 +32,23 @@ def test_render_shape_range_dtype():
     assert u.dtype == torch.uint8 and (u.float() / 255 - x).abs().max() <= 0.5 / 255 + 1e-6
 
 
+def test_render_resolution_draws_the_same_scene_with_more_pixels():
+    import torch.nn.functional as F
+    f = W.sample_factors(60, gen(4))  # every style and background
+    small, big = W.render(f), W.render(f, 128)
+    assert big.shape == (60, 3, 128, 128) and big.min() >= 0 and big.max() <= 1
+    assert torch.equal(W.render(f, W.RESOLUTION), small)
+    # 4x4 averages of the 128-px render are the 32-px render up to anti-aliased edges; stripe, texture and outline
+    # widths are defined on the scene's grid (drawing them at 128-px frequency gives a mean difference above 0.03)
+    assert (F.avg_pool2d(big, 4) - small).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("bad", [0, 4, 32.0, True, "64"])
+def test_render_refuses_a_bad_resolution(bad):
+    with pytest.raises(ValueError, match="resolution must be an int >= 8"):
+        W.render(W.sample_factors(2, gen()), bad)
+
+
 def test_object_is_visible_and_style_changes_pixels():
     f = W.sample_factors(40, gen(3), styles=["filled"])
     g = W.sample_factors(40, gen(3), styles=["outline"])
