@@ -148,6 +148,22 @@ def test_augmix_ops_by_hand():
     assert torch.equal(out[2], x[2])  # no op: unchanged
 
 
+def test_augmix_warp_is_kornias_warp_affine_of_the_inverse_maps():
+    """`_warp` samples the output→input maps directly; kornia's warp_affine takes the input→output map."""
+    import kornia
+
+    from ctta.views import _GEOMETRIC, _affine_inverse_maps, _warp
+    ops = sorted(_GEOMETRIC) * 4
+    levels = torch.linspace(0.5, 1.0, len(ops)).tolist()  # at 64 px every op moves pixels from level 0.47 on
+    signs = [(-1.0) ** k for k in range(len(ops))]
+    inv = _affine_inverse_maps(ops, levels, signs, 64, torch.device("cpu"))
+    x = torch.rand(len(ops), 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ref = kornia.geometry.transform.warp_affine(x, torch.linalg.inv(inv)[:, :2], (64, 64), mode="bilinear",
+                                                padding_mode="zeros")
+    torch.testing.assert_close(_warp(x, inv), ref, atol=2e-5, rtol=0)
+    assert (_warp(x, inv) - x).abs().amax(dim=(1, 2, 3)).min() > 0.01  # every map moves the image
+
+
 def test_crop_geometry(monkeypatch):
     p = crop_params(2000, 30, 40, torch.Generator().manual_seed(0))
     top, left, h, w = p.unbind(1)
