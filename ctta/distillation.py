@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctta.checks import check_number
 from ctta.losses import distillation
 from ctta.model import Clip
 
@@ -75,9 +76,10 @@ class Distillation:
 
     def __init__(self, temperature: float = 2.0, image_loss: float = 1.0, text_loss: float = 1.0,
                  scale: float | None = 100.0):
-        if not temperature > 0 or image_loss < 0 or text_loss < 0 or (scale is not None and not scale > 0):
-            raise ValueError(f"need temperature > 0, non-negative loss weights and a positive distill_scale, got "
-                             f"T={temperature}, image_loss={image_loss}, text_loss={text_loss}, distill_scale={scale}")
+        check_number("distillation", "temperature", temperature, low_open=True)
+        check_number("distillation", "image_loss", image_loss)
+        check_number("distillation", "text_loss", text_loss)
+        check_number("distillation", "distill_scale", scale, low_open=True, none_ok=True)
         self.temperature, self.image_loss, self.text_loss = float(temperature), float(image_loss), float(text_loss)
         self.scale = None if scale is None else float(scale)
         self.teacher: FrozenImageTower | None = None

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from ctta.checks import check_optimizer
 from ctta.merging import check_alpha, interpolate_
 from ctta.model import Clip
 from ctta.optim import check_schedule, lr_schedule
@@ -48,17 +49,14 @@ class FineTuning:
     def __init__(self, params: str | Iterable[str] = "", *, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup: int = 0, schedule: str = "cosine",
                  reset_optimizer_per_task: bool = True, wise_alpha: float | None = None):
-        if not lr > 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        check_optimizer("fine-tuning", lr, weight_decay, betas)
         betas = tuple(float(b) for b in betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         check_schedule(schedule, warmup)
         self.params = params if isinstance(params, str) else tuple(params)
         self.lr, self.weight_decay, self.betas = float(lr), float(weight_decay), betas
         self.warmup, self.schedule = int(warmup), schedule
         self.reset_optimizer_per_task = bool(reset_optimizer_per_task)
-        self.wise_alpha = check_alpha(wise_alpha)
+        self.wise_alpha = check_alpha(wise_alpha, "wise_alpha")
         self.trainable: list[nn.Parameter] = []
         self.text_trainable = False
         self.anchor: dict[str, Tensor] | None = None  # WiSE-FT's zero-shot weights (only with wise_alpha)

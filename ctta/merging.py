@@ -11,14 +11,14 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ctta.checks import check_number
 from ctta.model import Clip
 
 
-def check_alpha(alpha: float | None) -> float | None:
-    """Validate an interpolation coefficient (``None`` = no interpolation)."""
-    if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"interpolation alpha must lie in [0, 1] (1 keeps the fine-tuned weights), got {alpha}")
-    return None if alpha is None else float(alpha)
+def check_alpha(alpha: float | None, name: str = "alpha") -> float | None:
+    """An interpolation coefficient in [0, 1] (1 keeps the fine-tuned weights; ``None`` = no interpolation), or a
+    `ValueError` naming the setting ``name``."""
+    return check_number("WiSE-FT interpolation", name, alpha, high=1.0, none_ok=True)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ctta.checks import check_number
 from ctta.model import Clip
 from ctta.optim import steps_per_task
 from ctta.stream import LabelSpace, Task
@@ -73,6 +74,7 @@ class Strategy:
             # would silently report zero-shot results under this strategy's name
             raise ValueError(f"{type(self).__name__}: epochs=0 trains nothing; set epochs >= 1 or iterations >= 1 "
                              f"(use strategy=zeroshot for no training)")
+        check_number(type(self).__name__, "grad_clip", grad_clip, low=0.0, low_open=True, none_ok=True)
         self.batch_size = batch_size
         self.epochs = epochs
         self.iterations = iterations  # if set: exactly this many steps per task, cycling the data

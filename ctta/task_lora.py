@@ -26,6 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ctta.adapters.inject import inject_lora, merge_and_remove
 from ctta.adapters.lora import TARGETS, TOWERS, LoRA
+from ctta.checks import check_logit_scale, check_number, check_optimizer
 from ctta.finetuning import class_prompts
 from ctta.losses import seen_masked_clip_loss
 from ctta.model import Clip
@@ -44,9 +45,11 @@ class TaskLoRA:
                  towers: Sequence[str] = TOWERS, layers: Sequence[int] | Mapping | None = None, lr: float,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.9999), warmup: int = 0,
                  text_to_image: bool | None = None, logit_scale: float | None = None):
-        if rank <= 0 or not lr > 0 or weight_decay < 0 or warmup < 0:
-            raise ValueError(f"need rank > 0, lr > 0, weight_decay >= 0 and warmup >= 0, got rank={rank}, lr={lr}, "
-                             f"weight_decay={weight_decay}, warmup={warmup}")
+        if rank <= 0 or warmup < 0:
+            raise ValueError(f"need rank > 0 and warmup >= 0, got rank={rank}, warmup={warmup}")
+        check_optimizer("LoRA", lr, weight_decay, betas)
+        check_number("LoRA", "scaling", scaling, low_open=True)
+        check_logit_scale("LoRA", logit_scale)
         self.rank, self.gated, self.scaling = int(rank), bool(gated), float(scaling)
         self.targets, self.towers, self.layers = tuple(targets), tuple(towers), layers
         self.lr, self.weight_decay, self.betas, self.warmup = float(lr), float(weight_decay), tuple(betas), int(warmup)

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ctta.checks import check_band, check_number
 from ctta.stream import LabelSpace
 from ctta.strategies._cache import (ClassCache, Policy, affinity_logits, encode_views, ensure_space, finite_samples,
                                     fork_generator, normalized_entropy)
@@ -30,10 +31,15 @@ class DualCacheConfig:
     neg_enabled: bool = True
     entropy_norm: str = "log2"
     neg_policy: Policy = "entropy"  # BoostAdapter's negative cache is "fifo"
+    owner: str = "TDA"  # named in error messages
 
     def __post_init__(self):
         if self.pos_capacity < 1 or self.neg_capacity < 1:
             raise ValueError(f"cache capacities must be >= 1, got {self.pos_capacity} and {self.neg_capacity}")
+        for name in ("pos_alpha", "pos_beta", "neg_alpha", "neg_beta"):
+            check_number(self.owner, name, getattr(self, name))
+        for name in ("neg_entropy", "neg_mask"):  # as tuples of floats (a config may hand in lists)
+            object.__setattr__(self, name, check_band(self.owner, name, getattr(self, name)))
         normalized_entropy(0.0, 2, self.entropy_norm)  # validates the switch
 
 

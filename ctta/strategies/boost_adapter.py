@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ctta.checks import check_logit_scale
 from ctta.losses import entropy
 from ctta.model import Clip
 from ctta.stream import LabelSpace
@@ -107,11 +108,12 @@ class BoostAdapter(Strategy):
         if not (0.0 < selection_p <= 1.0 and 0.0 <= boost_p <= 1.0):
             raise ValueError(f"selection_p must be in (0, 1] and boost_p in [0, 1], got {selection_p}, {boost_p}")
         self.cfg = DualCacheConfig(pos_alpha, pos_beta, pos_capacity, neg_alpha, neg_beta, neg_capacity,
-                                   tuple(neg_entropy), tuple(neg_mask), pos_enabled, neg_enabled, entropy_norm,
-                                   neg_policy="fifo")
+                                   neg_entropy, neg_mask, pos_enabled, neg_enabled, entropy_norm,
+                                   neg_policy="fifo", owner="BoostAdapter")
+        check_logit_scale("BoostAdapter", logit_scale)
         self.pos_alpha, self.pos_beta, self.pos_capacity, self.delta = pos_alpha, pos_beta, pos_capacity, delta
         self.neg_alpha, self.neg_beta, self.neg_capacity = neg_alpha, neg_beta, neg_capacity
-        self.neg_entropy, self.neg_mask = tuple(neg_entropy), tuple(neg_mask)
+        self.neg_entropy, self.neg_mask = self.cfg.neg_entropy, self.cfg.neg_mask
         self.pos_enabled, self.neg_enabled, self.entropy_norm = pos_enabled, neg_enabled, entropy_norm
         self.query, self.n_views, self.augmix = query, n_views, augmix
         self.selection_p, self.boost_p = selection_p, boost_p

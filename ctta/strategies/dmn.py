@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ctta.checks import check_band, check_logit_scale, check_number
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
@@ -85,9 +86,13 @@ class DMN(Strategy):
                              f"mix_weight={mix_weight}")
         if not 0.0 < selection_p <= 1.0:
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p}")
+        check_number("DMN", "beta", beta)
+        check_number("DMN", "mix_weight", mix_weight)
+        check_logit_scale("DMN", logit_scale)
+        crop_scale = check_band("DMN", "crop_scale", crop_scale, low_open=True, equal_ok=True)
         self.memory_size, self.beta, self.mix_weight = memory_size, beta, mix_weight
         self.n_views, self.selection_p, self.augmix = n_views, selection_p, augmix
-        self.crop_scale, self.logit_scale, self.view_batch, self.seed = tuple(crop_scale), logit_scale, view_batch, seed
+        self.crop_scale, self.logit_scale, self.view_batch, self.seed = crop_scale, logit_scale, view_batch, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.memory: ClassCache | None = None
         self.space: str | None = None  # fingerprint of the label space the memory was built for

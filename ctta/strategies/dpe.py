@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ctta.checks import check_logit_scale, check_number
 from ctta.losses import entropy, info_nce
 from ctta.model import Clip
 from ctta.stream import LabelSpace
@@ -83,9 +84,14 @@ class DPE(Strategy):
         super().__init__(eval_batch_size=eval_batch_size, amp=amp)
         if final_query not in ("view0", "confident"):
             raise ValueError(f"final_query must be 'view0' or 'confident' (ImageNet-A), got {final_query!r}")
-        if shot_capacity < 1 or n_views < 0 or view_batch < 1 or lr_text < 0 or lr_image < 0 or align < 0:
-            raise ValueError(f"bad shot_capacity={shot_capacity}, n_views={n_views}, view_batch={view_batch}, "
-                             f"learning rates ({lr_text}, {lr_image}) or align={align}")
+        if shot_capacity < 1 or n_views < 0 or view_batch < 1:
+            raise ValueError(f"bad shot_capacity={shot_capacity}, n_views={n_views} or view_batch={view_batch}")
+        for name, value in dict(alpha=alpha, beta=beta, lr_text=lr_text, lr_image=lr_image, align=align,
+                                text_threshold=text_threshold, weight_decay=weight_decay).items():
+            check_number("DPE", name, value)
+        for name, value in dict(nce_temperature=nce_temperature, adam_eps=adam_eps).items():
+            check_number("DPE", name, value, low_open=True)
+        check_logit_scale("DPE", logit_scale)
         if not 0.0 < selection_p <= 1.0:
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p}")
         normalized_entropy(0.0, 2, entropy_norm)  # validates the switch

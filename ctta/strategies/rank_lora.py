@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ctta.adapters.lora import TARGETS, TOWERS, LoRA
+from ctta.checks import check_number
 from ctta.model import Clip
 from ctta.optim import steps_per_task
 from ctta.strategy import Strategy
@@ -54,7 +55,9 @@ def kappa_schedule(total: int, kappa_max: float, n_kappa: int = 50, dense_ratio:
     ``linspace(0, κ_max, n_kappa)`` advances by one (clamped at the end); after step i, gates are thresholded
     if ``i > dense``; ``dense = dense_ratio·total``, ``interval = (total − dense) // n_kappa``. If the sparse phase
     is shorter than ``n_kappa`` iterations, ``n_kappa`` becomes its length (interval 1), so κ still ramps to κ_max."""
-    if total <= 0 or n_kappa <= 0 or not 0.0 <= dense_ratio <= 1.0 or kappa_max < 0:
+    check_number("CoDyRA", "kappa_max", kappa_max)
+    check_number("CoDyRA", "dense_ratio", dense_ratio, high=1.0)
+    if total <= 0 or n_kappa <= 0:
         raise ValueError(f"bad κ schedule: total={total}, n_kappa={n_kappa}, dense_ratio={dense_ratio}, "
                          f"kappa_max={kappa_max}")
     dense = dense_ratio * total

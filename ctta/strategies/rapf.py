@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctta.cache import FeatureCache, encode_raw
+from ctta.checks import check_logit_scale, check_number, check_optimizer
 from ctta.data import iter_batches
 from ctta.model import Clip
 from ctta.strategy import Strategy
@@ -133,9 +134,14 @@ class RAPF(Strategy):
                  logit_scale: float | None = 100.0, cache: bool = True, cache_size: int | None = None,
                  eval_batch_size: int = 256):
         super().__init__(batch_size=batch_size, epochs=epochs, eval_batch_size=eval_batch_size)
-        if beta <= 0 or (replay_classes is not None and replay_classes < 0) or not 0 <= mix_bias <= 1 or ridge <= 0:
-            raise ValueError(f"bad RAPF settings: beta={beta}, replay_classes={replay_classes}, "
-                             f"mix_bias={mix_bias}, ridge={ridge}")
+        if replay_classes is not None and replay_classes < 0:
+            raise ValueError(f"RAPF: replay_classes must be >= 0 or null, got {replay_classes}")
+        check_optimizer("RAPF", lr, weight_decay)
+        for name, value, low_open in (("gamma", gamma, True), ("beta", beta, True), ("threshold", threshold, False),
+                                      ("margin", margin, False), ("ridge", ridge, True)):
+            check_number("RAPF", name, value, low_open=low_open)
+        check_number("RAPF", "mix_bias", mix_bias, high=1.0)
+        check_logit_scale("RAPF", logit_scale)
         self.lr, self.weight_decay, self.milestones, self.gamma = lr, weight_decay, tuple(milestones), gamma
         self.beta, self.threshold, self.shrinkage, self.mix_bias = beta, threshold, shrinkage, mix_bias
         self.replay_classes, self.margin, self.ridge = replay_classes, margin, ridge

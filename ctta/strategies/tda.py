@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ctta.checks import check_logit_scale
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
@@ -81,10 +82,11 @@ class TDA(Strategy):
         if not 0.0 < selection_p <= 1.0:
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p}")
         self.cfg = DualCacheConfig(pos_alpha, pos_beta, pos_capacity, neg_alpha, neg_beta, neg_capacity,
-                                   tuple(neg_entropy), tuple(neg_mask), pos_enabled, neg_enabled, entropy_norm)
+                                   neg_entropy, neg_mask, pos_enabled, neg_enabled, entropy_norm)
+        check_logit_scale("TDA", logit_scale)
         self.pos_alpha, self.pos_beta, self.pos_capacity = pos_alpha, pos_beta, pos_capacity
         self.neg_alpha, self.neg_beta, self.neg_capacity = neg_alpha, neg_beta, neg_capacity
-        self.neg_entropy, self.neg_mask = tuple(neg_entropy), tuple(neg_mask)
+        self.neg_entropy, self.neg_mask = self.cfg.neg_entropy, self.cfg.neg_mask
         self.pos_enabled, self.neg_enabled, self.entropy_norm = pos_enabled, neg_enabled, entropy_norm
         self.n_views, self.augmix, self.selection_p = n_views, augmix, selection_p
         self.logit_scale, self.view_batch, self.seed = logit_scale, view_batch, seed

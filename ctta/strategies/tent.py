@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ctta.checks import check_optimizer
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
@@ -67,6 +68,7 @@ class Tent(Strategy):
         super().__init__(eval_batch_size=eval_batch_size, grad_clip=grad_clip, amp=amp)
         if steps < 1:
             raise ValueError(f"TENT needs at least one step per batch, got steps={steps}")
+        check_optimizer("TENT", lr, weight_decay, betas)
         self.lr, self.betas, self.weight_decay, self.steps_per_batch = lr, tuple(betas), weight_decay, steps
 
     def setup(self, model: Clip) -> None:

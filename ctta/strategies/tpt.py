@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ctta.adapters.prompts import PromptLearner
+from ctta.checks import check_number, check_optimizer
 from ctta.losses import atfd, marginal_entropy, select_confident
 from ctta.model import Clip
 from ctta.stream import LabelSpace
@@ -62,6 +63,8 @@ class TPT(Strategy):
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p}")
         if n_views < 0 or view_batch < 1:
             raise ValueError(f"bad n_views={n_views} or view_batch={view_batch}")
+        check_optimizer(type(self).__name__, lr, weight_decay)
+        check_number(type(self).__name__, "ctpt_lambda", ctpt_lambda)
         self.ctx_init, self.n_ctx, self.class_specific, self.n_classes = ctx_init, n_ctx, class_specific, n_classes
         self.suffix, self.lr, self.weight_decay, self.tta_steps = suffix, lr, weight_decay, tta_steps
         self.n_views, self.selection_p, self.augmix = n_views, selection_p, augmix

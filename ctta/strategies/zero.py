@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ctta.checks import check_logit_scale, check_number
 from ctta.losses import entropy
 from ctta.model import Clip
 from ctta.stream import LabelSpace
@@ -81,8 +82,10 @@ class ZERO(Strategy):
         super().__init__(eval_batch_size=eval_batch_size, amp=amp)
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"gamma (the share of views that vote) must be in (0, 1], got {gamma}")
-        if n_views < 0 or view_batch < 1 or vote_temperature < 0:
-            raise ValueError(f"bad n_views={n_views}, view_batch={view_batch} or vote_temperature={vote_temperature}")
+        if n_views < 0 or view_batch < 1:
+            raise ValueError(f"bad n_views={n_views} or view_batch={view_batch}")
+        check_number("ZERO", "vote_temperature", vote_temperature)
+        check_logit_scale("ZERO", logit_scale)
         self.n_views, self.gamma, self.augmix, self.vote_temperature = n_views, gamma, augmix, vote_temperature
         self.logit_scale, self.view_batch, self.seed = logit_scale, view_batch, seed
         self.generator = torch.Generator().manual_seed(seed)
