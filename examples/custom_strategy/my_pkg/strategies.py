@@ -4,11 +4,13 @@ import torch
 import torch.nn.functional as F
 
 from ctta import Strategy
+from ctta.checks import check_optimizer
 
 
 class NormTuning(Strategy):
     def __init__(self, lr: float = 1e-3, **kwargs):
         super().__init__(**kwargs)
+        check_optimizer("NormTuning", lr)  # a NaN or non-positive lr is refused now, by name, not mid-run
         self.lr = lr
 
     def setup(self, model):
