@@ -136,19 +136,18 @@ def _warp(images: Tensor, inv: Tensor) -> Tensor:
     to_norm = inv.new_tensor([[2 / (size - 1), 0.0, -1.0], [0.0, 2 / (size - 1), -1.0], [0.0, 0.0, 1.0]])
     from_norm = inv.new_tensor([[(size - 1) / 2, 0.0, (size - 1) / 2], [0.0, (size - 1) / 2, (size - 1) / 2],
                                 [0.0, 0.0, 1.0]])
-    t = (to_norm @ inv @ from_norm)[:, :2, :, None, None].to(images.dtype)  # [N, 2, 3, 1, 1]
+    t = (to_norm @ inv @ from_norm)[:, :2].transpose(1, 2)[:, :, None, None, :].to(images.dtype)  # [N, 3, 1, 1, 2]
     c = torch.linspace(-1, 1, size, device=images.device, dtype=images.dtype)
-    xs, ys = c.view(1, 1, size), c.view(1, size, 1)
-    # the grid by broadcasting: affine_grid's batched matmul with a 3-wide inner dimension is slower on a CPU
-    grid = torch.stack([t[:, 0, 0] * xs + t[:, 0, 1] * ys + t[:, 0, 2],
-                        t[:, 1, 0] * xs + t[:, 1, 1] * ys + t[:, 1, 2]], -1)
+    # the grid [N, S, S, 2] by broadcasting: affine_grid's batched matmul with a 3-wide inner dimension is slower
+    grid = t[:, 0] * c.view(1, 1, size, 1) + t[:, 1] * c.view(1, size, 1, 1) + t[:, 2]
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def _apply_ops(x: Tensor, ops: list[str | None], u: list[float], sign: list[float]) -> Tensor:
+def _apply_ops(x: Tensor, ops: list[str | None], u: list[float], sign: list[float], *,
+               inplace: bool = False) -> Tensor:
     """One AugMix step: image k gets ``ops[k]`` (None = unchanged; levels ``u`` and signs as Python floats); each op
-    is one batched call on its subset."""
-    out = x.clone()
+    is one batched call on its subset. ``inplace`` writes into ``x`` (the caller owns it) instead of a copy."""
+    out = x if inplace else x.clone()
     size = x.shape[-1]
     groups: dict[str, list[int]] = {}
     for k, op in enumerate(ops):
@@ -193,7 +192,7 @@ def augmix(views: Tensor, generator: torch.Generator | None = None, width: int =
     depth_l, op_l, level_l, sign_l = depth.tolist(), op_idx.tolist(), level.tolist(), sign.tolist()
     for d in range(max_depth):
         ops = [AUGMIX_OPS[o] if d < dp else None for o, dp in zip(op_l[d], depth_l)]
-        chains = _apply_ops(chains, ops, level_l[d], sign_l[d])
+        chains = _apply_ops(chains, ops, level_l[d], sign_l[d], inplace=True)  # chains is ours: no copy
     mix = (chains.view(width, n, *views.shape[1:]) * wts.t().reshape(width, n, 1, 1, 1)).sum(0)
     mm = m.view(n, 1, 1, 1)
     return (mm * views + (1 - mm) * mix).clamp_(0, 1)
