@@ -53,12 +53,8 @@ _POOL: ThreadPoolExecutor | None = None
 def encode_raw(model: Clip, images: Tensor) -> Tensor:
     """Raw pooled image features ``[B, D]`` (float32, not L2-normalised) in eval mode, without gradients.
     ``F.normalize`` of this equals ``model.encode_image(images)`` in eval mode."""
-    was = model.net.training
-    model.net.eval()
-    try:
+    with model.eval_mode():
         return model.net.encode_image(model.normalize(images)).float()
-    finally:
-        model.net.train(was)
 
 
 def image_keys(images: Tensor) -> list[bytes]:

@@ -49,11 +49,8 @@ class FrozenImageTower:
 @torch.no_grad()
 def encode_frozen(model: Clip, encode: Callable[[Sequence], Tensor], items: Sequence, chunk: int = _CHUNK) -> Tensor:
     """Text features of ``items`` (prompts or token rows) with the model in eval mode and no grad, in chunks."""
-    was = model.net.training
-    model.net.eval()
-    out = torch.cat([encode(items[i:i + chunk]) for i in range(0, len(items), chunk)])
-    model.net.train(was)
-    return out
+    with model.eval_mode():
+        return torch.cat([encode(items[i:i + chunk]) for i in range(0, len(items), chunk)])
 
 
 def lwf_terms(model: Clip, student_image: Tensor, teacher_image: Tensor, teacher_text: Tensor,

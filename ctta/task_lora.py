@@ -92,11 +92,8 @@ class TaskLoRA:
         self.block = space.locate(current)
         seen = [i for i in range(len(space)) if not self.block.start <= i < self.block.stop]
         self.current = space.subset(range(self.block.start, self.block.stop))
-        with torch.no_grad():  # T_seen: once per task, through the current (merged) text tower
-            was = m.training
-            m.eval()
+        with torch.no_grad(), m.eval_mode():  # T_seen: once per task, through the current (merged) text tower
             self.seen = m.encode_text(class_prompts(space.subset(seen))) if seen else None
-            m.train(was)
         params = [p for lora in self.loras for p in lora.parameters()]
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         self.scheduler = lr_schedule(self.optimizer, "cosine", total_steps, self.warmup)

@@ -130,8 +130,8 @@ def _affine_inverse_maps(ops: list[str], u: list[float], sign: list[float], size
 def _warp(images: Tensor, inv: Tensor) -> Tensor:
     """Bilinear warp with zero padding of ``images [N, C, S, S]`` by the output→input pixel maps ``inv [N, 3, 3]``:
     ``kornia.geometry.transform.warp_affine`` (align_corners=True) of the inverse maps, without inverting twice:
-    the pixel map is conjugated into normalised coordinates (pixel centres 0 and S − 1 at −1 and +1) and sampled
-    in one ``affine_grid`` + ``grid_sample``."""
+    the pixel map is conjugated into normalised coordinates (pixel centres 0 and S − 1 at −1 and +1), its grid
+    built by broadcasting, and the images sampled in one ``grid_sample``."""
     size = images.shape[-1]
     to_norm = inv.new_tensor([[2 / (size - 1), 0.0, -1.0], [0.0, 2 / (size - 1), -1.0], [0.0, 0.0, 1.0]])
     from_norm = inv.new_tensor([[(size - 1) / 2, 0.0, (size - 1) / 2], [0.0, (size - 1) / 2, (size - 1) / 2],

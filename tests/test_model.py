@@ -146,3 +146,28 @@ def test_unfreeze_selection(tiny_clip):
     assert not tiny_clip.net.logit_scale.requires_grad
     with pytest.raises(ValueError, match="selected no parameters"):
         tiny_clip.unfreeze("nonexistent.")
+
+
+def test_eval_mode_restores_the_mode_and_skips_the_walk_when_nothing_trains(tiny_clip, monkeypatch):
+    m = tiny_clip
+    assert not any(x.training for x in m.modules())  # a Clip starts in eval mode, the wrapper and the net alike
+    calls = []
+    real = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: calls.append(mode) or real(self, mode))
+    space = LabelSpace(["a", "b"])
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = m.zero_shot(x, space)
+    assert calls == []  # nothing was training: no recursive eval()/train() per prediction
+    real(m, True)
+    calls.clear()
+    torch.testing.assert_close(m.zero_shot(x, space), before)  # eval-mode logits from a model in train mode
+    assert all(x.training for x in m.modules()) and calls[0] is False  # switched to eval, then restored
+    real(m, False)
+    real(m.net.visual, True)  # a mixed state (only the image tower training) comes back as it was
+    with m.eval_mode():
+        assert not any(x.training for x in m.modules())
+    assert all(x.training for x in m.net.visual.modules()) and not m.training and not m.net.transformer.training
+    real(m, True)
+    with pytest.raises(RuntimeError), m.eval_mode():  # the mode comes back even when the block fails
+        raise RuntimeError
+    assert m.training and m.net.training
