@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctta.data import Dataset, iter_batches
-from ctta.io import atomic_write_json, provenance
+from ctta.io import atomic_write_json, code_revision, provenance
 from ctta.loop.parallel import evaluation_share
 from ctta.metrics import summarize
 from ctta.strategy import SingleProcess
@@ -189,6 +189,7 @@ class JsonResults:
 
     def __init__(self, filename: str = "results.json", plot: bool = True):
         self.filename, self.plot = filename, plot
+        code_revision()  # pinned now: the code this run executes, whatever is committed while it runs
 
     def _write(self, ctx, final: bool) -> None:
         if ctx.out_dir is None:

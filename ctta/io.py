@@ -48,13 +48,28 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """Output of ``git args`` in the package's folder, or None (no git, not a checkout)."""
     try:
         here = Path(__file__).resolve().parent
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return r.stdout.strip() or None if r.returncode == 0 else None
+        r = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+_REVISION: dict[str, Any] = {}
+
+
+def code_revision() -> dict[str, Any]:
+    """``git_commit`` (HEAD) and ``git_dirty`` (tracked files differ from it: the results come from uncommitted
+    code), read once per process. The first call pins them, so a commit made while a long run goes on is not
+    claimed by its results: `JsonResults` and the benchmarks call it when they start. None where not a checkout."""
+    if not _REVISION:
+        commit = _git("rev-parse", "HEAD") or None
+        status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+        _REVISION.update(git_commit=commit, git_dirty=None if status is None else bool(status))
+    return dict(_REVISION)
 
 
 def device_description(device: torch.device) -> str:
@@ -70,7 +85,7 @@ def provenance(model=None, *, seed: int | None = None, config: Any = None) -> di
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "git_commit": git_commit(),
+        **code_revision(),
         "seed": seed,
         "config": config,
         "distributed": distributed.describe(),

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ctta.io import atomic_write_json, provenance
+from ctta.io import atomic_write_json, code_revision, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = "RESULT "  # prefix of the line a child process prints its JSON result on
@@ -57,6 +57,7 @@ def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    code_revision()  # pin the code revision the results will name (see ctta.io.code_revision)
     return args
 
 

@@ -76,6 +76,32 @@ def test_results_file_has_provenance_and_plot(tmp_path, tiny_stream):
     assert doc["results"]["metrics"]["forgetting"] >= 0
 
 
+def test_code_revision_is_read_once_and_names_uncommitted_code(tmp_path, monkeypatch):
+    import subprocess
+
+    import ctta.io as io
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "mod.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "one"]):
+        subprocess.run(git + cmd, cwd=repo, check=True)
+    monkeypatch.setattr(io, "__file__", str(repo / "pkg" / "io.py"))  # read the revision of this checkout
+    monkeypatch.setattr(io, "_REVISION", {})
+    first = io.code_revision()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert first == {"git_commit": head, "git_dirty": False}
+    (repo / "pkg" / "mod.py").write_text("x = 2\n")
+    subprocess.run(git + ["commit", "-qam", "two"], cwd=repo, check=True)  # committed while the run goes on
+    assert io.code_revision() == first and io.provenance()["git_commit"] == head  # pinned at the first call
+    (repo / "pkg" / "mod.py").write_text("x = 3\n")
+    monkeypatch.setattr(io, "_REVISION", {})
+    assert io.code_revision()["git_dirty"] is True  # a run of uncommitted code says so
+    monkeypatch.setattr(io, "__file__", str(tmp_path / "elsewhere" / "io.py"))
+    monkeypatch.setattr(io, "_REVISION", {})
+    assert io.code_revision() == {"git_commit": None, "git_dirty": None}  # not a checkout (an installed wheel)
+
+
 def test_hooks_are_dispatched_in_order_with_all_five_events(tiny_stream):
     seen = []
 
