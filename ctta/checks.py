@@ -24,6 +24,8 @@ def check_number(who: str, name: str, value: Any, *, low: float | None = 0.0, hi
     if high is not None:
         bounds.append(f"{'<' if high_open else '<='} {high:g}")
     want = "a finite number" + (f" {' and '.join(bounds)}" if bounds else "") + (" (or null)" if none_ok else "")
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or array, e.g. model.logit_scale
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
         raise ValueError(f"{who}: {name} must be {want}, got {value!r}")
     v = float(value)

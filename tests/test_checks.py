@@ -14,6 +14,13 @@ from ctta.checks import check_band, check_number, check_optimizer
 def test_check_number_bounds_and_kinds():
     assert check_number("X", "a", 0) == 0.0 and check_number("X", "a", 2.5, high=2.5) == 2.5
     assert check_number("X", "a", None, none_ok=True) is None
+    import numpy as np
+    import torch
+    assert check_number("X", "a", torch.tensor(4.5)) == 4.5 and check_number("X", "a", np.float32(0.25)) == 0.25
+    with pytest.raises(ValueError, match="got nan"):
+        check_number("X", "a", torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="a must be a finite number"):
+        check_number("X", "a", torch.tensor([1.0, 2.0]))  # not one number
     for bad, kw in [(float("nan"), {}), (float("inf"), {}), (-1e-9, {}), (0.0, {"low_open": True}),
                     (1.0, {"high": 1.0, "high_open": True}), (True, {}), ("2", {}), (None, {}), (-5, {"low": -2})]:
         with pytest.raises(ValueError, match=r"^X: a must be a finite number"):
