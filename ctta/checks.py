@@ -35,12 +35,17 @@ def check_number(who: str, name: str, value: Any, *, low: float | None = 0.0, hi
     return v
 
 
+def _check_pair(who: str, name: str, value: Any, want: str) -> None:
+    """Two items (a list or tuple, not a string), or a `ValueError` saying what ``name`` must be."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{who}: {name} must be {want}, got {value!r}")
+
+
 def check_band(who: str, name: str, band: Any, *, low: float = 0.0, high: float = 1.0, low_open: bool = False,
                equal_ok: bool = False) -> tuple[float, float]:
     """A pair ``(lo, hi)`` with ``low <= lo < hi <= high`` (``lo <= hi`` with ``equal_ok``; ``low < lo`` with
     ``low_open``): an entropy window, a probability mask, a crop's area range; or a `ValueError` naming it."""
-    if isinstance(band, (str, bytes)) or not hasattr(band, "__len__") or len(band) != 2:
-        raise ValueError(f"{who}: {name} must be a pair (low, high), got {band!r}")
+    _check_pair(who, name, band, "a pair (low, high)")
     lo, hi = (check_number(who, f"{name}[{k}]", v, low=low, high=high, low_open=low_open) for k, v in enumerate(band))
     if not (lo <= hi if equal_ok else lo < hi):
         raise ValueError(f"{who}: {name} must have low {'<=' if equal_ok else '<'} high, got {tuple(band)!r}")
@@ -54,8 +59,7 @@ def check_optimizer(who: str, lr: Any, weight_decay: Any = 0.0, betas: Any = Non
     check_number(who, lr_name, lr, low_open=True)
     check_number(who, "weight_decay", weight_decay)
     if betas is not None:
-        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
-            raise ValueError(f"{who}: betas must be two numbers in [0, 1), got {betas!r}")
+        _check_pair(who, "betas", betas, "two numbers in [0, 1)")
         for k, b in enumerate(betas):
             check_number(who, f"betas[{k}]", b, high=1.0, high_open=True)
 
