@@ -52,14 +52,29 @@ class Finetune(Strategy):
         self.optimizer, self.scheduler = self.tuning.begin_task(self.task_steps(task))
 
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
+        self._before_step(space)
         m = self._model()
         m.train()
         with self.autocast():
-            logits = self.tuning.class_logits(m, m.encode_image(images), space)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            img = m.encode_image(images)
+            ce = F.cross_entropy(self.tuning.class_logits(m, img, space).float(), labels,
+                                 label_smoothing=self.label_smoothing)
+            loss, terms = self._regularise(ce, m, images, img)
         self.step(loss)
         m.eval()
-        return {"loss": float(loss.detach())}
+        out = {"loss": float(loss.detach())}
+        if terms:
+            out.update(ce=float(ce.detach()), **{k: float(v.detach()) for k, v in terms.items()})
+        return out
+
+    # the two hooks a fine-tuning method with a regulariser overrides (LwF, VR-LwF)
+    def _before_step(self, space: LabelSpace) -> None:
+        """Called before each step's forward pass, with the training label space."""
+
+    def _regularise(self, ce: Tensor, model: Clip, images: Tensor, image_features: Tensor
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss to step on, from the cross-entropy term, and its named extra terms (logged)."""
+        return ce, {}
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
         self.tuning.end_task(self._model())

@@ -36,7 +36,11 @@ from ctta.task_lora import TaskLoRA
 
 
 class LoRA(Strategy):
-    """Fixed-rank continual LoRA (see the module docstring); ``summary()`` reports ranks and ``||θ_t − θ_0||_F``."""
+    """Fixed-rank continual LoRA (see the module docstring); ``summary()`` reports ranks and ``||θ_t − θ_0||_F``.
+    It owns the per-task LoRA lifecycle and state; `RankSelectiveLoRA` (CoDyRA) is a LoRA with gates
+    (``gated = True``) and a proximal step after each optimizer step (`_after_step`)."""
+
+    gated = False  # per-rank gates ΔW = B·diag(w)·A (CoDyRA); without them ΔW = scaling·B·A
 
     def __init__(self, *, rank: int = 16, scaling: float = 1.0, targets: Sequence[str] = TARGETS,
                  towers: Sequence[str] = TOWERS, layers: Sequence[int] | Mapping | None = None, lr: float = 5e-4,
@@ -44,7 +48,7 @@ class LoRA(Strategy):
                  text_to_image: bool | None = None, logit_scale: float | None = None, batch_size: int = 64,
                  epochs: int = 1, iterations: int | None = 500, grad_clip: float | None = None, amp: bool = False):
         super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        self.task_lora = TaskLoRA(rank=rank, gated=False, scaling=scaling, targets=targets, towers=towers,
+        self.task_lora = TaskLoRA(rank=rank, gated=self.gated, scaling=scaling, targets=targets, towers=towers,
                                   layers=layers, lr=lr, weight_decay=weight_decay, betas=betas, warmup=warmup,
                                   text_to_image=text_to_image, logit_scale=logit_scale)
 
@@ -57,16 +61,23 @@ class LoRA(Strategy):
         super().setup(model)
         self.task_lora.attach(model)
 
+    def _start(self, space: LabelSpace, current: LabelSpace, total: int) -> None:
+        """A fresh LoRA and optimizer for a task of ``total`` steps on ``current`` (``space``: all seen classes)."""
+        self.optimizer, self.scheduler = self.task_lora.begin_task(space, current, total)
+
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self.optimizer, self.scheduler = self.task_lora.begin_task(space, task.space, self.task_steps(task))
+        self._start(space, task.space, self.task_steps(task))
 
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
         if not self.task_lora.started:  # no begin_task (hidden boundary): the whole training space is the task
-            total = max(1, steps_per_task(self.batch_size * (self.iterations or 100), self.batch_size, self.epochs,
-                                          self.iterations))
-            self.optimizer, self.scheduler = self.task_lora.begin_task(space, space, total)
-        loss, _ = self.task_lora.learn(images, labels, self.step, self.autocast())
-        return {"loss": float(loss.detach())}
+            self._start(space, space, max(1, steps_per_task(self.batch_size * (self.iterations or 100),
+                                                            self.batch_size, self.epochs, self.iterations)))
+        loss, stepped = self.task_lora.learn(images, labels, self.step, self.autocast())
+        return {"loss": float(loss.detach()), **self._after_step(stepped)}
+
+    def _after_step(self, stepped: bool) -> dict[str, float]:
+        """Called after each training batch (``stepped``: the optimizer stepped); returns extra values to log."""
+        return {}
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
         self.task_lora.end_task(task.name)

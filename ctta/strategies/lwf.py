@@ -36,24 +36,27 @@ Deliberate deviations (all exact-or-cheaper, none changes the objective's expect
 
 Composition: `ctta.finetuning.FineTuning` owns the trainable set, AdamW, the per-task schedule (``schedule``,
 ``reset_optimizer_per_task``) and the WiSE anchor; `ctta.distillation.Distillation` owns the teacher and the two
-distillation terms (shared with VR-LwF, which differs only in the reference texts).
+distillation terms. `LwF` is a `Finetune` (its step, lifecycle and state) that adds the teacher and the terms;
+`ctta.strategies.vr_lwf.VRLwF` is an `LwF` that differs only in the reference texts (`reference_features`).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ctta.distillation import Distillation, encode_frozen
-from ctta.finetuning import FineTuning, class_prompts
+from ctta.finetuning import class_prompts
 from ctta.model import Clip
 from ctta.stream import LabelSpace, Task
-from ctta.strategy import Strategy
+from ctta.strategies.finetune import Finetune
 
 
-class LwF(Strategy):
-    """LwF with the previous-task model as teacher, on the current task's class logits (see module docstring)."""
+class LwF(Finetune):
+    """LwF with the previous-task model as teacher, on the current task's class logits (see module docstring).
+    `Finetune` owns the fine-tuning lifecycle and state; this class adds the teacher and the distillation terms."""
+
+    space_bound = True  # the reference texts are the training classes' prompts, so a teacher serves one label space
 
     def __init__(self, params: str | Iterable[str] = "", *, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup: int = 100, schedule: str = "cosine",
@@ -61,60 +64,41 @@ class LwF(Strategy):
                  image_loss: float = 1.0, text_loss: float = 1.0, distill_scale: float | None = 100.0,
                  wise_alpha: float | None = None, batch_size: int = 64, epochs: int = 1,
                  iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
-        super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+        super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, warmup=warmup, schedule=schedule,
+                         reset_optimizer_per_task=reset_optimizer_per_task, label_smoothing=label_smoothing,
+                         batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp,
+                         wise_alpha=wise_alpha)
         self.distillation = Distillation(temperature, image_loss, text_loss, distill_scale)
-        self.tuning = FineTuning(params, lr=lr, weight_decay=weight_decay, betas=betas, warmup=warmup,
-                                 schedule=schedule, reset_optimizer_per_task=reset_optimizer_per_task,
-                                 wise_alpha=wise_alpha)
-        self.label_smoothing = float(label_smoothing)
-        self._ref_space: LabelSpace | None = None  # the label space whose prompts the teacher encoded
+        self._ref_space: LabelSpace | None = None  # the label space the teacher's reference texts were built for
         self.reference_encodes = 0  # how many times reference text features were computed (once per task)
 
-    def setup(self, model: Clip) -> None:
-        super().setup(model)
-        self.optimizer, self.scheduler = self.tuning.attach(model)
-
     def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self.optimizer, self.scheduler = self.tuning.begin_task(self.task_steps(task))
+        super().begin_task(task, space)
         self._freeze_teacher(space)
 
+    def reference_features(self, model: Clip, space: LabelSpace) -> Tensor:
+        """The reference texts' features under ``model`` (no grad): the current classes' prompts."""
+        return encode_frozen(model, model.encode_text, class_prompts(space))
+
     def _freeze_teacher(self, space: LabelSpace) -> None:
-        """Teacher = the model now (before any step of this task): image tower copy + its features of the
-        current classes' prompts."""
+        """Teacher = the model now (before any step of this task): image tower copy + its reference text features."""
         m = self._model()
-        self.distillation.freeze_teacher(m, encode_frozen(m, m.encode_text, class_prompts(space)))
+        self.distillation.freeze_teacher(m, self.reference_features(m, space))
         self._ref_space = space
         self.reference_encodes += 1
 
-    def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
+    def _before_step(self, space: LabelSpace) -> None:
         if not self.distillation.ready:  # hidden first boundary: the model as first seen is the teacher
             self._freeze_teacher(space)
-        elif space != self._ref_space:
-            raise ValueError(f"LwF teacher was built for label space {self._ref_space!r}, learn() got {space!r}; "
-                             "a new label space needs a revealed task boundary (begin_task)")
-        m = self._model()
-        m.train()
-        with self.autocast():
-            img = m.encode_image(images)
-            ce = F.cross_entropy(self.tuning.class_logits(m, img, space).float(), labels,
-                                 label_smoothing=self.label_smoothing)
-            loss, terms = self.distillation.add_to(ce, m, images, img)
-        self.step(loss)
-        m.eval()
-        return {"loss": float(loss.detach()), "ce": float(ce.detach()),
-                **{k: float(v.detach()) for k, v in terms.items()}}
+        elif self.space_bound and space != self._ref_space:
+            raise ValueError(f"{type(self).__name__} teacher was built for label space {self._ref_space!r}, learn() "
+                             f"got {space!r}; a new label space needs a revealed task boundary (begin_task)")
+
+    def _regularise(self, ce: Tensor, model: Clip, images: Tensor, image_features: Tensor
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.distillation.add_to(ce, model, images, image_features)
 
     def end_task(self, task: Task, space: LabelSpace) -> None:
-        self.tuning.end_task(self._model())
+        super().end_task(task, space)
         self.distillation.release()  # free the copy; rebuilt at the next task
         self._ref_space = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "finetuning": self.tuning.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "finetuning" in state:
-            self.tuning.load_state_dict(state["finetuning"])
-        super().load_state_dict(state)

@@ -33,19 +33,16 @@ On a ``ModifiedResNet`` image tower (CLIP RN50/RN101) the image side is the atte
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ctta.adapters.lora import TARGETS, TOWERS, LoRA
+from ctta.adapters.lora import TARGETS, TOWERS
 from ctta.checks import check_number
-from ctta.model import Clip
-from ctta.optim import steps_per_task
-from ctta.strategy import Strategy
-from ctta.stream import LabelSpace, Task
-from ctta.task_lora import TaskLoRA
+from ctta.stream import LabelSpace
+from ctta.strategies.lora_ft import LoRA
 
 
 def kappa_schedule(total: int, kappa_max: float, n_kappa: int = 50, dense_ratio: float = 0.5) -> list[float]:
@@ -85,9 +82,12 @@ def soft_threshold_(gates: Iterable[Tensor], kappa: float, reference: bool = Fal
             w.copy_(w.sign() * (w.abs() - kappa).clamp_min(0))
 
 
-class RankSelectiveLoRA(Strategy):
+class RankSelectiveLoRA(LoRA):
     """CoDyRA (see the module docstring). Reference defaults; ``summary()`` reports per task the effective rank
-    of every module and ``||θ_t − θ_0||_F``."""
+    of every module and ``||θ_t − θ_0||_F``. The per-task LoRA lifecycle and state are `LoRA`'s; this class adds the
+    gates and their κ schedule."""
+
+    gated = True
 
     def __init__(self, *, rank: int = 16, targets: Sequence[str] = TARGETS, towers: Sequence[str] = TOWERS,
                  layers: Sequence[int] | Mapping | None = None, lr: float = 5e-4, weight_decay: float = 0.0,
@@ -95,56 +95,23 @@ class RankSelectiveLoRA(Strategy):
                  n_kappa: int = 50, dense_ratio: float = 0.5, reference_threshold: bool = False,
                  text_to_image: bool | None = None, logit_scale: float | None = None, batch_size: int = 64,
                  epochs: int = 1, iterations: int | None = 500, grad_clip: float | None = None, amp: bool = False):
-        super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
         kappa_schedule(1, kappa_max, n_kappa, dense_ratio)  # validate now, not at the first task
-        self.task_lora = TaskLoRA(rank=rank, gated=True, targets=targets, towers=towers, layers=layers, lr=lr,
-                                  weight_decay=weight_decay, betas=betas, warmup=warmup,
-                                  text_to_image=text_to_image, logit_scale=logit_scale)
+        super().__init__(rank=rank, targets=targets, towers=towers, layers=layers, lr=lr, weight_decay=weight_decay,
+                         betas=betas, warmup=warmup, text_to_image=text_to_image, logit_scale=logit_scale,
+                         batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
         self.kappa_max, self.n_kappa, self.dense_ratio = kappa_max, n_kappa, dense_ratio
         self.reference_threshold = reference_threshold
         self._kappas: list[float] = []  # κ after each step of the current task
         self._it = 0  # steps taken in the current task
 
-    @property
-    def loras(self) -> list[LoRA]:
-        """The current task's LoRA modules."""
-        return self.task_lora.loras
-
-    # ----------------------------------------------------------------------------------------- lifecycle
-    def setup(self, model: Clip) -> None:
-        super().setup(model)
-        self.task_lora.attach(model)
-
     def _start(self, space: LabelSpace, current: LabelSpace, total: int) -> None:
-        self.optimizer, self.scheduler = self.task_lora.begin_task(space, current, total)
+        super()._start(space, current, total)
         self._kappas = kappa_schedule(total, self.kappa_max, self.n_kappa, self.dense_ratio)
         self._it = 0
 
-    def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self._start(space, task.space, self.task_steps(task))
-
-    def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
-        if not self.task_lora.started:  # no begin_task (hidden boundary): the whole training space is the task
-            self._start(space, space, max(1, steps_per_task(self.batch_size * (self.iterations or 100),
-                                                            self.batch_size, self.epochs, self.iterations)))
-        loss, stepped = self.task_lora.learn(images, labels, self.step, self.autocast())
+    def _after_step(self, stepped: bool) -> dict[str, float]:
         kappa = self._kappas[min(self._it, len(self._kappas) - 1)]
         if stepped and kappa > 0:  # proximal step of the L1 penalty on the gates
             soft_threshold_(self.task_lora.gates(), kappa, self.reference_threshold)
         self._it += 1
-        return {"loss": float(loss.detach()), "kappa": kappa}
-
-    def end_task(self, task: Task, space: LabelSpace) -> None:
-        self.task_lora.end_task(task.name)  # prunes zero-gate ranks, merges the rest, injects a fresh LoRA
-        self.optimizer, self.scheduler = None, None  # the next task builds its own
-
-    def summary(self) -> dict[str, Any]:
-        """Per-task effective ranks and drift ‖θ_t − θ_0‖, and the last task's headline numbers."""
-        return self.task_lora.history.summary()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "lora": self.task_lora.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.task_lora.load_state_dict(state.get("lora", {}))
+        return {"kappa": kappa}

@@ -34,7 +34,8 @@ Deliberate deviations (exact or cheaper unless said):
 
 Composition: `ctta.finetuning.FineTuning` owns the trainable set, AdamW, the per-task schedule (``schedule``,
 ``reset_optimizer_per_task``) and the WiSE anchor; `ctta.distillation.Distillation` owns the teacher and the two
-distillation terms (shared with LwF, whose reference texts are the current classes' prompts instead).
+distillation terms. `VRLwF` is an `LwF` (itself a `Finetune`) with the vocabulary as its reference texts
+(`reference_features`) instead of the current classes' prompts.
 
 Note: as in ZSCL, the student's text tower gets no distillation gradient (teacher text features on both sides), so
 only the image tower is protected. On the built-in world most of the zero-shot loss of whole-model training comes
@@ -44,17 +45,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ctta.distillation import Distillation, encode_frozen
-from ctta.finetuning import FineTuning
+from ctta.distillation import encode_frozen
 from ctta.model import Clip
-from ctta.stream import LabelSpace, Task
-from ctta.strategy import Strategy
+from ctta.stream import LabelSpace
+from ctta.strategies.lwf import LwF
 
 
 def random_vocabulary(n: int, length: int, vocab_size: int, sot: int, eot: int, seed: int = 0) -> Tensor:
@@ -94,8 +93,11 @@ def read_words(words: str | Path | Sequence[str]) -> list[str]:
     return out
 
 
-class VRLwF(Strategy):
-    """LwF distilled through a replayed (random pseudo-sentence) vocabulary; see the module docstring."""
+class VRLwF(LwF):
+    """LwF distilled through a replayed (random pseudo-sentence) vocabulary; see the module docstring. It is LwF
+    with other reference texts: the vocabulary instead of the current classes' prompts."""
+
+    space_bound = False  # the vocabulary does not depend on the label space
 
     def __init__(self, params: str | Iterable[str] = "", *, vocabulary: str | Path | Sequence[str] | None = None,
                  n_sentences: int = 1000, length: int = 10, vocab_seed: int = 0, lr: float = 1e-5,
@@ -104,16 +106,13 @@ class VRLwF(Strategy):
                  temperature: float = 2.0, image_loss: float = 1.0, text_loss: float = 1.0,
                  distill_scale: float | None = 100.0, wise_alpha: float | None = None, batch_size: int = 64,
                  epochs: int = 1, iterations: int | None = 1000, grad_clip: float | None = None, amp: bool = False):
-        super().__init__(batch_size=batch_size, epochs=epochs, iterations=iterations, grad_clip=grad_clip, amp=amp)
         if n_sentences <= 0 or length <= 0:
             raise ValueError(f"n_sentences and length must be positive, got {n_sentences}, {length}")
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-        self.distillation = Distillation(temperature, image_loss, text_loss, distill_scale)
-        self.tuning = FineTuning(params, lr=lr, weight_decay=weight_decay, betas=betas, warmup=warmup,
-                                 schedule=schedule, reset_optimizer_per_task=reset_optimizer_per_task,
-                                 wise_alpha=wise_alpha)
-        self.label_smoothing = float(label_smoothing)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, warmup=warmup, schedule=schedule,
+                         reset_optimizer_per_task=reset_optimizer_per_task, label_smoothing=label_smoothing,
+                         temperature=temperature, image_loss=image_loss, text_loss=text_loss,
+                         distill_scale=distill_scale, wise_alpha=wise_alpha, batch_size=batch_size, epochs=epochs,
+                         iterations=iterations, grad_clip=grad_clip, amp=amp)
         self.words = read_words(vocabulary) if vocabulary is not None else None
         self.n_sentences, self.length, self.vocab_seed = int(n_sentences), int(length), int(vocab_seed)
         self.tokens: Tensor | None = None  # [n, length + 2] pseudo-sentences (random vocabulary only)
@@ -122,7 +121,6 @@ class VRLwF(Strategy):
     # ----------------------------------------------------------------------------------------- lifecycle
     def setup(self, model: Clip) -> None:
         super().setup(model)
-        self.optimizer, self.scheduler = self.tuning.attach(model)
         if self.words is None:
             self.tokens = self._draw_vocabulary(model)
 
@@ -139,14 +137,8 @@ class VRLwF(Strategy):
         vocab_size = model.token_embedding.num_embeddings
         return random_vocabulary(self.n_sentences, length, vocab_size, sot, eot, self.vocab_seed)
 
-    def begin_task(self, task: Task, space: LabelSpace) -> None:
-        self.optimizer, self.scheduler = self.tuning.begin_task(self.task_steps(task))
-        self._freeze_teacher()
-
-    def _freeze_teacher(self) -> None:
-        """Teacher = the model now, before any step of this task: image-tower copy + vocabulary features."""
-        m = self._model()
-        self.distillation.freeze_teacher(m, self.encode_vocabulary(m))
+    def reference_features(self, model: Clip, space: LabelSpace) -> Tensor:
+        return self.encode_vocabulary(model)
 
     def encode_vocabulary(self, model: Clip) -> Tensor:
         """Text features ``[V, D]`` of the replayed vocabulary under ``model`` (no grad, eval mode)."""
@@ -157,31 +149,3 @@ class VRLwF(Strategy):
         eot = torch.full((len(tokens),), tokens.shape[1] - 1, device=model.device)  # every row ends with [EOS]
         return encode_frozen(model, lambda rows: model.text_forward(model.token_embedding(rows), eot[:len(rows)]),
                              tokens)
-
-    # ----------------------------------------------------------------------------------------- training
-    def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
-        if not self.distillation.ready:  # hidden first boundary: the model as first seen is the teacher
-            self._freeze_teacher()
-        m = self._model()
-        m.train()
-        with self.autocast():
-            img = m.encode_image(images)
-            ce = F.cross_entropy(self.tuning.class_logits(m, img, space).float(), labels,
-                                 label_smoothing=self.label_smoothing)
-            loss, terms = self.distillation.add_to(ce, m, images, img)
-        self.step(loss)
-        m.eval()
-        return {"loss": float(loss.detach()), "ce": float(ce.detach()),
-                **{k: float(v.detach()) for k, v in terms.items()}}
-
-    def end_task(self, task: Task, space: LabelSpace) -> None:
-        self.tuning.end_task(self._model())
-        self.distillation.release()  # free the copy; rebuilt at the next task
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "finetuning": self.tuning.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "finetuning" in state:
-            self.tuning.load_state_dict(state["finetuning"])
-        super().load_state_dict(state)
