@@ -1,18 +1,16 @@
-"""TDA's positive and negative caches (`DualCache`), and the per-batch frame TDA and BoostAdapter share: one text
-head per label space, the views of the batch encoded once, samples taken in stream order (update before predict),
-non-finite samples never admitted, and the caches' state."""
+"""TDA's positive and negative caches (`DualCache`), their settings, and the choice of the cache for a label space
+(`dual_cache_for`). TDA and BoostAdapter (a TDA) use them; the per-batch frame and the state are `TDA`'s."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ctta.checks import check_band, check_number
 from ctta.stream import LabelSpace
-from ctta.strategies._cache import (ClassCache, Policy, affinity_logits, encode_views, ensure_space, finite_samples,
-                                    fork_generator, normalized_entropy)
+from ctta.strategies._cache import (ClassCache, Policy, affinity_logits, ensure_space, normalized_entropy)
 
 
 @dataclass(frozen=True)
@@ -109,36 +107,3 @@ def dual_cache_for(s: Any, head: Tensor, space: LabelSpace, adapt: bool) -> Dual
     if not ensure_space(s.space, n, current is None or len(current) == 0, space, type(s).__name__, adapt):
         return current
     return DualCache(head.shape[0], head.shape[1], s.cfg, head.device)
-
-
-def run_dual_cache(s: Any, images: Tensor, space: LabelSpace, adapt: bool,
-                   sample: Callable[[Tensor, Tensor, DualCache, bool], Tensor]) -> Tensor:
-    """Logits ``[B, C]`` of ``images``, one ``sample(view_features, head, cache, admit)`` call per image in stream
-    order. ``s`` is the strategy (``cache``, ``cfg``, ``generator``, ``n_views``, ``augmix``, ``view_batch``);
-    ``adapt`` False draws views from a copy of the generator and keeps nothing (``predict``)."""
-    head = s._model().text_head(space)  # frozen text tower: encoded once per label space, then cached by the Clip
-    cache = dual_cache_for(s, head, space, adapt)
-    gen = s.generator if adapt else fork_generator(s.generator)
-    feats = encode_views(s, images, s.n_views, augmix=s.augmix, generator=gen, view_batch=s.view_batch)
-    ok = finite_samples(feats)
-    if adapt and bool(ok.any()):
-        s.cache, s.space = cache, space.fingerprint  # built for this space on first use (while empty: rebuilt)
-    out = []
-    for b in range(feats.shape[0]):
-        if adapt and not ok[b]:
-            s.skipped_steps += 1  # non-finite features never enter the caches
-        out.append(sample(feats[b], head, cache, adapt and bool(ok[b])))
-    return torch.stack(out)
-
-
-def dual_cache_state(s: Any) -> dict[str, Any]:
-    """The caches and the view generator of a TDA-style strategy, for its ``state_dict``."""
-    return {"generator": s.generator.get_state(), "cache": s.cache.state_dict() if s.cache is not None else None,
-            "space": s.space}
-
-
-def load_dual_cache_state(s: Any, state: dict[str, Any]) -> None:
-    dev = s.model.device if s.model is not None else None
-    cache = DualCache.from_state(state["cache"], s.cfg, dev) if state["cache"] is not None else None
-    s.generator.set_state(state["generator"].clone())
-    s.cache, s.space = cache, state.get("space")

@@ -45,19 +45,14 @@ Deliberate deviations:
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ctta.checks import check_logit_scale
 from ctta.losses import entropy
-from ctta.model import Clip
-from ctta.stream import LabelSpace
-from ctta.strategy import Strategy
 from ctta.strategies._cache import ClassCache, class_logits, confident_query
-from ctta.strategies._dual_cache import (DualCache, DualCacheConfig, dual_cache_state, load_dual_cache_state,
-                                         run_dual_cache)
+from ctta.strategies._dual_cache import DualCache
+from ctta.strategies.tda import TDA
 
 
 def boosting_samples(feats: Tensor, logits: Tensor, p: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,10 +83,12 @@ def boosted_items(pos: ClassCache, keys: Tensor, ent: Tensor, classes: Tensor, c
     return torch.cat(out_k), torch.cat(out_c)
 
 
-class BoostAdapter(Strategy):
-    """TDA + boosting samples from the test image's own confident views (see the module docstring)."""
+class BoostAdapter(TDA):
+    """TDA + boosting samples from the test image's own confident views (see the module docstring). `TDA` owns
+    the per-batch frame and the state; this class changes the per-sample step (`_sample`) and the negative cache's
+    rule (FIFO)."""
 
-    learns = False
+    neg_policy = "fifo"
 
     def __init__(self, *, pos_alpha: float = 2.0, pos_beta: float = 5.0, pos_capacity: int = 3, delta: int = 3,
                  neg_alpha: float = 0.117, neg_beta: float = 1.0, neg_capacity: int = 2,
@@ -100,35 +97,18 @@ class BoostAdapter(Strategy):
                  augmix: bool = False, selection_p: float = 0.1, boost_p: float = 0.1, entropy_norm: str = "log2",
                  logit_scale: float | None = 100.0, view_batch: int = 256, seed: int = 1, amp: bool = False,
                  eval_batch_size: int = 256):
-        super().__init__(eval_batch_size=eval_batch_size, amp=amp)
         if query not in ("confident", "view0"):
             raise ValueError(f"query must be 'confident' (ImageNet-A/V/R/S) or 'view0' (cross-domain), got {query!r}")
-        if delta < 0 or n_views < 0 or view_batch < 1:
-            raise ValueError(f"bad delta={delta}, n_views={n_views} or view_batch={view_batch}")
-        if not (0.0 < selection_p <= 1.0 and 0.0 <= boost_p <= 1.0):
-            raise ValueError(f"selection_p must be in (0, 1] and boost_p in [0, 1], got {selection_p}, {boost_p}")
-        self.cfg = DualCacheConfig(pos_alpha, pos_beta, pos_capacity, neg_alpha, neg_beta, neg_capacity,
-                                   neg_entropy, neg_mask, pos_enabled, neg_enabled, entropy_norm,
-                                   neg_policy="fifo", owner="BoostAdapter")
-        check_logit_scale("BoostAdapter", logit_scale)
-        self.pos_alpha, self.pos_beta, self.pos_capacity, self.delta = pos_alpha, pos_beta, pos_capacity, delta
-        self.neg_alpha, self.neg_beta, self.neg_capacity = neg_alpha, neg_beta, neg_capacity
-        self.neg_entropy, self.neg_mask = self.cfg.neg_entropy, self.cfg.neg_mask
-        self.pos_enabled, self.neg_enabled, self.entropy_norm = pos_enabled, neg_enabled, entropy_norm
-        self.query, self.n_views, self.augmix = query, n_views, augmix
-        self.selection_p, self.boost_p = selection_p, boost_p
-        self.logit_scale, self.view_batch, self.seed = logit_scale, view_batch, seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self.cache: DualCache | None = None  # built for the first label space adapted on
-        self.space: str | None = None  # that space's fingerprint (LabelSpace.fingerprint)
-
-    def setup(self, model: Clip) -> None:
-        super().setup(model)
-        self.cache, self.space = None, None
-
-    def reseed(self, seed: int) -> None:
-        super().reseed(seed)
-        self.generator.manual_seed(seed)
+        if delta < 0:
+            raise ValueError(f"BoostAdapter: delta must be >= 0, got {delta}")
+        if not 0.0 <= boost_p <= 1.0:
+            raise ValueError(f"BoostAdapter: boost_p must be in [0, 1], got {boost_p}")
+        super().__init__(pos_alpha=pos_alpha, pos_beta=pos_beta, pos_capacity=pos_capacity, neg_alpha=neg_alpha,
+                         neg_beta=neg_beta, neg_capacity=neg_capacity, neg_entropy=neg_entropy, neg_mask=neg_mask,
+                         pos_enabled=pos_enabled, neg_enabled=neg_enabled, n_views=n_views, augmix=augmix,
+                         selection_p=selection_p, entropy_norm=entropy_norm, logit_scale=logit_scale,
+                         view_batch=view_batch, seed=seed, amp=amp, eval_batch_size=eval_batch_size)
+        self.delta, self.query, self.boost_p = delta, query, boost_p
 
     # ----------------------------------------------------------------------------------------- the method
     def _sample(self, feats: Tensor, head: Tensor, cache: DualCache, adapt: bool) -> Tensor:
@@ -145,24 +125,3 @@ class BoostAdapter(Strategy):
             items = boosted_items(cache.pos, *boosting_samples(feats, logits, self.boost_p),
                                   capacity=self.pos_capacity + self.delta)
         return cache.read(f, z, items)
-
-    def _run(self, images: Tensor, space: LabelSpace, adapt: bool) -> Tensor:
-        return run_dual_cache(self, images, space, adapt, self._sample)
-
-    @torch.no_grad()
-    def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:
-        """Update the caches with each image, boost, then predict it (in stream order). ``[B, C]``."""
-        return self._run(images, space, adapt=True)
-
-    @torch.no_grad()
-    def predict(self, images: Tensor, space: LabelSpace) -> Tensor:
-        """Boosted read with the current caches; stores nothing."""
-        return self._run(images, space, adapt=False)
-
-    # ----------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **dual_cache_state(self)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        load_dual_cache_state(self, state)

@@ -60,15 +60,17 @@ from ctta.checks import check_logit_scale
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
-from ctta.strategies._cache import class_logits, confident_query
-from ctta.strategies._dual_cache import (DualCache, DualCacheConfig, dual_cache_state, load_dual_cache_state,
-                                         run_dual_cache)
+from ctta.strategies._cache import Policy, class_logits, confident_query, encode_views, finite_samples, fork_generator
+from ctta.strategies._dual_cache import DualCache, DualCacheConfig, dual_cache_for
 
 
 class TDA(Strategy):
-    """Training-free dynamic adapter (see the module docstring)."""
+    """Training-free dynamic adapter (see the module docstring). It owns the per-batch frame (one text head per
+    label space, the batch's views encoded once, samples in stream order, non-finite samples never admitted) and
+    the caches' state; a subclass changes `_sample` (`BoostAdapter`)."""
 
     learns = False
+    neg_policy: Policy = "entropy"  # the negative cache's admission rule (BoostAdapter's is "fifo")
 
     def __init__(self, *, pos_alpha: float = 2.0, pos_beta: float = 5.0, pos_capacity: int = 3,
                  neg_alpha: float = 0.117, neg_beta: float = 1.0, neg_capacity: int = 2,
@@ -82,8 +84,9 @@ class TDA(Strategy):
         if not 0.0 < selection_p <= 1.0:
             raise ValueError(f"selection_p must be in (0, 1], got {selection_p}")
         self.cfg = DualCacheConfig(pos_alpha, pos_beta, pos_capacity, neg_alpha, neg_beta, neg_capacity,
-                                   neg_entropy, neg_mask, pos_enabled, neg_enabled, entropy_norm)
-        check_logit_scale("TDA", logit_scale)
+                                   neg_entropy, neg_mask, pos_enabled, neg_enabled, entropy_norm,
+                                   neg_policy=self.neg_policy, owner=type(self).__name__)
+        check_logit_scale(type(self).__name__, logit_scale)
         self.pos_alpha, self.pos_beta, self.pos_capacity = pos_alpha, pos_beta, pos_capacity
         self.neg_alpha, self.neg_beta, self.neg_capacity = neg_alpha, neg_beta, neg_capacity
         self.neg_entropy, self.neg_mask = self.cfg.neg_entropy, self.cfg.neg_mask
@@ -111,7 +114,21 @@ class TDA(Strategy):
         return cache.read(f, z)
 
     def _run(self, images: Tensor, space: LabelSpace, adapt: bool) -> Tensor:
-        return run_dual_cache(self, images, space, adapt, self._sample)
+        """Logits ``[B, C]``: one `_sample` call per image in stream order; ``adapt`` False draws the views from a
+        copy of the generator and keeps nothing (``predict``)."""
+        head = self._model().text_head(space)  # frozen text tower: encoded once per label space, cached by the Clip
+        cache = dual_cache_for(self, head, space, adapt)
+        gen = self.generator if adapt else fork_generator(self.generator)
+        feats = encode_views(self, images, self.n_views, augmix=self.augmix, generator=gen, view_batch=self.view_batch)
+        ok = finite_samples(feats)
+        if adapt and bool(ok.any()):
+            self.cache, self.space = cache, space.fingerprint  # built for this space on first use (rebuilt while empty)
+        out = []
+        for b in range(feats.shape[0]):
+            if adapt and not ok[b]:
+                self.skipped_steps += 1  # non-finite features never enter the caches
+            out.append(self._sample(feats[b], head, cache, adapt and bool(ok[b])))
+        return torch.stack(out)
 
     @torch.no_grad()
     def adapt(self, images: Tensor, space: LabelSpace) -> Tensor:
@@ -125,8 +142,13 @@ class TDA(Strategy):
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **dual_cache_state(self)}
+        """The base state, both caches as fixed-capacity tensors, their label space and the view generator."""
+        return {**super().state_dict(), "generator": self.generator.get_state(),
+                "cache": self.cache.state_dict() if self.cache is not None else None, "space": self.space}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        load_dual_cache_state(self, state)
+        dev = self.model.device if self.model is not None else None
+        cache = DualCache.from_state(state["cache"], self.cfg, dev) if state["cache"] is not None else None
+        self.generator.set_state(state["generator"].clone())
+        self.cache, self.space = cache, state.get("space")
