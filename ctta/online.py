@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
 from ctta.predictions import Prediction, as_clip, as_space, class_subset, make_prediction, prepare_images
-from ctta.state import check_same_structure, clone_tree, differences, short, strategy_config
+from ctta.state import (check_finite_weights, check_same_structure, clone_tree, differences, short,
+                        strategy_config)
 from ctta.strategy import Strategy
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
 
@@ -68,6 +69,25 @@ class Snapshot:
         model.load_trainable_state(self.model_state)  # in-place copy: the anchor stays untouched
         # torch optimizers keep the loaded tensors by reference: hand them a copy, never the anchor itself
         strategy.load_state_dict(clone_tree(self.strategy_state))
+
+
+def _columns(logits: Tensor, columns: list[int] | None) -> Tensor:
+    """The logits of the chosen classes (all of them for None); malformed logits pass through to be named."""
+    if columns is None or logits.dim() != 2 or logits.shape[1] <= max(columns):
+        return logits
+    return logits[:, columns]
+
+
+def _read_counters(c: dict[str, Any]) -> tuple[int, int, int, int, bool, bool]:
+    """The saved counters as ``(calls, samples, resets, since_reset, dirty, reseed)``, checked before a load."""
+    try:
+        counts = tuple(int(c[k]) for k in ("calls", "samples", "resets", "since_reset"))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("saved adapter state: 'counters' must hold the integers calls, samples, resets and "
+                         f"since_reset; got {short(c)}") from None
+    if min(counts) < 0:
+        raise ValueError(f"saved adapter state: negative counters {short(c)}")
+    return (*counts, bool(c.get("dirty", True)), bool(c.get("reseed", False)))
 
 
 class OnlineAdapter:
@@ -121,23 +141,30 @@ class OnlineAdapter:
                  ) -> Prediction:
         """Predict and adapt on a batch: a float tensor ``[B, 3, H, W]`` in [0, 1], a PIL image or a list of PIL
         images (preprocessed with `Clip.preprocess`). ``classes`` restricts the prediction to some of the
-        adapter's class names. ``position``: the stream position of the first image (seeds random draws after a
+        adapter's class names (a strategy whose state is keyed by class, `Strategy.holds_label_space`, still adapts
+        over all of them, and the answer is read from those logits). ``position``: the stream position of the first image (seeds random draws after a
         reset; default: the number of samples this adapter has adapted on)."""
         with self._lock:
             x = prepare_images(self.model, images)
             space = class_subset(self.space, classes)
+            # a strategy whose state is keyed by class runs on the whole space; the subset is read from its logits
+            run_space, columns = space, None
+            if self.strategy.holds_label_space and space is not self.space:
+                run_space, columns = self.space, [self.space.index(c) for c in space.classnames]
             if self._paused:
-                return make_prediction(self.strategy.predict(x, space), space, self._who, adapted=False, skipped=0, reset=False)
+                logits = _columns(self.strategy.predict(x, run_space), columns)
+                return make_prediction(logits, space, self._who, adapted=False, skipped=0, reset=False)
             position = self.samples if position is None else int(position)
             before = self.strategy.skipped_steps
             if self.reset_policy == "episodic":
-                logits = self._episodes(x, space, position)
+                logits = self._episodes(x, run_space, position)
                 did_reset = True
             else:
                 did_reset = isinstance(self.reset_policy, int) and self._since_reset >= self.reset_policy
                 if did_reset:
                     self._restore()
-                logits = self._adapt(x, space, position)
+                logits = self._adapt(x, run_space, position)
+            logits = _columns(logits, columns)
             self.calls += 1
             self.samples += len(x)
             self._since_reset = 0 if self.reset_policy == "episodic" else self._since_reset + len(x)
@@ -209,7 +236,11 @@ class OnlineAdapter:
             if not isinstance(state, dict) or state.get("format") != FORMAT:
                 got = state.get("format") if isinstance(state, dict) else type(state).__name__
                 raise ValueError(f"not an OnlineAdapter state of this version (format {got!r}, expected {FORMAT})")
-            mine, theirs = self._fingerprint(), state.get("fingerprint", {})
+            for key in ("fingerprint", "model", "strategy", "counters"):
+                if not isinstance(state.get(key), dict):
+                    raise ValueError(f"saved adapter state: {key!r} is missing or not a dict")
+            counters = _read_counters(state["counters"])
+            mine, theirs = self._fingerprint(), state["fingerprint"]
             for key in mine:
                 if key == "config" and isinstance(theirs.get(key), dict) and mine[key] != theirs[key]:
                     diff = ", ".join(differences(theirs[key], mine[key], sep=" ", n=120))
@@ -219,18 +250,21 @@ class OnlineAdapter:
                     raise ValueError(f"saved adapter state does not match this adapter: {key} was "
                                      f"{short(theirs.get(key))}, is {short(mine[key])}")
             check_same_structure(state["model"], self.model.trainable_state(), "saved adapter state: model")
+            check_finite_weights(state["model"], "saved adapter state: model")
             check_same_structure(state["strategy"], self.strategy.state_dict(), "saved adapter state: strategy")
+            self.strategy.check_state(state["strategy"], "saved adapter state: strategy")
             backup = Snapshot(self.model, self.strategy)
             try:
                 self.model.load_trainable_state(state["model"])
                 self.strategy.load_state_dict(clone_tree(state["strategy"]))
+            except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+                backup.restore(self.model, self.strategy)  # a malformed value the checks above do not cover
+                raise ValueError(f"saved adapter state does not load into this {self._who} "
+                                 f"({type(e).__name__}: {e}); nothing was changed") from e
             except BaseException:
                 backup.restore(self.model, self.strategy)
                 raise
-            c = state["counters"]
-            self.calls, self.samples, self.resets, self._since_reset = (
-                int(c["calls"]), int(c["samples"]), int(c["resets"]), int(c["since_reset"]))
-            self._dirty, self._reseed = bool(c.get("dirty", True)), bool(c.get("reseed", False))
+            (self.calls, self.samples, self.resets, self._since_reset, self._dirty, self._reseed) = counters
 
     def save(self, path: str | Path) -> Path:
         """Write `state_dict` atomically, content-hashed (a reader never sees a partial file)."""

@@ -2,6 +2,8 @@
 checks and preprocessing, class subsets, and the `Prediction` returned."""
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -83,6 +85,12 @@ def class_subset(space: LabelSpace, classes: Sequence[str] | None) -> LabelSpace
         return space
     if isinstance(classes, str):
         raise TypeError("classes must be a list of class names, not one string")
+    classes = list(classes)  # a generator is read once
+    if not classes:
+        raise ValueError("classes is empty: name at least one class, or pass None for all of them")
+    repeated = sorted((c for c, n in Counter(classes).items() if n > 1), key=str)
+    if repeated:
+        raise ValueError(f"classes names {repeated[:5]!r} more than once")
     unknown = [c for c in classes if c not in space.classnames]
     if unknown:
         raise ValueError(f"unknown classes {unknown[:5]!r}: this adapter's label space is "

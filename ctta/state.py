@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 _PLAIN = (int, float, str, bool, type(None))
@@ -35,6 +36,8 @@ def check_same_structure(saved: Any, current: Any, what: str, path: str = "") ->
         if saved.shape != current.shape:
             raise ValueError(f"{where}: shape {tuple(saved.shape)} in the file, {tuple(current.shape)} here "
                              f"(saved by a differently configured model or strategy)")
+        if saved.is_floating_point() != current.is_floating_point() or saved.is_complex() != current.is_complex():
+            raise ValueError(f"{where}: a {saved.dtype} tensor in the file, {current.dtype} here")
         return
     if isinstance(current, dict):
         if not any(isinstance(v, (Tensor, dict, list, tuple)) for v in current.values()):
@@ -56,6 +59,42 @@ def check_same_structure(saved: Any, current: Any, what: str, path: str = "") ->
                              f"{len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__}")
         for i, (a, b) in enumerate(zip(saved, current)):
             check_same_structure(a, b, what, f"{path}[{i}]")
+
+
+def check_finite_weights(weights: dict[str, Any], what: str) -> None:
+    """Raise ValueError naming the first weight tensor in ``weights`` that holds a NaN or an infinity: a model
+    state with one would load and then answer every call with NaN."""
+    for name, t in weights.items():
+        if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: {name} holds NaN or infinite values; refusing to load it")
+
+
+def check_optimizer_state(saved: Any, optimizer: Any, what: str) -> None:
+    """Raise ValueError unless a saved ``torch.optim`` state dict fits ``optimizer``: the same number of parameters,
+    and every per-parameter tensor (Adam's moments; a 0-d step counter is a value) of its parameter's shape. The
+    state is keyed by parameter position, so `check_same_structure` cannot see this before the optimizer's first
+    step (its state is then empty), and torch's own load accepts moments of any shape: the next step would fail."""
+    if saved is None or optimizer is None:
+        return
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) \
+            or not isinstance(saved.get("param_groups"), list):
+        raise ValueError(f"{what}: not an optimizer state (a dict with 'state' and 'param_groups')")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+    except (TypeError, KeyError):
+        raise ValueError(f"{what}: its parameter groups do not list their parameters") from None
+    if len(ids) != len(params):
+        raise ValueError(f"{what}: the file's optimizer holds {len(ids)} parameters, this one {len(params)} "
+                         f"(saved by a differently configured model or strategy)")
+    by_id = dict(zip(ids, params))
+    for key, entry in saved["state"].items():
+        if key not in by_id or not isinstance(entry, dict):
+            raise ValueError(f"{what}: state for an unknown parameter {key!r}")
+        for name, t in entry.items():
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape != by_id[key].shape:
+                raise ValueError(f"{what}: {name} of parameter {key} has shape {tuple(t.shape)} in the file, the "
+                                 f"parameter {tuple(by_id[key].shape)} here (saved by a differently configured model)")
 
 
 def strategy_config(strategy: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from torch import Tensor
 from ctta.checks import check_number
 from ctta.model import Clip
 from ctta.optim import steps_per_task
+from ctta.state import check_optimizer_state
 from ctta.stream import LabelSpace, Task
 
 
@@ -52,6 +53,10 @@ class Strategy:
     sample_episodes: bool = False
     # The reset policy `ctta.OnlineAdapter` uses when given none: "never" (online), "episodic" or a sample count.
     default_reset: str | int = "never"
+    # Is the adapted state built for one label space (TDA's caches, DMN's memory, DPE's prototypes, keyed by class)?
+    # Then `ctta.OnlineAdapter` always runs the strategy on its whole label space and answers a call restricted to a
+    # class subset from those logits, so a subset call neither loses nor locks the state.
+    holds_label_space: bool = False
     comm: SingleProcess = SingleProcess()  # replaced by the loop under torchrun (instance attribute)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Strategy":
@@ -128,6 +133,16 @@ class Strategy:
             "skipped_steps": self.skipped_steps,
             "steps": self.steps,
         }
+
+    def check_state(self, state: dict[str, Any], what: str) -> None:
+        """Raise ValueError if ``state`` (structurally checked against `state_dict` already) would load but break
+        the next step: counters that are not counts, optimizer moments of the wrong shapes. Called before any
+        part of a load; a strategy with more to check extends it."""
+        for key in ("skipped_steps", "steps"):
+            v = state.get(key, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{what}: {key} must be a count (an integer >= 0), got {v!r}")
+        check_optimizer_state(state.get("optimizer"), self.optimizer, f"{what}: optimizer")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is not None and state.get("optimizer") is not None:

@@ -377,8 +377,75 @@ def test_a_load_that_fails_half_way_is_rolled_back():
     ad(images(2, 4))
     before, opt = trainable(ad), clone_tree(ad.strategy.state_dict())
     ad.strategy.fail = True
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(RuntimeError, match="disk on fire"):  # not a malformed value: passed on as it is
         ad.load_state_dict(state)
     assert same(trainable(ad), before)
     assert torch.equal(ad.strategy.state_dict()["optimizer"]["state"][0]["exp_avg"],
                        opt["optimizer"]["state"][0]["exp_avg"])
+
+
+# --------------------------------------------------------------------------------------------- class subsets
+def test_a_class_subset_call_neither_locks_nor_drops_a_keyed_state():
+    """TDA's caches are keyed by class: a subset call adapts over the whole space and reads the subset's columns,
+    so a later full call works and a paused subset call answers from the adapted caches."""
+    from ctta.strategies.tda import TDA
+    ad = wrap(make_tiny_clip(), TDA(n_views=0, augmix=False), SPACE)
+    sub = ["class 3", "class 1"]
+    first = ad(images(2, 0), classes=sub)
+    assert set(first.classnames) <= set(sub) and first.logits.shape == (2, 2)
+    assert ad.strategy.cache.n_classes == len(SPACE) and len(ad.strategy.cache) > 0
+    ad(images(2, 1))  # the whole space after a subset: accepted, same caches
+    x = images(3, 2)
+    full, part = ad.predict(x), ad.predict(x, classes=sub)
+    assert torch.equal(part.logits, full.logits[:, [3, 1]])
+
+
+def test_the_classes_argument_is_read_once_and_checked():
+    ad = wrap(make_tiny_clip(), ZeroShot(), SPACE)
+    out = ad(images(), classes=(c for c in ["class 2", "class 0"]))  # a generator
+    assert set(out.classnames) <= {"class 2", "class 0"} and out.logits.shape == (2, 2)
+    with pytest.raises(ValueError, match="more than once"):
+        ad(images(), classes=["class 1", "class 1"])
+    with pytest.raises(ValueError, match="classes is empty"):
+        ad(images(), classes=[])
+
+
+# --------------------------------------------------------------------------------------------- malformed states
+def _tent_state():
+    ad = adapter()
+    ad(images(2, 0))
+    return ad.state_dict()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s.pop("counters"), "'counters' is missing"),
+    (lambda s: s["counters"].update(calls="x"), "'counters' must hold the integers"),
+    (lambda s: s.update(fingerprint=[1, 2]), "'fingerprint' is missing or not a dict"),
+    (lambda s: s["strategy"].update(steps=None), "steps must be a count"),
+    (lambda s: s["model"].update({k: torch.full_like(v, float("nan")) for k, v in list(s["model"].items())[:1]}),
+     "NaN or infinite"),
+    (lambda s: s["model"].update({k: v.long() for k, v in list(s["model"].items())[:1]}), "torch.int64 tensor"),
+])
+def test_a_malformed_state_is_refused_before_anything_changes(edit, match):
+    state = _tent_state()
+    edit(state)
+    ad = adapter()
+    ad(images(2, 5))
+    before, opt = trainable(ad), clone_tree(ad.strategy.state_dict()["optimizer"])
+    with pytest.raises(ValueError, match=match):
+        ad.load_state_dict(state)
+    assert same(trainable(ad), before) and ad.samples == 2
+    assert torch.equal(ad.strategy.state_dict()["optimizer"]["state"][0]["exp_avg"], opt["state"][0]["exp_avg"])
+
+
+def test_a_fresh_adapter_refuses_optimizer_moments_of_the_wrong_shape():
+    """Before its first step an optimizer's state is empty, so the structural check cannot see the moments' shapes;
+    without the optimizer check the load was accepted and every later call failed."""
+    state = _tent_state()
+    moments = state["strategy"]["optimizer"]["state"][0]
+    moments["exp_avg"] = torch.zeros(3)
+    fresh = adapter()
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has shape \(3,\)"):
+        fresh.load_state_dict(state)
+    assert fresh.samples == 0
+    fresh(images())  # still works

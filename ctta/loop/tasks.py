@@ -23,7 +23,7 @@ from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
 from ctta.optim import steps_per_task
-from ctta.state import check_same_structure, strategy_config
+from ctta.state import check_finite_weights, check_same_structure, strategy_config
 from ctta.strategy import Strategy
 from ctta.stream import Task, TaskStream
 
@@ -67,7 +67,9 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
         strategy.setup(model)
         if saved:  # checked against this run's shapes first: a failed load changes nothing
             check_same_structure(saved["model"], model.net.state_dict(), f"{ckpt.path}: model")
+            check_finite_weights(saved["model"], f"{ckpt.path}: model")
             check_same_structure(saved["strategy"], strategy.state_dict(), f"{ckpt.path}: strategy state")
+            strategy.check_state(saved["strategy"], f"{ckpt.path}: strategy state")
             model.net.load_state_dict(saved["model"])
             strategy.load_state_dict(distributed.to_device(saved["strategy"], model.device))
         if start >= len(stream):

@@ -75,6 +75,7 @@ class DMN(Strategy):
     """DMN-ZS: dynamic memory of test features read by similarity (see the module docstring)."""
 
     learns = False
+    holds_label_space = True  # the memory is keyed by class
 
     def __init__(self, *, memory_size: int = 50, beta: float = 5.5, mix_weight: float = 1.0, n_views: int = 31,
                  selection_p: float = 0.1, augmix: bool = False, crop_scale: tuple[float, float] = (0.5, 1.0),

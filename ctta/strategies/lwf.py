@@ -56,7 +56,7 @@ class LwF(Finetune):
     """LwF with the previous-task model as teacher, on the current task's class logits (see module docstring).
     `Finetune` owns the fine-tuning lifecycle and state; this class adds the teacher and the distillation terms."""
 
-    space_bound = True  # the reference texts are the training classes' prompts, so a teacher serves one label space
+    teacher_per_space = True  # the reference texts are the training classes' prompts: a teacher serves one space
 
     def __init__(self, params: str | Iterable[str] = "", *, lr: float = 1e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup: int = 100, schedule: str = "cosine",
@@ -90,7 +90,7 @@ class LwF(Finetune):
     def _before_step(self, space: LabelSpace) -> None:
         if not self.distillation.ready:  # hidden first boundary: the model as first seen is the teacher
             self._freeze_teacher(space)
-        elif self.space_bound and space != self._ref_space:
+        elif self.teacher_per_space and space != self._ref_space:
             raise ValueError(f"{type(self).__name__} teacher was built for label space {self._ref_space!r}, learn() "
                              f"got {space!r}; a new label space needs a revealed task boundary (begin_task)")
 

@@ -70,6 +70,7 @@ class TDA(Strategy):
     the caches' state; a subclass changes `_sample` (`BoostAdapter`)."""
 
     learns = False
+    holds_label_space = True  # the caches are keyed by class
     neg_policy: Policy = "entropy"  # the negative cache's admission rule (BoostAdapter's is "fifo")
 
     def __init__(self, *, pos_alpha: float = 2.0, pos_beta: float = 5.0, pos_capacity: int = 3,

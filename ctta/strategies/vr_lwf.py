@@ -97,7 +97,7 @@ class VRLwF(LwF):
     """LwF distilled through a replayed (random pseudo-sentence) vocabulary; see the module docstring. It is LwF
     with other reference texts: the vocabulary instead of the current classes' prompts."""
 
-    space_bound = False  # the vocabulary does not depend on the label space
+    teacher_per_space = False  # the vocabulary does not depend on the label space
 
     def __init__(self, params: str | Iterable[str] = "", *, vocabulary: str | Path | Sequence[str] | None = None,
                  n_sentences: int = 1000, length: int = 10, vocab_seed: int = 0, lr: float = 1e-5,
