@@ -73,6 +73,23 @@ def check_images(images: Tensor, *, what: str = "images") -> Tensor:
     return images
 
 
+def check_labels(labels: Tensor, n_images: int, n_classes: int, *, what: str = "labels") -> Tensor:
+    """Validate a training batch's labels: an integer tensor ``[B]`` (``B = n_images``) of class indices in
+    ``[0, n_classes)``. Cross-entropy would otherwise skip ``-100`` (its ignore index) without a word and fail on
+    other values deep in a kernel. Returns it unchanged."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    if labels.dim() != 1 or len(labels) != n_images:
+        raise ValueError(f"{what} must have shape [{n_images}] (one class index per image), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must be an integer tensor of class indices, got dtype {labels.dtype}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(f"{what} must index the {n_classes} classes of the training label space, got values in "
+                         f"[{lo}, {hi}]")
+    return labels
+
+
 def is_pil_image(x: object) -> bool:
     """Is ``x`` a PIL image (checked without importing PIL when it is not loaded)?"""
     import sys

@@ -180,3 +180,40 @@ def test_epochs_zero_without_iterations_is_refused(cls):
     with pytest.raises(ValueError, match="epochs"):
         cls(epochs=0, iterations=None)
     cls(epochs=0, iterations=3)  # a fixed number of steps does not need epochs
+
+
+@pytest.mark.parametrize("cls", [Finetune, LwF, VRLwF])
+def test_learn_refuses_labels_that_do_not_index_the_space(cls):
+    """-100 is cross-entropy's ignore index: without the check a batch of them gave a NaN loss and a mixed one
+    trained on part of the batch without a word."""
+    from ctta import LabelSpace
+    space = LabelSpace(["a", "b", "c"])
+    s = cls(lr=1e-3, iterations=1)
+    s.setup(make_tiny_clip())
+    x = torch.rand(4, 3, 16, 16)
+    for bad, match in [(torch.tensor([0, 1, -100, -100]), r"\[-100, 1\]"), (torch.tensor([0, 1, 2, 3]), r"\[0, 3\]"),
+                       (torch.tensor([0.0, 1.0, 2.0, 0.0]), "integer"), (torch.tensor([0, 1]), r"shape \[4\]")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            s.learn(x, bad, space)
+    assert s.steps == 0
+
+
+def test_a_skipped_step_leaves_the_batchnorm_running_statistics():
+    """On a BatchNorm tower, full fine-tuning folds each batch into the running statistics during the forward; when
+    the loss is non-finite the step is skipped, and the statistics must be as they were too."""
+    from ctta import LabelSpace
+    from tests._resnet import RESNET_SIZE, make_resnet_clip
+    clip = make_resnet_clip()
+    space = LabelSpace(["a", "b"])
+    s = Finetune(lr=1e-3, iterations=2)
+    s.setup(clip)
+    x, y = torch.rand(4, 3, RESNET_SIZE, RESNET_SIZE), torch.tensor([0, 1, 0, 1])
+    before = {k: v.clone() for k, v in clip.net.state_dict().items()}
+    s.tuning.class_logits = lambda *a: torch.full((4, 2), float("nan"))  # a head that overflowed
+    s.learn(x, y, space)
+    assert s.skipped_steps == 1
+    after = clip.net.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    del s.tuning.class_logits
+    s.learn(x, y, space)  # a finite step does fold the batch in
+    assert not torch.equal(clip.net.visual.bn1.running_mean, before["visual.bn1.running_mean"])

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ctta.batchnorm import statistics_of_trainable
+from ctta.data import check_labels
 from ctta.finetuning import FineTuning
 from ctta.model import Clip
 from ctta.stream import LabelSpace, Task
@@ -52,15 +55,21 @@ class Finetune(Strategy):
         self.optimizer, self.scheduler = self.tuning.begin_task(self.task_steps(task))
 
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
+        check_labels(labels, len(images), len(space))
         self._before_step(space)
         m = self._model()
+        # a skipped step (non-finite loss) must not keep the batch in the running statistics of a trained BatchNorm
+        stats = {k: v.clone() for k, v in statistics_of_trainable(m.net).items()}
         m.train()
         with self.autocast():
             img = m.encode_image(images)
             ce = F.cross_entropy(self.tuning.class_logits(m, img, space).float(), labels,
                                  label_smoothing=self.label_smoothing)
             loss, terms = self._regularise(ce, m, images, img)
-        self.step(loss)
+        if not self.step(loss):
+            with torch.no_grad():
+                for k, v in statistics_of_trainable(m.net).items():
+                    v.copy_(stats[k])
         m.eval()
         out = {"loss": float(loss.detach())}
         if terms:

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ctta.cache import FeatureCache, encode_raw
 from ctta.checks import check_logit_scale, check_number, check_optimizer
-from ctta.data import iter_batches
+from ctta.data import check_labels, iter_batches
 from ctta.model import Clip
 from ctta.strategy import Strategy
 from ctta.stream import LabelSpace, Task
@@ -216,6 +216,7 @@ class RAPF(Strategy):
     def learn(self, images: Tensor, labels: Tensor, space: LabelSpace) -> dict[str, float]:
         if self._space is None or space != self._space:
             raise RuntimeError("RAPF needs revealed task boundaries: begin_task was not called for this label space")
+        check_labels(labels, len(images), len(space))
         f = self.image_features(images)
         y, n_ce = labels.to(f.device), len(labels)
         parts, n_old = [f], len(self._old_names)
