@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ctta.data import RemappedSubset, check_images, is_pil_image, pil_to_rgb
-from streams.manifest import IMAGE_EXTENSIONS, DatasetError
+from streams.manifest import IMAGE_EXTENSIONS, DatasetError, image_files
 
 DRAFT_GAP = 2.0  # the usual ``draft``: reduced-size JPEG decoding keeps the shorter side >= 2x the target
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -200,8 +200,10 @@ def to_float_image(x: Any, image_size: int | None = None, *, where: str = "image
 def list_image_folder(root: str | Path, classes: Sequence[str] | None = None
                       ) -> tuple[list[tuple[str, int]], list[str]]:
     """torchvision ``ImageFolder`` semantics: one folder per class, classes sorted **lexicographically** (so folders
-    "0".."999" come out as 0, 1, 10, 100, ...), files sorted within a class. ``classes`` fixes the folder list and its
-    order instead (every listed folder must exist). Returns ``(samples, class_folder_names)``."""
+    "0".."999" come out as 0, 1, 10, 100, ...), files sorted within a class, links followed (each real directory
+    read once, so a link loop adds nothing: `streams.manifest.image_files`). ``classes`` fixes the folder list and
+    its order instead (every listed folder must exist, once). A class folder may be empty (a partial copy; the
+    manifest's structure check counts the images). Returns ``(samples, class_folder_names)``."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
@@ -209,15 +211,15 @@ def list_image_folder(root: str | Path, classes: Sequence[str] | None = None
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         if not classes:
             raise DatasetError(f"{root} has no class folders")
+    classes = list(classes)
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise DatasetError(f"{root}: class folders listed more than once: {repeated[:5]}")
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
         raise DatasetError(f"{root}: missing class folders {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    samples: list[tuple[str, int]] = []
-    for label, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / c, followlinks=True)):
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
-                        if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return samples, list(classes)
+    samples = [(f, label) for label, c in enumerate(classes) for f in image_files(root / c)]
+    return samples, classes
 
 
 def image_folder(root: str | Path, image_size: int, classes: Sequence[str] | None = None, *,

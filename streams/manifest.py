@@ -75,11 +75,28 @@ def _digest_cached(path: str, size: int, mtime_ns: int, algo: str) -> str:
     return h.hexdigest()
 
 
+def image_files(folder: str | Path) -> list[str]:
+    """The image files below ``folder``, directories in sorted path order, files sorted within each. Links are
+    followed as torchvision's ``ImageFolder`` follows them (a class folder often links to another disk), but each
+    real directory is read once, and a link to the folder itself or one above it (a loop) is not entered."""
+    found: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    start = os.path.realpath(folder)
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or (real != start and (start + os.sep).startswith(real.rstrip(os.sep) + os.sep)):
+            dirnames[:] = []  # read already, or an ancestor of the folder (a loop): do not descend
+            continue
+        seen.add(real)
+        dirnames.sort()  # which of two links to one directory is read does not depend on the file system's order
+        found.append((dirpath, files))
+    return [os.path.join(d, f) for d, files in sorted(found) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
 def count_images(folder: Path) -> int:
-    n = 0
-    for _, _, files in os.walk(folder):
-        n += sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-    return n
+    """How many images `image_files` lists: the loaders and the structure check walk a tree the same way."""
+    return len(image_files(folder))
 
 
 def _fail(m: Manifest, root: Path, problem: str) -> DatasetError:
@@ -235,4 +252,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["DatasetError", "FileSpec", "Manifest", "verify", "manifests", "load_meta", "read_lines",
-           "write_manifest", "image_tree", "count_images"]
+           "write_manifest", "image_tree", "count_images", "image_files"]

@@ -183,3 +183,26 @@ def test_verify_command(tmp_path, capsys):
     assert "CIFAR-100: OK (structure)" in capsys.readouterr().out
     assert main(["cifar100", str(root)]) == 1
     assert "md5" in capsys.readouterr().out
+
+
+def test_image_folder_follows_links_once_and_refuses_bad_class_lists(tmp_path):
+    """A link loop (n01/loop -> ..) used to list the whole tree again under n01, n02's images labelled n01; the
+    manifest's count and the loader walk the tree the same way; a class listed twice is refused."""
+    import os
+
+    from PIL import Image
+
+    from streams.manifest import DatasetError, count_images
+    for c in ("n01", "n02"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (4, 4)).save(tmp_path / c / f"{i}.png")
+    os.symlink("..", tmp_path / "n01" / "loop")
+    os.symlink(tmp_path / "n02", tmp_path / "n01" / "again")  # a second road to a directory: read under n01 once
+    samples, classes = list_image_folder(tmp_path)
+    labels = {os.path.relpath(p, tmp_path): y for p, y in samples}
+    assert classes == ["n01", "n02"] and len(samples) == 6
+    assert labels["n02/0.png"] == 1 and labels["n01/again/0.png"] == 0 and not any("loop" in p for p in labels)
+    assert count_images(tmp_path / "n01") == 4
+    with pytest.raises(DatasetError, match="more than once"):
+        list_image_folder(tmp_path, ["n01", "n01", "n02"])
