@@ -114,11 +114,32 @@ def read_cifar100(root: str | Path, split: str) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     path = cifar_root(root) / "cifar-100-python" / split
     d = _unpickle(path)
-    data = np.asarray(_key(d, "data", path), dtype=np.uint8)
-    labels = np.asarray(_key(d, "fine_labels", path), dtype=np.int64)
+    data, labels = _key(d, "data", path), _key(d, "fine_labels", path)
+    data = check_cifar_arrays(path, data, labels, 100)[0]
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DatasetError(f"{path}: data {data.shape} / labels {labels.shape} are not CIFAR's [N, 3072] / [N]")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+        raise DatasetError(f"{path}: data {data.shape} / labels ({len(labels)}) are not CIFAR's [N, 3072] / [N]")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def check_cifar_arrays(path: Path, data: object, labels: object, n_classes: int, labels_path: Path | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR's pixel array must be uint8 as released (a cast would wrap 300 to 44 and floor floats in [0, 1] to 0)
+    and its labels integers in ``[0, n_classes)`` (an out-of-range label would drop the sample from its task).
+    Returns both as arrays; raises `DatasetError` naming the file (``labels_path``: the labels', if another)."""
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        got = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{path}: pixels must be a uint8 array as released, got {got}")
+    where = labels_path or path
+    try:
+        labels = np.asarray(labels)
+    except (TypeError, ValueError) as e:
+        raise DatasetError(f"{where}: labels are not a list of integers ({e})") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DatasetError(f"{where}: labels must be a list of integers, got {labels.dtype} of shape {labels.shape}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise DatasetError(f"{where}: labels must lie in [0, {n_classes}), got values in "
+                           f"[{int(labels.min())}, {int(labels.max())}]")
+    return data, labels
 
 
 def cifar100_classnames(root: str | Path | None = None) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream
-from streams.cifar import cifar100_space, cifar_root, read_cifar100
+from streams.cifar import check_cifar_arrays, cifar100_space, cifar_root, read_cifar100
 from streams.images import TensorImages, check_draft, image_folder
 from streams.manifest import DatasetError, manifests
 from streams.imagenet import imagenet_wnids, variant_space
@@ -44,15 +44,27 @@ def read_cifar100_c(root: str | Path, corruption: str, severity: int, *, n: int 
     for p in (path, lab):
         if not p.is_file():
             raise DatasetError(f"CIFAR-100-C: missing {p}. Download {m.source} ({m.archive}); {m.layout}")
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)  # 150 MB per corruption: read only the severity block
-    labels = np.load(lab, mmap_mode="r", allow_pickle=False)  # never unpickle object arrays
+    arr, labels = _load_npy(path), _load_npy(lab)  # 150 MB per corruption: memory-mapped, the block read alone
     if arr.ndim != 4 or arr.shape[1:] != (32, 32, 3) or arr.shape[0] != 5 * PER_SEVERITY or len(labels) != len(arr):
         raise DatasetError(f"{path}: shape {arr.shape} (labels {labels.shape}) is not the release's "
                            f"[{5 * PER_SEVERITY}, 32, 32, 3]")
     lo = (severity - 1) * PER_SEVERITY
     hi = lo + (min(n, PER_SEVERITY) if n is not None else PER_SEVERITY)
-    x = torch.from_numpy(np.array(arr[lo:hi])).permute(0, 3, 1, 2).contiguous()
-    return x, torch.from_numpy(np.array(labels[lo:hi], dtype=np.int64))
+    block, block_labels = check_cifar_arrays(path, np.array(arr[lo:hi]), np.array(labels[lo:hi]), 100, lab)
+    x = torch.from_numpy(block).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(block_labels.astype(np.int64))
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A memory-mapped ``.npy`` array; never unpickled (an object array is refused), a bad file named."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        what = ("not in .npy format, or an object array: reading it would unpickle it, which is never done"
+                if "allow_pickle" in str(e) else str(e))
+        raise DatasetError(f"{path}: not a CIFAR-100-C .npy array ({what})") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot be read as a .npy array ({e})") from None
 
 
 def generate_cifar100_c(clean_root: str | Path, corruption: str, severity: int, *, n: int | None = None,

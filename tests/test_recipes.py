@@ -206,3 +206,43 @@ def test_image_folder_follows_links_once_and_refuses_bad_class_lists(tmp_path):
     assert count_images(tmp_path / "n01") == 4
     with pytest.raises(DatasetError, match="more than once"):
         list_image_folder(tmp_path, ["n01", "n01", "n02"])
+
+
+def _repickle(path, **changes):
+    with open(path, "rb") as f:
+        d = pickle.load(f)  # our own test file, written above
+    d.update({k.encode(): v for k, v in changes.items()})
+    with open(path, "wb") as f:
+        pickle.dump(d, f, protocol=2)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"fine_labels": [100] + [0] * 99}, r"labels must lie in \[0, 100\), got values in \[0, 100\]"),
+    ({"fine_labels": [-1] + [0] * 99}, r"got values in \[-1, 0\]"),
+    ({"data": np.full((100, 3072), 300, dtype=np.int64)}, "pixels must be a uint8 array as released, got int64"),
+    ({"data": np.zeros((100, 3072), dtype=np.float64)}, "got float64"),
+])
+def test_cifar_pickle_values_are_checked_not_cast(tmp_path, changes, match):
+    """An out-of-range label used to drop its sample from every task, and a cast to uint8 wrapped 300 to 44."""
+    root = write_cifar(tmp_path, per_class=(1, 1))
+    _repickle(root / "cifar-100-python" / "train", **changes)
+    with pytest.raises(DatasetError, match=match) as e:
+        cifar.read_cifar100(root, "train")
+    assert "cifar-100-python/train" in str(e.value)
+
+
+def test_cifar100_c_files_are_checked_and_never_unpickled(tmp_path):
+    write_cifar_c(tmp_path)
+    folder = tmp_path / "CIFAR-100-C"
+    good = np.load(folder / "gaussian_noise.npy")
+    np.save(folder / "gaussian_noise.npy", good.astype(np.float32))
+    with pytest.raises(DatasetError, match="gaussian_noise.npy: pixels must be a uint8 array as released, got float32"):
+        corrupted.read_cifar100_c(tmp_path, "gaussian_noise", 1, n=5)
+    np.save(folder / "gaussian_noise.npy", good)
+    labels = np.load(folder / "labels.npy")
+    np.save(folder / "labels.npy", labels.astype(np.int64) + 250)
+    with pytest.raises(DatasetError, match=r"labels.npy: labels must lie in \[0, 100\)"):
+        corrupted.read_cifar100_c(tmp_path, "gaussian_noise", 1, n=5)
+    (folder / "labels.npy").write_text("not an array")
+    with pytest.raises(DatasetError, match="labels.npy: not a CIFAR-100-C .npy array .*never done"):
+        corrupted.read_cifar100_c(tmp_path, "gaussian_noise", 1, n=5)
