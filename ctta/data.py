@@ -128,6 +128,10 @@ def pil_to_rgb(image) -> Tensor:
     w, h = image.size
     if w == 0 or h == 0:
         raise ValueError(f"image has size {w}x{h} (mode {image.mode!r}): there is nothing to classify")
+    try:
+        image.load()  # decode now, so that a damaged file is not reported as a failed conversion
+    except OSError as e:
+        raise ValueError(f"the image data cannot be decoded, the file is damaged or truncated ({e})") from None
     mode = image.mode
     if mode.startswith("I;16"):
         a = np.asarray(image).astype(np.float32) / 65535.0
@@ -215,8 +219,9 @@ class RemappedSubset:
         data, lengths, _ = self.base.load_encoded(self.indices[indices])
         return data, lengths, self.targets[indices]
 
-    def decode(self, data: Tensor, lengths: Tensor, device: Any) -> Tensor:
-        return self.base.decode(data, lengths, device=device)
+    def decode(self, data: Tensor, lengths: Tensor, device: Any, indices: Tensor | None = None) -> Tensor:
+        base = self.indices[indices] if indices is not None else None  # the base's positions, to name a bad file
+        return self.base.decode(data, lengths, device=device, indices=base)
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:

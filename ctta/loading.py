@@ -119,7 +119,7 @@ def _fetch(dataset: Any, indices: Tensor, encoded: bool) -> tuple[Any, Tensor]:
     """One chunk, as a worker (or the main process) loads it: decoded images, or the files' bytes."""
     if encoded:
         data, lengths, labels = dataset.load_encoded(indices)
-        return (data, lengths), labels
+        return (data, lengths, indices), labels  # the indices let a failed decode name its file
     return load_batch(dataset, indices)
 
 
@@ -138,7 +138,8 @@ class _Chunks:
 
 def _to_device(dataset: Any, x: Any, device: torch.device | None, encoded: bool) -> Tensor:
     if encoded:
-        return dataset.decode(*x, device=device or torch.device("cpu"))
+        data, lengths, indices = x
+        return dataset.decode(data, lengths, device=device or torch.device("cpu"), indices=indices)
     if device is None or x.device == device:
         return x
     if device.type == "cuda":

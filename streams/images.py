@@ -47,17 +47,25 @@ def load_image(path: str | Path, draft_to: int | None = None) -> Tensor:
     16-bit and float images scaled, alpha composited on white, 0-size images refused). ``draft_to``: a JPEG may be
     decoded at 1/2, 1/4 or 1/8 of its size as long as its shorter side stays at least ``draft_to`` pixels."""
     from PIL import Image
-    with Image.open(path) as im:
-        if draft_to and im.format == "JPEG":
-            w, h = im.size
-            short = min(w, h)
-            if short >= 2 * draft_to:  # else no reduction is possible: skip the call
-                # Pillow keeps the largest scale 1/s with w // s >= req_w and h // s >= req_h
-                im.draft(None, (max(1, w * draft_to // short), max(1, h * draft_to // short)))
-        try:
+    try:
+        with Image.open(path) as im:
+            if draft_to and im.format == "JPEG":
+                w, h = im.size
+                short = min(w, h)
+                if short >= 2 * draft_to:  # else no reduction is possible: skip the call
+                    # Pillow keeps the largest scale 1/s with w // s >= req_w and h // s >= req_h
+                    im.draft(None, (max(1, w * draft_to // short), max(1, h * draft_to // short)))
             return pil_to_rgb(im)
-        except ValueError as e:
-            raise DatasetError(f"{path}: {e}") from None
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DatasetError(f"{path}: {_unreadable(e)}") from None
+
+
+def _unreadable(e: Exception) -> str:
+    """Why an image file could not be read, in words (PIL's own messages name a BytesIO or nothing at all)."""
+    from PIL import UnidentifiedImageError
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file in a format PIL reads (empty, text, or another kind of file)"
+    return str(e) if isinstance(e, ValueError) else f"the image data cannot be decoded, the file is damaged ({e})"
 
 
 def check_draft(draft: float | None) -> float | None:
@@ -103,10 +111,12 @@ class ImageFiles:
             torch.empty(0, dtype=torch.uint8)
         return data, torch.tensor([len(b) for b in blobs], dtype=torch.long), self.targets[indices]
 
-    def decode(self, data: Tensor, lengths: Tensor, device: torch.device | str) -> Tensor:
+    def decode(self, data: Tensor, lengths: Tensor, device: torch.device | str, indices: Tensor | None = None
+               ) -> Tensor:
         """Bytes from `load_encoded` → ``[B, 3, S, S]`` on ``device``: JPEGs by ``torchvision.io.decode_jpeg`` on
         that device (nvJPEG on CUDA, one batched call), other formats — and any JPEG it refuses (CMYK, say) — by PIL
-        on the CPU. Full-size decoding: nvJPEG has no reduced-size mode."""
+        on the CPU. Full-size decoding: nvJPEG has no reduced-size mode. ``indices`` (those `load_encoded` read)
+        let a file that cannot be decoded be named."""
         import io
         import warnings
 
@@ -129,8 +139,12 @@ class ImageFiles:
                     out[i] = resize_center_crop(x.float().div_(255), self.image_size)
         for i, x in enumerate(out):
             if x is None:
-                with Image.open(io.BytesIO(blobs[i].numpy().tobytes())) as im:
-                    out[i] = resize_center_crop(pil_to_rgb(im), self.image_size).to(device)
+                try:
+                    with Image.open(io.BytesIO(blobs[i].numpy().tobytes())) as im:
+                        out[i] = resize_center_crop(pil_to_rgb(im), self.image_size).to(device)
+                except (OSError, ValueError) as e:
+                    name = self.paths[int(indices[i])] if indices is not None else f"image {i} of the batch"
+                    raise DatasetError(f"{name}: {_unreadable(e)}") from None
         return torch.stack(out)
 
 

@@ -205,3 +205,28 @@ def test_cuda_pinned_copies_and_nvjpeg_decoding(folder):
         x, y, idx = collect(data, device="cuda", loading=Loading(workers=workers))  # auto: nvJPEG on the GPU
         assert x.is_cuda and torch.equal(y, ref[1]) and idx == ref[2]
         assert (x.cpu() - ref[0]).abs().mean() < 2 / 255  # nvJPEG's IDCT and chroma upsampling are not libjpeg's
+
+
+@pytest.mark.parametrize("device_decode", [False, True])
+def test_a_file_that_is_not_a_readable_image_is_named(tmp_path, device_decode):
+    """PIL's own errors named a BytesIO (device decoding) or nothing ("Truncated File Read"), and a truncated JPEG
+    was reported as a failed RGB conversion."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from streams.images import image_folder
+    from streams.manifest import DatasetError
+    (tmp_path / "c").mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "c" / "a.jpg").write_bytes(buf.getvalue())
+    cases = {"b.jpg": (buf.getvalue()[: len(buf.getvalue()) // 2], "the image data cannot be decoded, the file is damaged"),
+             "c.png": (b"this is not an image", "not an image file in a format PIL reads")}
+    for name, (blob, match) in cases.items():
+        (tmp_path / "c" / name).write_bytes(blob)
+        data, _ = image_folder(tmp_path, 32)
+        with pytest.raises(DatasetError, match=f"c/{name}: {match}"):
+            list(iter_batches(data, 4, device="cpu", loading=Loading(workers=0, device_decode=device_decode)))
+        (tmp_path / "c" / name).unlink()
