@@ -19,6 +19,7 @@ wrap a copy), since two adapters would silently share the weights they adapt.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import weakref
@@ -38,6 +39,7 @@ from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
 
 ResetPolicy = Literal["never", "episodic"] | int
 FORMAT = 2
+log = logging.getLogger(__name__)
 
 
 # the network each live adapter holds (weak on both sides: a dropped adapter or model frees its entry)
@@ -170,10 +172,19 @@ class OnlineAdapter:
             self._since_reset = 0 if self.reset_policy == "episodic" else self._since_reset + len(x)
             out = make_prediction(logits, space, self._who, adapted=True, skipped=self.strategy.skipped_steps - before,
                                reset=did_reset)
-            if self.drift is not None and self.drift(self._stats(out, len(space))):
+            if self.drift is not None and self._drifted(out, len(space)):
                 self._restore()
                 out.reset = True
             return out
+
+    def _drifted(self, out: Prediction, n_classes: int) -> bool:
+        """The drift callable's verdict. It runs after the call has adapted, so if it raises, the prediction is still
+        returned (the caller would otherwise lose it) and the error is logged with its traceback."""
+        try:
+            return bool(self.drift(self._stats(out, n_classes)))
+        except Exception:
+            log.exception("the drift callable raised; this call's prediction is returned without a reset")
+            return False
 
     def _adapt(self, x: Tensor, space: LabelSpace, position: int) -> Tensor:
         if self._reseed:

@@ -199,7 +199,10 @@ def test_a_non_finite_loss_leaves_the_model_untouched(name, tower, monkeypatch):
         s.learn(x, y, space)
         assert s.steps == 0 and s.skipped_steps == 1, f"{name} stepped on a non-finite loss"
     else:
-        ad(images(2, tower=tower))
+        try:
+            ad(images(2, tower=tower))
+        except FloatingPointError:  # NaN logits are refused, not labelled; what is checked here is the state
+            pass
     assert same_tree(model.net.state_dict(), before), f"{name} let a non-finite loss change the model"
     assert finite_tensors(s.state_dict()) == was_finite, f"{name} let non-finite values into its state"
 

@@ -222,7 +222,8 @@ def test_a_file_that_is_not_a_readable_image_is_named(tmp_path, device_decode):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
     (tmp_path / "c" / "a.jpg").write_bytes(buf.getvalue())
-    cases = {"b.jpg": (buf.getvalue()[: len(buf.getvalue()) // 2], "the image data cannot be decoded, the file is damaged"),
+    half = buf.getvalue()[: len(buf.getvalue()) // 2]
+    cases = {"b.jpg": (half, "the image data cannot be decoded, the file is damaged"),
              "c.png": (b"this is not an image", "not an image file in a format PIL reads")}
     for name, (blob, match) in cases.items():
         (tmp_path / "c" / name).write_bytes(blob)

@@ -449,3 +449,34 @@ def test_a_fresh_adapter_refuses_optimizer_moments_of_the_wrong_shape():
         fresh.load_state_dict(state)
     assert fresh.samples == 0
     fresh(images())  # still works
+
+
+def test_non_finite_logits_are_refused_not_labelled():
+    """NaN logits used to come back as an ordinary prediction of class 0."""
+    class Diverged(ZeroShot):
+        def predict(self, images, space):
+            out = super().predict(images, space)
+            out[0, 1] = float("nan")
+            return out
+
+    ad = wrap(make_tiny_clip(), Diverged(), SPACE)
+    with pytest.raises(FloatingPointError, match="non-finite logits for 1 of 2 images.*reset"):
+        ad(images())
+
+    class RulesOut(ZeroShot):  # -inf rules a class out and is fine
+        def predict(self, images, space):
+            out = super().predict(images, space)
+            out[:, 0] = float("-inf")
+            return out
+
+    assert wrap(make_tiny_clip(), RulesOut(), SPACE)(images()).probs[:, 0].eq(0).all()
+
+
+def test_a_raising_drift_callable_does_not_lose_the_prediction(caplog):
+    def broken(stats):
+        raise KeyError("entropy_normalised")
+
+    ad = adapter(drift=broken)
+    out = ad(images())
+    assert out.logits.shape == (2, 4) and not out.reset and ad.samples == 2
+    assert "the drift callable raised" in caplog.text and "entropy_normalised" in caplog.text
