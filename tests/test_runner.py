@@ -61,6 +61,30 @@ def test_resume_refuses_a_different_run(tmp_path, tiny_stream):
             progress=False)
 
 
+def test_resume_refuses_another_class_order_training_set_or_model(tmp_path):
+    """A resume used to accept a stream with another class order or other training images (the fingerprint held
+    task names and test sizes only), mixing two runs in one results file, and another model ended in a traceback."""
+    from ctta import LabelSpace, class_incremental
+    from ctta.loop.checkpoint import RunMismatch
+    from tests.conftest import make_dataset
+    space = LabelSpace([f"class {i}" for i in range(6)])
+
+    def stream(order_seed=1, n_train=60):
+        return class_incremental(space, make_dataset(n_train, 6, seed=1), make_dataset(30, 6, seed=2), increment=2,
+                                 seed=order_seed)
+
+    run(make_tiny_clip(), ZeroShot(), stream(), [AccuracyMatrix()], out_dir=tmp_path, progress=False)
+    for other, match in ((stream(order_seed=7), "task cil/t0: other classes"),
+                         (stream(n_train=66), "task cil/t0: training set of 20 -> 22 images")):
+        with pytest.raises(RunMismatch, match=match):
+            run(make_tiny_clip(), ZeroShot(), other, [AccuracyMatrix()], out_dir=tmp_path, progress=False)
+    from ctta import Clip
+    from tests.conftest import TINY_CONFIG
+    other_model = Clip.from_config(TINY_CONFIG, name="tiny-other")  # another architecture name
+    with pytest.raises(RunMismatch, match="model"):
+        run(other_model, ZeroShot(), stream(), [AccuracyMatrix()], out_dir=tmp_path, progress=False)
+
+
 def test_results_file_has_provenance_and_plot(tmp_path, tiny_stream):
     run(make_tiny_clip(), ZeroShot(), tiny_stream, _hooks(tiny_stream), out_dir=tmp_path, seed=1,
         config={"note": "x"}, progress=False)

@@ -11,6 +11,7 @@ takes that state instead of hashing and unpickling the file a second time (a ViT
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -25,7 +26,7 @@ from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.loop.parallel import Parallel
 from ctta.state import differences
 
-FORMAT = 2
+FORMAT = 3  # 3: the fingerprint names each task's classes and labels, and the model
 
 # States read early with ``hold=True``, for the loop's read of the same file: path -> (file identity, state on CPU).
 # Taken once; `drop_held` forgets them (run.py, when the attempt ends without the loop taking its state).
@@ -47,12 +48,62 @@ def ensure_writable(out_dir: Path) -> None:
         raise PermissionError(f"cannot write results to {out_dir}: {e.strerror or e}; choose another out_dir") from e
 
 
-class Checkpoint:
-    """``out_dir/name`` for the run whose identity is ``fingerprint`` (plain values)."""
+def stream_identity(stream: Any) -> list[list[Any]]:
+    """Per task: its name, its classes (`LabelSpace.fingerprint`: names, order, templates), and the size and a
+    hash of the labels of its training and test sets, so that a resume with another class order, another number of
+    images or another draw of them is refused (images themselves are not read)."""
+    def data(ds: Any) -> list[Any] | None:
+        if ds is None:
+            return None
+        targets = getattr(ds, "targets", None)
+        labels = None
+        if targets is not None:
+            t = torch.as_tensor(targets).to("cpu", torch.int64).contiguous()
+            labels = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+        return [len(ds), labels]
+    return [[t.name, t.space.fingerprint, data(t.train), data(t.test)] for t in stream.tasks]
 
-    def __init__(self, out_dir: Path | None, name: str, fingerprint: dict, par: Parallel):
+
+def _task_changes(saved: Any, current: Any) -> list[str]:
+    """What differs between two `stream_identity` lists, in words."""
+    if saved == current:
+        return []
+    if not isinstance(saved, list) or not isinstance(current, list) or len(saved) != len(current):
+        n = [len(x) if isinstance(x, list) else "?" for x in (saved, current)]
+        return [f"the stream has {n[1]} tasks, the saved run {n[0]}"]
+    out = []
+    for old, new in zip(saved, current):
+        if old == new:
+            continue
+        what = []
+        if old[0] != new[0]:
+            what.append(f"name {old[0]!r} -> {new[0]!r}")
+        if old[1] != new[1]:
+            what.append("other classes (names, order or templates)")
+        for i, part in ((2, "training"), (3, "test")):
+            if old[i] != new[i]:
+                sizes = [x[0] if x else 0 for x in (old[i], new[i])]
+                what.append(f"{part} set of {sizes[0]} -> {sizes[1]} images" if sizes[0] != sizes[1]
+                            else f"other {part} labels (another draw or order of images)")
+        out.append(f"task {new[0]}: " + ", ".join(what))
+    return out[:3] + ([f"and {len(out) - 3} more tasks"] if len(out) > 3 else [])
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """The architecture and the weights (a local file by its content hash, a published tag by name)."""
+    src = model.provenance() if hasattr(model, "provenance") else {}
+    return {"arch": src.get("arch"), "quick_gelu": src.get("quick_gelu"),
+            "weights": src.get("checkpoint_sha256") or src.get("pretrained")}
+
+
+class Checkpoint:
+    """``out_dir/name`` for the run whose identity is ``fingerprint`` (plain values). ``partial``: compare only the
+    fields ``fingerprint`` has (scripts/run.py checks the stream and strategy before the model is built; the loop's
+    own read then checks the whole identity, the model included)."""
+
+    def __init__(self, out_dir: Path | None, name: str, fingerprint: dict, par: Parallel, partial: bool = False):
         self.path = out_dir / name if out_dir is not None else None
-        self.fingerprint, self.par = fingerprint, par
+        self.fingerprint, self.par, self.partial = fingerprint, par, partial
 
     def read(self, map_location: torch.device | str, hold: bool = False) -> dict | None:
         """The saved state, or None for a fresh run. Raises `RunMismatch` for another run's checkpoint.
@@ -68,14 +119,15 @@ class Checkpoint:
                 state = RunMismatch(f"{self.path} is not a checkpoint of this version of ctta "
                                     f"(format {state.get('format') if isinstance(state, dict) else '?'}); "
                                     f"use another out_dir")
-            elif state["fingerprint"] != self.fingerprint:
-                saved_fp = state["fingerprint"]
+            elif self._saved_fields(state["fingerprint"]) != self.fingerprint:
+                saved_fp = self._saved_fields(state["fingerprint"])
                 if saved_fp.get("strategy") != self.fingerprint.get("strategy"):  # the arguments differ anyway
                     saved_fp = {k: v for k, v in saved_fp.items() if k != "config"}
                     current = {k: v for k, v in self.fingerprint.items() if k != "config"}
                 else:
-                    current = self.fingerprint
-                diff = "; ".join(differences(saved_fp, current))
+                    saved_fp, current = dict(saved_fp), dict(self.fingerprint)
+                diff = "; ".join(_task_changes(saved_fp.pop("tasks", None), current.pop("tasks", None))
+                                 + differences(saved_fp, current))
                 state = RunMismatch(f"{self.path} belongs to a different run ({diff}). Use another out_dir, or "
                                     f"the saved run's settings to resume it.")
             if isinstance(state, Exception):
@@ -84,6 +136,11 @@ class Checkpoint:
         if isinstance(state, Exception):
             raise state
         return state
+
+    def _saved_fields(self, saved: Any) -> Any:
+        if not self.partial or not isinstance(saved, dict):
+            return saved
+        return {k: v for k, v in saved.items() if k in self.fingerprint}
 
     def _load(self, map_location: torch.device | str, hold: bool) -> Any:
         """The file's state: the one held for it if the file is unchanged, else read (and hashed) from disk."""

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from ctta import distributed
 from ctta.data import iter_batches
 from ctta.loading import in_memory, loading_defaults
-from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, rng_state,
-                                  seed_everything, set_rng_state)
+from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, model_identity,
+                                  rng_state, seed_everything, set_rng_state, stream_identity)
 from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
@@ -44,10 +44,12 @@ CHECKPOINT = "samples_checkpoint.pt"
 log = logging.getLogger("ctta")
 
 
-def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, batch_size: int, reset: Any) -> dict:
-    return {"stream": stream.name, "tasks": [[t.name, len(t.test)] for t in stream.tasks],
-            "strategy": type(strategy).__qualname__, "config": strategy_config(strategy), "seed": seed,
-            "batch_size": batch_size, "reset": str(reset)}
+def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, batch_size: int, reset: Any,
+                model: Clip | None = None) -> dict:
+    """The run's identity in its checkpoint (``model``: left out by scripts/run.py's check before it builds one)."""
+    fp = {"stream": stream.name, "tasks": stream_identity(stream), "strategy": type(strategy).__qualname__,
+          "config": strategy_config(strategy), "seed": seed, "batch_size": batch_size, "reset": str(reset)}
+    return fp if model is None else {**fp, "model": model_identity(model)}
 
 
 def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
@@ -72,7 +74,7 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
     out = Path(out_dir) if out_dir else None
     if out is not None and par.main:
         ensure_writable(out)
-    fp = fingerprint(stream, strategy, seed, batch_size, policy)
+    fp = fingerprint(stream, strategy, seed, batch_size, policy, model)
     par.check_same(fp, "sample stream")
     hooks = list(hooks) if par.main else []
     share_progress(hooks, progress)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ctta import distributed
 from ctta.data import iter_batches
-from ctta.loop.checkpoint import Checkpoint, ensure_writable, hook_states, load_hook_states, seed_everything
+from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, model_identity,
+                                  seed_everything, stream_identity)
 from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
@@ -31,9 +32,11 @@ CHECKPOINT = "checkpoint.pt"
 log = logging.getLogger("ctta")
 
 
-def fingerprint(stream: TaskStream, strategy: Strategy, seed: int) -> dict:
-    return {"stream": stream.name, "tasks": [[t.name, len(t.test)] for t in stream.tasks],
-            "strategy": type(strategy).__qualname__, "config": strategy_config(strategy), "seed": seed}
+def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, model: Clip | None = None) -> dict:
+    """The run's identity in its checkpoint (``model``: left out by scripts/run.py's check before it builds one)."""
+    fp = {"stream": stream.name, "tasks": stream_identity(stream), "strategy": type(strategy).__qualname__,
+          "config": strategy_config(strategy), "seed": seed}
+    return fp if model is None else {**fp, "model": model_identity(model)}
 
 
 def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
@@ -44,7 +47,7 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
     out = Path(out_dir) if out_dir else None
     if out is not None and par.main:
         ensure_writable(out)
-    fp = fingerprint(stream, strategy, seed)
+    fp = fingerprint(stream, strategy, seed, model)
     par.check_same({**fp, "classes": [t.space.classnames for t in stream.tasks]}, "stream, class order and strategy")
     all_hooks = list(hooks)
     hooks = par.hooks(all_hooks)  # rank 0: all; other ranks: the sharded evaluation hooks, which write no files
