@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import re
 import socket
 import struct
@@ -185,8 +186,13 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     payload = read_verified(path)
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text would suggest weights_only=False: never
+        names = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        raise CorruptFileError(f"cannot load checkpoint {path}: it holds objects that only an unrestricted unpickler "
+                               f"would build ({names[0] if names else 'not tensors or plain values'}), which ctta "
+                               "never runs; it was not written by ctta") from None
     except Exception as e:  # verified bytes that torch cannot read: say which file
-        raise CorruptFileError(f"cannot load checkpoint {path}: {e}") from e
+        raise CorruptFileError(f"cannot load checkpoint {path}: {' '.join(str(e).split())[:300]}") from e
 
 
 def sha256_file(path: str | Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from ctta.data import check_images, is_pil_image, pil_to_rgb
 from ctta.stream import LabelSpace
 from ctta.weights import (ASSETS, BUILTIN_ARCH, BUILTIN_WEIGHTS, check_text_config,  # noqa: F401 (re-exported)
                           check_text_tower, file_sha256, register_builtin, resolve_quick_gelu, verify_weights_file)
+from ctta.weights import WeightsFileError
 from ctta.weights import is_path as _is_path
 
 _HEAD_CHUNK = 64  # prompts per text-tower forward when building heads: one fixed shape (`Clip._encode_fixed_shape`)
@@ -94,8 +96,21 @@ class Clip(nn.Module):
         digest = verify_weights_file(pretrained) if local else None  # damaged / hash mismatch: refused here
         with warnings.catch_warnings():  # our own guard above has already handled QuickGELU
             warnings.filterwarnings("ignore", message=".*QuickGELU.*")
-            net = open_clip.create_model(arch2, pretrained=None if pretrained is None else str(pretrained),
-                                         device=device, force_quick_gelu=force)
+            try:
+                net = open_clip.create_model(arch2, pretrained=None if pretrained is None else str(pretrained),
+                                             device=device, force_quick_gelu=force)
+            except pickle.UnpicklingError as e:
+                names = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]  # torch: "... GLOBAL posix.system"
+                raise WeightsFileError(
+                    f"{pretrained} is not a plain weights file: reading it would import or run what it names "
+                    f"({names[0] if names else 'a pickled object'}), which ctta never does; use a .safetensors file "
+                    "or a state dict saved with torch.save") from None
+            except RuntimeError as e:
+                if not local or "state_dict" not in str(e):
+                    raise
+                detail = " ".join(str(e).split())
+                raise WeightsFileError(f"{pretrained} does not fit the {arch2} architecture: "
+                                       f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from None
         source = {"arch": arch2, "pretrained": None if pretrained is None else str(pretrained),
                   "quick_gelu": force or bool((open_clip.get_model_config(arch2) or {}).get("quick_gelu"))}
         if local:

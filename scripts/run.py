@@ -64,6 +64,7 @@ def main(cfg: DictConfig) -> dict:
     t0 = time.monotonic()
     try:
         check_top_level(cfg)
+        check_experiment(choices.get("experiment"))
         for where, entry in _entries(cfg):
             precheck(entry, where)  # from the targets' source: a wrong key or type is refused before torch loads
     except (SetupError, ValueError) as e:
@@ -123,9 +124,11 @@ def _set_up(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
             configure_loading(**OmegaConf.to_container(cfg.loading, resolve=True))
         except (TypeError, ValueError) as e:
             raise SetupError(str(e), "e.g. loading.workers=auto (or 0, 2, ...), loading.device_decode=auto") from e
+    import torch
     if cfg.get("threads"):
-        import torch
         torch.set_num_threads(int(cfg.threads))
+    if "device" in cfg:
+        check_device(str(cfg.device))
     for where, entry in _entries(cfg):
         check_config(entry, where)  # from the imported targets: re-exports, inherited **kwargs
     samples = OmegaConf.to_container(cfg.samples, resolve=True) if cfg.get("samples") else {}
@@ -174,11 +177,65 @@ def check_top_level(cfg: DictConfig, types: dict[str, tuple] = TOP_LEVEL_TYPES) 
         value = cfg[key]
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise SetupError(f"{key}={value!r}: expected {want}", f"e.g. {key}={_example(allowed)}")
+            raise SetupError(f"{key}={value!r}: expected {want}", f"e.g. {key}={EXAMPLES.get(key, 'null')}")
+    for key, low in (("threads", 1), ("dist_timeout_s", 0)):
+        value = cfg.get(key)
+        bad = value is not None and not value >= low  # NaN fails >= too
+        if bad or (key == "dist_timeout_s" and value == 0):
+            raise SetupError(f"{key}={value!r}: must be a number {'>=' if low else '>'} {low}",
+                             f"e.g. {key}={EXAMPLES[key]}")
+    if "out_dir" in cfg and not str(cfg.out_dir).strip():
+        raise SetupError("out_dir is empty: results, the checkpoint and run.log need a folder",
+                         f"e.g. out_dir={EXAMPLES['out_dir']}")
+    name = cfg.get("name")
+    if isinstance(name, str) and (not name.strip() or "/" in name or "\\" in name or ".." in name):
+        raise SetupError(f"name={name!r}: a run's name is one folder under runs/ (no '/', '\\' or '..')",
+                         "e.g. name=my_run, or out_dir=PATH to choose the folder itself")
 
 
-def _example(types: tuple) -> str:
-    return {int: "0", float: "1.5", bool: "true", str: "cpu"}.get(types[0], "null")
+EXAMPLES = {"seed": "0", "progress": "true", "threads": "2", "device": "cpu", "dist_timeout_s": "1800",
+            "out_dir": "runs/my_run", "data_root": "data", "host": "127.0.0.1", "port": "8000"}
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has, refused in words before any weights load."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SetupError(f"device={device!r} is not a torch device", "e.g. device=cpu, device=cuda or device=cuda:1"
+                         ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"device={device}: torch sees no CUDA GPU on this machine", "device=cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SetupError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA GPUs",
+                         "e.g. device=cuda:0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SetupError(f"device={device}: torch sees no Apple GPU (MPS) on this machine", "device=cpu")
+
+
+def check_experiment(choice: str | None) -> None:
+    """``experiment`` is an optional group (most runs have none), and Hydra silently skips an optional choice it
+    cannot find: a misspelt ``experiment=...`` would run the default job instead. Refuse it, naming near matches."""
+    if choice is None:
+        return
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+    loader = GlobalHydra.instance().config_loader()
+
+    def names(group: str, prefix: str = "") -> list[str]:
+        out = [prefix + n for n in loader.get_group_options(group, results_filter=ObjectType.CONFIG)]
+        for sub in loader.get_group_options(group, results_filter=ObjectType.GROUP):
+            out += names(f"{group}/{sub}", f"{prefix}{sub}/")
+        return out
+
+    known = names("experiment")
+    if choice not in known:
+        import difflib
+        near = difflib.get_close_matches(choice, known, n=3, cutoff=0.5)
+        raise SetupError(f"experiment={choice}: there is no such experiment (configs/experiment/{choice}.yaml)",
+                         (f"did you mean {' or '.join('experiment=' + n for n in near)}? " if near else "")
+                         + f"{len(known)} experiments: python scripts/run.py --help lists them")
 
 
 def _build(where: str, entry: DictConfig, cfg: DictConfig) -> Any:

@@ -34,6 +34,8 @@ class RunFolder:
     def __init__(self, path: Path, main: bool = True):
         self.path, self.main = path, main
         self.existed = path.exists()
+        # the folders above it that this attempt may create (runs/<name>/ for runs/<name>/<time>/), nearest first
+        self.new_parents = [q for q in path.parents if not q.exists()]
         self.created: list[Path] = []  # files this attempt wrote, in order
         self.handler: logging.Handler | None = None
         self.held = False  # a checkpoint state read by check_resume, waiting for the loop to take it
@@ -92,13 +94,14 @@ class RunFolder:
             self.handler = None
 
     def discard(self) -> None:
-        """Set-up failed: remove what this attempt wrote, and the folder when it made it and it is now empty."""
+        """Set-up failed: remove what this attempt wrote, and the folder (and the folders above it) when it made them
+        and they are now empty."""
         if not self.main:
             return
         self.close()
         for p in reversed(self.created):
             p.unlink(missing_ok=True)
-        for d in (self.path / ".hydra", self.path):
+        for d in (self.path / ".hydra", self.path, *self.new_parents):
             try:
                 if d.is_dir() and not any(d.iterdir()) and (d != self.path or not self.existed or self._fresh()):
                     d.rmdir()

@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from configcheck import ConfigError, check_config, precheck  # beside this script; standard library only
-from run import SetupError, _build, _debug_flag, check_top_level
+from run import SetupError, _build, _debug_flag, check_device, check_top_level
 
 log = logging.getLogger("ctta")
 
@@ -67,6 +67,7 @@ def _set_up(cfg: DictConfig, classes: list[str] | None, options: dict) -> tuple[
     import ctta
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    check_device(str(cfg.device))
     for where, entry in _entries(cfg):
         check_config(entry, where)
     # plain lists, not ListConfig: the strategy's recorded configuration (its state file's fingerprint) must be the

@@ -195,6 +195,37 @@ def test_a_bad_value_fails_plainly_naming_the_key(tmp_path):
     assert r.wall_s < 8, r.wall_s  # refused from the target's source, before torch is imported (~1 s idle)
 
 
+@pytest.mark.parametrize("args, error, hint", [
+    (("experiment=world_tta/tdaa",), "error: experiment=world_tta/tdaa: there is no such experiment",
+     "did you mean experiment=world_tta/tda"),  # Hydra skips an optional group's unknown choice: the default ran
+    (("threads=-2",), "error: threads=-2: must be a number >= 1", "e.g. threads=2"),
+    (("out_dir=''",), "error: out_dir is empty", "e.g. out_dir=runs/my_run"),  # wrote .hydra into the cwd
+    (("name=../../escape",), "a run's name is one folder under runs/", "out_dir=PATH"),
+    (("device=banana",), "error: device='banana' is not a torch device", "device=cpu"),
+])
+def test_a_bad_top_level_choice_fails_plainly(tmp_path, args, error, hint):
+    _refused_at_setup(run_cli(*TINY, *args, cwd=tmp_path), error, hint, tmp_path)
+
+
+def test_weights_that_do_not_fit_or_would_run_code_are_refused_plainly(tmp_path):
+    import pickle
+    import torch
+    bad = tmp_path / "w"
+    bad.mkdir()
+    torch.save({"ln_final.bias": torch.zeros(2, 2)}, bad / "wrong.pt")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+    with open(bad / "evil.pt", "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    r = run_cli(*TINY, f"model.pretrained={bad / 'wrong.pt'}", cwd=tmp_path)
+    _refused_at_setup(r, "does not fit the micro-clip architecture", "model.pretrained", tmp_path)
+    r = run_cli(*TINY, f"model.pretrained={bad / 'evil.pt'}", cwd=tmp_path)
+    _refused_at_setup(r, "is not a plain weights file", "model.pretrained", tmp_path)
+    assert "ran" not in r.stdout and "weights_only` set to False" not in r.stderr
+
+
 def test_a_bad_loading_option_fails_plainly(tmp_path):
     r = run_cli(*TINY, "loading.workers=abc", cwd=tmp_path)
     _refused_at_setup(r, "error: loading.workers must be a non-negative int or 'auto', got 'abc'",

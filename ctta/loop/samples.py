@@ -65,7 +65,7 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
     on rank 0 alone."""
     for name, v in (("batch_size", batch_size), ("round_batches", round_batches),
                     ("checkpoint_every", checkpoint_every), ("checkpoint_seconds", checkpoint_seconds)):
-        if v is not None and v <= 0:
+        if v is not None and not v > 0:  # NaN too
             raise ValueError(f"samples.{name} must be positive, got {v}")
     policy = resolve_policy(reset, strategy)
     par = Parallel.for_sample_stream(episodic=policy == "episodic")
