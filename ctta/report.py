@@ -123,16 +123,17 @@ def _follows_seed(key: str, runs: Sequence[RunRecord]) -> bool:
 
 
 def group_runs(records: Iterable[RunRecord]) -> list[tuple[str, dict[str, Any], list[RunRecord]]]:
-    """``(label, overrides, runs)`` per group. Runs share a group when they have the same name, method and stream
-    and their configs differ only in ignored keys (`IGNORED_KEYS`, `IGNORED_PREFIXES`) and in keys that equal each
+    """``(label, overrides, runs)`` per group. Runs share a group when they have the same name, method, stream and
+    model weights (`RunRecord.weights`; runs of other weights are labelled ``weights=<hash prefix>``) and their configs differ only in ignored keys (`IGNORED_KEYS`, `IGNORED_PREFIXES`) and in keys that equal each
     run's seed (the stream's and the controls' ``seed: ${seed}``). ``overrides``: the values that set the group apart from the
     other runs of its name, method and stream. Zero-shot methods come first, then by name, stream, method."""
-    buckets: dict[tuple[str, str, str], list[RunRecord]] = {}
-    for r in records:
-        buckets.setdefault((r.name, r.stream, r.method), []).append(r)
+    buckets: dict[tuple[str, str, str, str], list[RunRecord]] = {}
+    for r in records:  # runs of other model weights are other models: never pooled
+        buckets.setdefault((r.name, r.stream, r.method, str(r.weights)), []).append(r)
+    several = {k[:3] for k in buckets if sum(1 for j in buckets if j[:3] == k[:3]) > 1}
     out = []
-    for (name, stream, method), runs in sorted(buckets.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], "zeroshot" not in kv[0][2].lower(), kv[0][2])):
+    for (name, stream, method, weights), runs in sorted(buckets.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], "zeroshot" not in kv[0][2].lower(), kv[0][2], kv[0][3])):
         keys = sorted({k for r in runs for k in r.config})
         varying = [k for k in keys if k not in IGNORED_KEYS and not k.startswith(IGNORED_PREFIXES)
                    and len({repr(r.config.get(k)) for r in runs}) > 1
@@ -142,9 +143,23 @@ def group_runs(records: Iterable[RunRecord]) -> list[tuple[str, dict[str, Any], 
             subgroups.setdefault(tuple(repr(r.config.get(k)) for k in varying), []).append(r)
         for values, members in sorted(subgroups.items()):
             overrides = {k: members[0].config.get(k) for k in varying}
+            if (name, stream, method) in several:
+                overrides = {**overrides, "weights": weights[:12]}
             shown = ", ".join(f"{k}={v if v != '' else repr(v)}" for k, v in overrides.items())
             label = method + (f" ({shown})" if overrides else "")
             out.append((label, overrides, members))
+    return out
+
+
+def repeated_seeds(groups: Sequence[tuple[str, dict[str, Any], list[RunRecord]]]) -> list[str]:
+    """Groups holding the same seed twice (a copied run folder, a rerun in another folder): a mean and interval
+    "over seeds" would count one run twice. One line per repeat, naming the paths."""
+    out = []
+    for label, _, runs in groups:
+        by_seed: dict[Any, list[str]] = {}
+        for r in runs:
+            by_seed.setdefault(r.seed, []).append(r.path)
+        out += [f"{label}: seed {seed} in {', '.join(paths)}" for seed, paths in by_seed.items() if len(paths) > 1]
     return out
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ctta.io import atomic_write_json, provenance
 from ctta.plots import plot_curves
-from ctta.report import (cl_markdown, group_runs, paired_gains, paired_markdown, run_record, summarize_groups,
-                         tta_markdown)
+from ctta.report import (cl_markdown, group_runs, paired_gains, paired_markdown, repeated_seeds, run_record,
+                         summarize_groups, tta_markdown)
 
 
 def find_results(sources: list[str]) -> list[Path]:
@@ -39,6 +39,18 @@ def find_results(sources: list[str]) -> list[Path]:
             else:
                 raise SystemExit(f"{s}: no such file or folder")
     return list(dict.fromkeys(found))
+
+
+def read_run(path: Path) -> tuple[dict | None, str]:
+    """A run's ``results.json`` document (written by `ctta.hooks.JsonResults`), or None and why it is not one."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable: {e}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict) \
+            or not isinstance(doc.get("provenance"), dict):
+        return None, "not written by ctta: no results and provenance"
+    return doc, ""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,14 +71,32 @@ def main(argv: list[str] | None = None) -> dict:
     paths = find_results(a.sources)
     if not paths:
         raise SystemExit(f"no results.json under {' '.join(a.sources)}")
-    records, unfinished = [], []
+    records, unfinished, unreadable = [], [], []
     for path in paths:
-        doc = json.loads(path.read_text())
+        doc, why = read_run(path)
+        if doc is None:
+            unreadable.append(f"{path} ({why})")
+            continue
         if not doc.get("finished", False) and not a.include_unfinished:
             unfinished.append(str(path))
             continue
         records.append(run_record(doc, str(path)))
+    if unreadable:
+        print(f"left out, not a run's results.json ({len(unreadable)}): " + "; ".join(unreadable), file=sys.stderr)
+    if not records:
+        raise SystemExit(f"error: no finished run to tabulate under {' '.join(a.sources)}"
+                         + (f" ({len(unfinished)} unfinished; --include-unfinished tabulates them)" if unfinished else ""))
     groups = group_runs(records)
+    repeats = repeated_seeds(groups)
+    if repeats:
+        raise SystemExit("error: the same seed of the same configuration appears twice, so a mean over seeds would "
+                         "count a run twice; keep one of each (or pass only the folders to compare):\n  "
+                         + "\n  ".join(repeats))
+    for label, _, runs in groups:
+        commits = {r.commit for r in runs}
+        if len(commits) > 1:
+            print(f"note: {label} pools runs of {len(commits)} code revisions ({', '.join(sorted(map(str, commits)))})",
+                  file=sys.stderr)
     rows = summarize_groups(groups)
     tasks = [r for r in rows if r["kind"] == "tasks"]
     samples = [r for r in rows if r["kind"] == "samples"]
@@ -83,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         print((paired_markdown(paired) or f"(no run pairs with a {a.baseline} run)") + "\n")
     if unfinished:
         print(f"left out, not finished ({len(unfinished)}): " + ", ".join(unfinished), file=sys.stderr)
-    doc = {"sources": a.sources, "runs": len(records), "unfinished": unfinished, "groups": rows,
+    doc = {"sources": a.sources, "runs": len(records), "unfinished": unfinished, "unreadable": unreadable,
+           "groups": rows,
            **({"paired": paired} if a.baseline else {}), "provenance": provenance()}
     if a.json:
         print(f"summary -> {atomic_write_json(a.json, doc)}")

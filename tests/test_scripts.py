@@ -25,10 +25,11 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def _script(name: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def _script(name: str, *args: str, cwd: Path, timeout: int = 300, check: bool = True
+            ) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=_env(),
                        cwd=cwd, timeout=timeout)
-    assert r.returncode == 0, f"{name} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    assert r.returncode == 0 or not check, f"{name} {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r
 
 
@@ -268,3 +269,31 @@ def test_report_paired_gains_on_the_command_line(tmp_path):
     assert "| w | s | tda | n=2 | +1.50 ± 6.35 |" in r.stdout  # +2 and +1 points: sd 0.707, t(1) 12.706
     paired = json.loads((tmp_path / "out.json").read_text())["paired"]
     assert paired[0]["metrics"]["online_accuracy"]["values"] == pytest.approx([0.02, 0.01])
+
+
+def test_report_skips_foreign_files_and_refuses_a_seed_counted_twice(tmp_path):
+    """A truncated results.json crashed the report, and a copied run folder was pooled as another seed."""
+    def doc(seed, acc, weights="aaa"):
+        cfg = {"name": "w", "method": "tda", "seed": seed, "stream": {"seed": seed}}
+        return {"finished": True, "stream": {"name": "s"}, "strategy": "tda",
+                "provenance": {"config": cfg, "model": {"checkpoint_sha256": weights}},
+                "results": {"online": {"per_domain": {"d": {"accuracy": acc, "ece": 0.1, "n": 4}},
+                                       "mean_domain_accuracy": acc, "cumulative_accuracy": acc}}}
+
+    def put(rel, text):
+        path = tmp_path / "runs" / rel / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    put("a", json.dumps(doc(0, 0.4)))
+    put("b", json.dumps(doc(1, 0.5)))
+    put("c", json.dumps(doc(0, 0.9, weights="bbb")))  # other weights: another model, its own row
+    put("broken", '{"finished": tr')
+    put("foreign", json.dumps({"finished": True}))
+    r = _script("report.py", "runs", cwd=tmp_path)
+    assert "| w | s | tda (weights=aaa) | n=2 |" in r.stdout and "| w | s | tda (weights=bbb) | n=1 |" in r.stdout
+    assert "2 runs in" not in r.stdout and "3 runs in 2 groups" in r.stdout
+    assert "left out, not a run's results.json (2)" in r.stderr and "broken/results.json (unreadable" in r.stderr
+    put("a_copy", json.dumps(doc(0, 0.4)))
+    r = _script("report.py", "runs", cwd=tmp_path, check=False)
+    assert r.returncode != 0 and "the same seed of the same configuration appears twice" in r.stderr
+    assert "runs/a/results.json" in r.stderr and "runs/a_copy/results.json" in r.stderr and "Traceback" not in r.stderr
