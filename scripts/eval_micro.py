@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=20, help="images per class in the representation report")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    for name in ("n", "per_class", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = load(args.checkpoint, args.config)

@@ -70,6 +70,12 @@ def save(model: torch.nn.Module, out: Path, meta: dict) -> None:
     atomic_write_bytes(out.with_suffix("").with_suffix(".meta.json"), (json.dumps(meta, indent=2) + "\n").encode())
 
 
+def interim_path(out: Path) -> Path:
+    """Where the interim checkpoints of a run writing ``out`` go: ``<stem>-interim.safetensors`` beside it (its meta
+    file, named by `save` from the stem, is then ``<stem>-interim.meta.json``, never ``out``'s)."""
+    return out.with_name(out.name.split(".")[0] + "-interim.safetensors")
+
+
 def _sha256(path: str) -> str:
     import hashlib
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -130,6 +136,11 @@ def main() -> None:
                          "on a CPU with AMX; use fp32 on a CPU without native bf16, where autocast is emulated")
     ap.add_argument("--save-every-min", type=float, default=5.0, help="interim checkpoint period")
     args = ap.parse_args()
+    if args.steps < 0 or (args.steps == 0 and not args.minutes > 0):
+        ap.error(f"--steps must be >= 0 (0: train for --minutes, which must then be > 0), got --steps {args.steps} "
+                 f"--minutes {args.minutes}")
+    if not args.save_every_min > 0:
+        ap.error(f"--save-every-min must be > 0, got {args.save_every_min}")
     if not 0 <= args.degrade_frac <= 1 or min(args.degrade_max) < 0:
         ap.error(f"--degrade-frac must lie in [0, 1] and --degrade-max be >= 0, got {args.degrade_frac} and "
                  f"{list(args.degrade_max)}")
@@ -175,6 +186,8 @@ def main() -> None:
     meta["eval_n"] = args.eval_n
     meta["zeroshot"] = {k: round(v, 2) for k, v in res.items()}
     save(model, out, meta)
+    for stale in (interim_path(out), interim_path(out).with_suffix("").with_suffix(".meta.json")):
+        stale.unlink(missing_ok=True)  # the run finished: its interim checkpoint is superseded
     print(eval_micro.markdown(res, meta), flush=True)
 
 
@@ -245,7 +258,9 @@ def train(model: torch.nn.Module, tokenizer, args: argparse.Namespace, out: Path
                   f"scale {model.logit_scale.exp().item():.1f} pos/img {positives.sum(1).float().mean():.1f}",
                   flush=True)
         if time.time() - last_save > args.save_every_min * 60:  # interim checkpoint, in case of a crash
-            save(model, out, {"interim": True, "steps": step, "world_version": W.WORLD_VERSION})
+            # beside --out, never over it: --out is by default the shipped micro-CLIP, which a run stopped half-way
+            # must leave as it was (the interim file's own meta hash would pass the load check)
+            save(model, interim_path(out), {"interim": True, "steps": step, "world_version": W.WORLD_VERSION})
             last_save = time.time()
         if step % args.eval_every == 0:
             model.eval()

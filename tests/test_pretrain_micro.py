@@ -171,7 +171,7 @@ def test_two_stage_bf16_run_writes_a_loadable_checkpoint(tmp_path):
     args = ["--base-steps", "1", "--steps", "2", "--batch", "32", "--shape-frac", "0.5", "--group", "8", "--flip", "1",
             "--crop-frac", "0.5", "--combo-frac", "0.25", "--hard-frac", "0.0", "--class-weight", "1.0",
             "--precision", "bf16", "--solo-frac", "0.3", "--threads", "1", "--eval-n", "10", "--eval-every", "2",
-            "--eval-rep", "1", "--degrade-frac", "0.5", "--out", str(out)]
+            "--eval-rep", "1", "--degrade-frac", "0.5", "--save-every-min", "1e-6", "--out", str(out)]
     r = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), *args], check=True,
                        capture_output=True, cwd=tmp_path, text=True)
     assert "eval step 2:" in r.stdout and "nn_clean" in r.stdout  # stage 2's periodic check with NN figures
@@ -185,6 +185,21 @@ def test_two_stage_bf16_run_writes_a_loadable_checkpoint(tmp_path):
     from ctta import Clip
     model = Clip.from_pretrained("micro-clip", str(out))
     assert model.provenance()["checkpoint_sha256"]
+    # interim checkpoints (one per step here) went beside --out, never over it or its meta, and were removed
+    assert "interim" not in meta and sorted(p.name for p in tmp_path.iterdir()) == ["micro.meta.json",
+                                                                                 "micro.safetensors"]
+
+
+def test_interim_checkpoints_never_share_a_file_with_the_output():
+    """--out defaults to the shipped micro-CLIP: a run stopped after its first interim save used to replace it."""
+    out = ROOT / "ctta/assets/micro-clip.safetensors"
+    interim = P.interim_path(out)
+    assert interim.name == "micro-clip-interim.safetensors" and interim.parent == out.parent
+    meta = lambda p: p.with_suffix("").with_suffix(".meta.json")  # noqa: E731 (the rule `save` names meta files by)
+    assert meta(interim).name == "micro-clip-interim.meta.json" != meta(out).name
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain_micro.py"), "--steps", "-1"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--steps must be >= 0" in r.stderr
 
 
 # ---- the representation report (scripts/representation.py)
