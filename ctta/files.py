@@ -187,12 +187,18 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's text would suggest weights_only=False: never
-        names = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
         raise CorruptFileError(f"cannot load checkpoint {path}: it holds objects that only an unrestricted unpickler "
-                               f"would build ({names[0] if names else 'not tensors or plain values'}), which ctta "
-                               "never runs; it was not written by ctta") from None
+                               f"would build ({refused_global(e)}), which ctta never runs; it was not written by "
+                               "ctta") from None
     except Exception as e:  # verified bytes that torch cannot read: say which file
         raise CorruptFileError(f"cannot load checkpoint {path}: {' '.join(str(e).split())[:300]}") from e
+
+
+def refused_global(e: Exception) -> str:
+    """What a ``weights_only`` load refused, from torch's message (its line "... GLOBAL posix.system ..."), without
+    the rest of that message, which suggests loading the file unrestricted."""
+    names = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+    return names[0] if names else "objects other than tensors and plain values"
 
 
 def sha256_file(path: str | Path) -> str:

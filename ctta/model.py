@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ctta import batchnorm
 from ctta.data import check_images, is_pil_image, pil_to_rgb
+from ctta.files import refused_global
 from ctta.stream import LabelSpace
 from ctta.weights import (ASSETS, BUILTIN_ARCH, BUILTIN_WEIGHTS, check_text_config,  # noqa: F401 (re-exported)
                           check_text_tower, file_sha256, register_builtin, resolve_quick_gelu, verify_weights_file)
@@ -100,11 +101,10 @@ class Clip(nn.Module):
                 net = open_clip.create_model(arch2, pretrained=None if pretrained is None else str(pretrained),
                                              device=device, force_quick_gelu=force)
             except pickle.UnpicklingError as e:
-                names = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]  # torch: "... GLOBAL posix.system"
                 raise WeightsFileError(
                     f"{pretrained} is not a plain weights file: reading it would import or run what it names "
-                    f"({names[0] if names else 'a pickled object'}), which ctta never does; use a .safetensors file "
-                    "or a state dict saved with torch.save") from None
+                    f"({refused_global(e)}), which ctta never does; use a .safetensors file or a state dict saved "
+                    "with torch.save") from None
             except RuntimeError as e:
                 if not local or "state_dict" not in str(e):
                     raise
