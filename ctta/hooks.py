@@ -22,13 +22,16 @@ from ctta.stream import LabelSpace, Task
 
 
 class ZeroShotPredictor:
-    """The untouched model's zero-shot prediction, for hooks that measure before any strategy exists."""
+    """The untouched model's zero-shot prediction, for hooks that measure before any strategy exists. ``templates``:
+    the prompts the strategy will use (`Strategy.templates`), so that a later measurement through the strategy
+    differs from this one by what the strategy learnt, not by its prompts."""
 
-    def __init__(self, model, eval_batch_size: int = 256):
+    def __init__(self, model, eval_batch_size: int = 256, templates: Sequence[str] | None = None):
         self.model, self.eval_batch_size = model, eval_batch_size
+        self.templates = tuple(templates) if templates else None
 
     def predict(self, images, space: LabelSpace):
-        return self.model.zero_shot(images, space)
+        return self.model.zero_shot(images, space.with_templates(self.templates) if self.templates else space)
 
 
 def evaluation_bar(datasets: Sequence[Dataset], batch_size: int, desc: str, progress: bool | None) -> tqdm:
@@ -141,7 +144,8 @@ class ZeroShotRetention:
 
     def on_run_start(self, ctx) -> None:
         if not self.acc0:  # (a resumed run brings its baseline along)
-            self.acc0 = self._measure(ZeroShotPredictor(ctx.model, ctx.strategy.eval_batch_size), ctx.strategy.comm)
+            zs = ZeroShotPredictor(ctx.model, ctx.strategy.eval_batch_size, ctx.strategy.templates)
+            self.acc0 = self._measure(zs, ctx.strategy.comm)
         self._write(ctx)
 
     def on_task_end(self, ctx) -> None:
@@ -153,11 +157,13 @@ class ZeroShotRetention:
         per = {}
         for name, a0 in self.acc0.items():
             accs = self.history[name]
-            per[name] = {"acc0": a0, "acc": accs, "ratio": [a / a0 if a0 > 0 else float("nan") for a in accs],
+            # a control the untouched model scores 0 on has no ratio (None, not NaN: it would turn the mean NaN)
+            per[name] = {"acc0": a0, "acc": accs, "ratio": [a / a0 if a0 > 0 else None for a in accs],
                          "drop": [a0 - a for a in accs]}
         out: dict[str, Any] = {"tasks": per}
         if all(v["acc"] for v in per.values()):
-            out["mean_ratio"] = sum(v["ratio"][-1] for v in per.values()) / len(per)
+            ratios = [v["ratio"][-1] for v in per.values() if v["ratio"][-1] is not None]
+            out["mean_ratio"] = sum(ratios) / len(ratios) if ratios else None
             out["mean_drop"] = sum(v["drop"][-1] for v in per.values()) / len(per)
             out["mean_acc0"] = sum(v["acc0"] for v in per.values()) / len(per)
             out["mean_acc"] = sum(v["acc"][-1] for v in per.values()) / len(per)

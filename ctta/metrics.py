@@ -129,14 +129,19 @@ def summarize(R, sizes: Sequence[int], scope: str) -> dict[str, float]:
 def expected_calibration_error(confidences: Tensor | np.ndarray, correct: Tensor | np.ndarray,
                                n_bins: int = 20) -> float:
     """ECE with ``n_bins`` equal-width confidence bins (C-TPT uses 20): ``Σ_b |B_b|/n · |acc(B_b) − conf(B_b)|``.
-    A confidence of exactly 0 falls in the first bin; bins are (lo, hi] otherwise."""
-    conf = torch.as_tensor(confidences, dtype=torch.float64).flatten()
+    A confidence of exactly 0 falls in the first bin; bins are (lo, hi] otherwise, with the edges ``k / n_bins``
+    rounded to the confidences' own precision: a float32 confidence of 0.05 is float32(0.05), slightly above 0.05, and
+    must still fall in the bin that ends at 0.05 (a uniform prediction over 20 classes)."""
+    raw = torch.as_tensor(confidences).flatten()
+    raw = raw if raw.is_floating_point() else raw.double()
+    conf = raw.double()
     corr = torch.as_tensor(correct, dtype=torch.float64).flatten()
     if conf.shape != corr.shape or conf.numel() == 0:
         raise ValueError("confidences and correctness must be non-empty and of equal length")
     if ((conf < 0) | (conf > 1)).any():
         raise ValueError("confidences must lie in [0, 1]")
-    bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
+    edges = torch.tensor([k / n_bins for k in range(n_bins + 1)], dtype=torch.float64).to(raw.dtype)
+    bins = torch.clamp(torch.searchsorted(edges, raw.contiguous()) - 1, 0, n_bins - 1)
     ece = 0.0
     for b in range(n_bins):
         m = bins == b

@@ -39,7 +39,8 @@ def format_summary(results: dict) -> str:
     r = results.get("retention")
     if r and "mean_ratio" in r:
         per = ", ".join(f"{k.split('/')[-1]} {_pct(v['acc0'])}→{_pct(v['acc'][-1])}" for k, v in r["tasks"].items())
-        lines.append(f"zero-shot retention: ratio {r['mean_ratio']:.3f}, drop {_pct(r['mean_drop'])} pts ({per})")
+        ratio = f"{r['mean_ratio']:.3f}" if r["mean_ratio"] is not None else "– (every control at 0 before)"
+        lines.append(f"zero-shot retention: ratio {ratio}, drop {_pct(r['mean_drop'])} pts ({per})")
     o = results.get("online")
     if o:
         lines.append("online: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -93,7 +94,8 @@ def run_record(doc: dict, path: str = "") -> RunRecord:
     strategy = str(doc.get("strategy", "?"))
     m, ret, on, lat = (res.get(k) or {} for k in ("metrics", "retention", "online", "latency"))
     domains = list((on.get("per_domain") or {}).values())
-    parts = [d.get("accuracy_by_part") or [None] for d in domains]
+    # the quarter columns over the same domains: those long enough to have a first and a last part
+    parts = [p for p in (d.get("accuracy_by_part") for d in domains) if p and p[0] is not None and p[-1] is not None]
     metrics: dict[str, float | None] = {
         "average": m.get("average"), "last": m.get("last"), "forgetting": m.get("forgetting"), "bwt": m.get("bwt"),
         "transfer": m.get("transfer"),
@@ -265,10 +267,11 @@ PAIRED_TASK_METRICS = ("average", "last")
 
 
 def _baseline_for(run: RunRecord, keys: Sequence[str], baselines: Sequence[RunRecord]) -> RunRecord | None:
-    """The one baseline run on the same experiment, stream and seed whose config agrees with ``run`` on every key
-    of ``keys`` that both configs have (the values that split the groups: a severity, a setting); None when there
-    is none or more than one (ambiguous: no pair is made)."""
+    """The one baseline run on the same experiment, stream, seed and model weights whose config agrees with ``run``
+    on every key of ``keys`` that both configs have (the values that split the groups: a severity, a setting); None
+    when there is none or more than one (ambiguous: no pair is made)."""
     found = [b for b in baselines if b.name == run.name and b.stream == run.stream and b.seed == run.seed
+             and b.weights == run.weights
              and all(b.config.get(k) == run.config.get(k) for k in keys if k in b.config and k in run.config)]
     return found[0] if len(found) == 1 else None
 

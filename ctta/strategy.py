@@ -57,6 +57,9 @@ class Strategy:
     # Then `ctta.OnlineAdapter` always runs the strategy on its whole label space and answers a call restricted to a
     # class subset from those logits, so a subset call neither loses nor locks the state.
     holds_label_space: bool = False
+    # Prompt templates the strategy puts on every label space it predicts over (ZeroShot's and RAPF's ``templates``),
+    # None: each space's own. Hooks that compare with the untouched model's zero-shot use the same prompts.
+    templates: tuple[str, ...] | None = None
     comm: SingleProcess = SingleProcess()  # replaced by the loop under torchrun (instance attribute)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Strategy":

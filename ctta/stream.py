@@ -6,8 +6,9 @@ of tasks plus the *evaluation scope*, which decides over which classes a predict
 
 - ``"own"``  — each task in its own label space (task-incremental; MTIL).
 - ``"seen"`` — over the union of the classes of every task seen so far (class-incremental, continuum's protocol).
-  A task that has not been trained yet is evaluated over the seen classes *plus its own*, so that the accuracy
-  matrix has meaningful zero-shot entries above the diagonal.
+  A task ``j`` that has not been trained yet is evaluated over the union of tasks ``0..j`` (the seen classes, the
+  tasks between, and its own: the label space it will be trained in), so that the accuracy matrix has meaningful
+  zero-shot entries above the diagonal.
 - ``"all"``  — over the union of every task's classes, from the start (X-TAIL).
 
 Tasks whose label spaces are identical (domain-incremental streams) share one block of the union.

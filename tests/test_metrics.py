@@ -102,3 +102,15 @@ def test_ece_on_hand_computed_predictions():
     assert M.expected_calibration_error(torch.ones(3), torch.ones(3)) == pytest.approx(0.0)
     with pytest.raises(ValueError):
         M.expected_calibration_error(torch.tensor([1.5]), torch.tensor([1]))
+
+
+def test_ece_puts_a_float32_confidence_on_a_bin_edge_in_the_bin_it_closes():
+    """float32(0.05) is slightly above 0.05: computed in float64 it fell one bin too high."""
+    # one bin (0, .05]: accuracy .5, mean confidence .04 -> .46
+    conf = torch.tensor([0.03, 0.05], dtype=torch.float32)
+    assert M.expected_calibration_error(conf, torch.tensor([1, 0])) == pytest.approx(0.46, abs=1e-6)
+    # a uniform prediction over 10 classes (confidence float32(0.1), right) and a wrong one at .11: two bins,
+    # |1 - .1| / 2 + |0 - .11| / 2 = .505
+    uniform = torch.softmax(torch.zeros(10), 0)[0]
+    conf = torch.stack([uniform, torch.tensor(0.11)])
+    assert M.expected_calibration_error(conf, torch.tensor([1, 0])) == pytest.approx(0.505, abs=1e-6)

@@ -145,12 +145,12 @@ def test_tta_rows_domain_means_and_severity_split():
 def test_first_and_last_quarter_columns_when_the_runs_have_them():
     doc = _online_doc("tda", 0)
     for d, parts in zip(doc["results"]["online"]["per_domain"].values(), ([0.1, 0.2, 0.3, 0.3], [0.3, 0.4, 0.5, None])):
-        d["accuracy_by_part"] = parts  # the second domain was too short for its last quarter: left out of that mean
-    r = R.run_record(doc)
-    assert r.metrics["online_first_part"] == pytest.approx(0.2) and r.metrics["online_last_part"] == pytest.approx(0.3)
+        d["accuracy_by_part"] = parts  # the second domain was too short for its last quarter: left out of both means
+    r = R.run_record(doc)  # (first and last over the same domains: it used to count in the first and not the last)
+    assert r.metrics["online_first_part"] == pytest.approx(0.1) and r.metrics["online_last_part"] == pytest.approx(0.3)
     table = R.tta_markdown(R.summarize_groups(R.group_runs([r]))).splitlines()
     assert "| first quarter % | last quarter % |" in table[0]
-    assert table[2] == "| world_tpt | world-shift-reset | tda | n=1 | 30.0 | 20.0 | 20.0 | 30.0 | 12.0 | 20.0 | 75 |"
+    assert table[2] == "| world_tpt | world-shift-reset | tda | n=1 | 30.0 | 20.0 | 10.0 | 30.0 | 12.0 | 20.0 | 75 |"
     assert "quarter" not in R.tta_markdown(R.summarize_groups(R.group_runs([R.run_record(_online_doc())])))
 
 
@@ -199,3 +199,20 @@ def test_paired_gains_over_a_baseline_by_seed_and_split():
     twice = R.group_runs(R.run_record(d) for d in [_online_doc("zeroshot", 0), _online_doc("zeroshot", 0),
                                                      _online_doc("tda", 0)])
     assert R.paired_gains(twice, "zeroshot") == []
+
+
+def test_paired_gains_never_pair_runs_of_other_model_weights():
+    def run(method, seed, acc, weights):
+        doc = _online_doc(method, seed, accs=(acc, acc))
+        doc["provenance"]["model"] = {"checkpoint_sha256": weights}
+        return R.run_record(doc)
+    # zero-shot on weights A only, TDA on weights B only: no pair (it paired them, +0.30)
+    only = R.group_runs([run("zeroshot", s, 0.3 + s / 50, "A") for s in (0, 1)]
+                        + [run("tda", s, 0.6 + s / 50, "B") for s in (0, 1)])
+    assert R.paired_gains(only, "zeroshot") == []
+    # zero-shot on both: TDA pairs with its own weights' zero-shot (+0.10, +0.07; it found two and paired none)
+    both = R.group_runs([run("zeroshot", s, a, "A") for s, a in ((0, 0.3), (1, 0.32))]
+                        + [run("zeroshot", s, a, "B") for s, a in ((0, 0.5), (1, 0.55))]
+                        + [run("tda", s, a, "B") for s, a in ((0, 0.6), (1, 0.62))])
+    (row,) = R.paired_gains(both, "zeroshot")
+    assert row["metrics"]["online_accuracy"]["values"] == pytest.approx([0.10, 0.07])

@@ -227,6 +227,28 @@ def test_retention_baseline_is_the_untouched_models_zero_shot(tiny_stream):
     assert hook.history[control.name][0] == pytest.approx(through_strategy)
 
 
+def test_retention_compares_like_with_like_prompts_and_never_averages_nan(tiny_stream):
+    """A strategy's own templates (ZeroShot's, RAPF's) used to apply to the controls after the run but not to the
+    baseline, so a frozen model showed a retention change; and a control at 0 % before turned the mean ratio NaN."""
+    from ctta import LabelSpace, Task
+    from tests.conftest import make_dataset
+    controls = [Task(f"c{k}", LabelSpace([f"class {i}" for i in range(6)]), make_dataset(60, 6, seed=5 + k))
+                for k in range(2)]
+    hook = ZeroShotRetention(controls)
+    run(make_tiny_clip(), ZeroShot(templates=["a bad photo of a {}."], cache=False), tiny_stream, [hook],
+        progress=False)
+    for c in controls:  # nothing was trained: the same accuracy before and after
+        assert hook.history[c.name][-1] == pytest.approx(hook.acc0[c.name])
+
+    class Ctx:
+        results: dict = {}
+    hook.acc0, hook.history = {"c0": 0.0, "c1": 0.5}, {"c0": [0.1], "c1": [0.25]}
+    hook._write(Ctx)
+    r = Ctx.results["retention"]
+    assert r["tasks"]["c0"]["ratio"] == [None] and r["mean_ratio"] == pytest.approx(0.5)
+    assert r["mean_drop"] == pytest.approx((-0.1 + 0.25) / 2)
+
+
 def test_rapf_retention_ratio_is_measured_against_zero_shot(tiny_stream):
     from ctta.hooks import ZeroShotPredictor, evaluate
     from ctta.strategies import RAPF
