@@ -58,6 +58,7 @@ class SetupError(Exception):
 
 @hydra.main(config_path="../configs", config_name="run", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
+    _ENTERED.append(True)
     choices = HydraConfig.get().runtime.choices
     log.info("ctta: %s on %s -> %s; setting up (imports, stream, strategy, model) ...",
              choices.get("strategy"), choices.get("stream"), cfg.out_dir)
@@ -341,6 +342,21 @@ def _quiet_other_ranks() -> None:
                      f"hydra.run.dir={tempfile.gettempdir()}"]
 
 
+_ENTERED: list[bool] = []  # set when a main() body starts: Hydra composed the config
+
+
+def exit_code_two_for_config_errors(entry) -> None:
+    """Run ``entry`` (a ``@hydra.main`` function). Hydra refuses an unknown key or group option (``foo=1``,
+    ``strategy=nope``) with its own message and exit code 1, before our checks run; those are a user's mistakes
+    too, so they exit 2 like every other set-up error. A failure once the run has started keeps its code."""
+    try:
+        entry()
+    except SystemExit as e:
+        if e.code == 1 and not _ENTERED:
+            raise SystemExit(2) from None
+        raise
+
+
 def _debug_flag() -> None:
     """``--debug``: keep tracebacks (Hydra's own errors included) by setting HYDRA_FULL_ERROR=1."""
     if "--debug" in sys.argv:
@@ -351,4 +367,4 @@ def _debug_flag() -> None:
 if __name__ == "__main__":
     _debug_flag()
     _quiet_other_ranks()
-    main()
+    exit_code_two_for_config_errors(main)

@@ -25,7 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from configcheck import ConfigError, check_config, precheck  # beside this script; standard library only
-from run import SetupError, _build, _debug_flag, check_device, check_top_level
+from run import (_ENTERED, SetupError, _build, _debug_flag, check_device, check_top_level,
+                 exit_code_two_for_config_errors)
 
 log = logging.getLogger("ctta")
 
@@ -35,6 +36,7 @@ TOP_LEVEL = {"seed": (int,), "device": (str,), "threads": (int, type(None)), "ho
 
 @hydra.main(config_path="../configs", config_name="serve", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    _ENTERED.append(True)
     choices = HydraConfig.get().runtime.choices
     log.info("ctta serve: %s on %s at http://%s:%s; setting up ...", choices.get("strategy"), choices.get("model"),
              cfg.host, cfg.port)
@@ -173,4 +175,4 @@ def _serving(e: BaseException) -> bool:
 
 if __name__ == "__main__":
     _debug_flag()
-    main()
+    exit_code_two_for_config_errors(main)

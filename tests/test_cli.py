@@ -207,6 +207,13 @@ def test_a_bad_top_level_choice_fails_plainly(tmp_path, args, error, hint):
     _refused_at_setup(run_cli(*TINY, *args, cwd=tmp_path), error, hint, tmp_path)
 
 
+def test_hydras_own_refusals_exit_2_like_ours(tmp_path):
+    """An unknown key or group option is refused by Hydra before our checks run; it exited 1."""
+    for arg, words in (("foo=1", "Key 'foo' is not in struct"), ("strategy=nope", "Could not find 'strategy/nope'")):
+        r = run_cli(arg, cwd=tmp_path)
+        assert r.rc == 2 and words in r.stderr and "Traceback" not in r.out and _no_run_folder(tmp_path)
+
+
 def test_weights_that_do_not_fit_or_would_run_code_are_refused_plainly(tmp_path):
     import pickle
     import torch
