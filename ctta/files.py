@@ -194,6 +194,16 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CorruptFileError(f"cannot load checkpoint {path}: {' '.join(str(e).split())[:300]}") from e
 
 
+def probe_writable(folder: str | Path) -> None:
+    """Create ``folder`` (and its parents) and prove that a file can be written there now, before any work whose
+    result would go there; raises OSError otherwise. The probe file is removed."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def refused_global(e: Exception) -> str:
     """What a ``weights_only`` load refused, from torch's message (its line "... GLOBAL posix.system ..."), without
     the rest of that message, which suggests loading the file unrestricted."""

@@ -189,7 +189,18 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
+def _strip(w: int = 600, h: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), "red").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 BAD = {  # name: (query, body, content type, options, status, kind)
+    # 600 pixels as sent, 16 x 9600 once its shorter side is the model's 16 (a 1 x 300000 strip took 5 GB)
+    "thin strip": ("", _strip(), "image/png", {"max_pixels": 100_000}, 413, "too_many_pixels"),
+    "unicode digit top_k": ("?top_k=%C2%B2", png(1), "image/png", {}, 400, "bad_request"),  # was a text 500
+    "repeated adapt": ("?adapt=false&adapt=true", png(1), "image/png", {}, 400, "bad_request"),
+    "an empty class name": ("?classes=&classes=class%201", png(1), "image/png", {}, 400, "empty_classes"),
     "body too large": ("", png(1, size=64), "image/png", {"max_body_bytes": 2000}, 413, "body_too_large"),
     "too many pixels": ("", png(1, size=40), "image/png", {"max_pixels": 32 * 32}, 413, "too_many_pixels"),
     "decode error": ("", _truncated(), "image/png", {}, 400, "decode_error"),
@@ -233,6 +244,48 @@ def test_too_many_images_in_one_multipart_request_is_413():
         r = c.post("/predict", files=files[:1], data={"classes": "class 1"})
         assert r.status_code == 400 and r.json()["error"]["kind"] == "bad_multipart"
         assert service.adapter.samples == 0
+
+
+def test_a_request_has_a_pixel_budget_and_a_truncated_multipart_body_is_named():
+    c, service = client(max_pixels=32 * 32, max_request_pixels=2 * 32 * 32)
+    with c:
+        files = [("image", (f"{k}.png", png(k, size=32), "image/png")) for k in range(3)]
+        r = c.post("/predict", files=files)  # each image within max_pixels, the three over the request's budget
+        assert r.status_code == 413 and "serve.max_request_pixels" in r.json()["error"]["message"], r.text
+        body = b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + png(1)[:40]
+        r = c.post("/predict", content=body, headers={"Content-Type": "multipart/form-data; boundary=XyZ"})
+        assert r.status_code == 400 and r.json()["error"]["kind"] == "bad_multipart", r.text
+        assert "before its closing boundary" in r.json()["error"]["message"]
+        assert service.adapter.samples == 0
+
+
+def test_routing_errors_use_the_json_error_shape_and_there_are_no_docs_pages():
+    with client()[0] as c:
+        for method, path, status, kind in (("get", "/nope", 404, "not_found"), ("get", "/predict", 405,
+                                           "method_not_allowed"), ("get", "/docs", 404, "not_found"),
+                                           ("get", "/openapi.json", 404, "not_found")):
+            r = getattr(c, method)(path)
+            assert r.status_code == status and r.json()["error"]["kind"] == kind, (path, r.text)
+
+
+def test_a_state_path_that_cannot_be_written_is_refused_at_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StateError, match="cannot write in .*the adapted state could never be saved"):
+        Service(make_adapter(), ServeOptions(state_path=str(blocker / "sub" / "state.pt")))
+    with pytest.raises(ValueError, match="needs 2 images per model call, but serve.max_batch is 1"):
+        from tests._resnet import make_resnet_clip
+        tent = wrap(make_resnet_clip(), Tent(), LabelSpace(CLASSES))
+        Service(tent, ServeOptions(max_batch=1))
+
+
+def test_a_final_save_that_fails_is_said_and_not_a_clean_exit(tmp_path):
+    c, service = client(state_path=str(tmp_path / "state" / "s.pt"))
+    with c:
+        post(c, png(1))
+        (tmp_path / "state").rmdir()
+        (tmp_path / "state").write_text("the folder was replaced by a file")  # the save at shutdown must fail
+    assert service.save_error and "could not be written" in service.save_error
 
 
 class GatedTent(Tent):
@@ -413,9 +466,20 @@ def test_options_are_checked_with_the_key_named():
     with pytest.raises(ValueError, match="serve.drain_timeout_s"):
         ServeOptions(drain_timeout_s=0)
     with pytest.raises(ValueError, match="could never be queued"):
-        ServeOptions(max_images=64, max_queue=32)
+        ServeOptions(max_images=64, max_batch=64, max_queue=32)
     with pytest.raises(ValueError, match="unknown serve option"):
         ServeOptions.from_dict({"max_bacth": 4})
+    # a request is at most one model call (max_batch 2 took a call of 8 images); NaN or empty values are refused
+    assert ServeOptions(max_batch=4).max_images == 4
+    with pytest.raises(ValueError, match=r"serve.max_images \(8\) exceeds serve.max_batch \(2\)"):
+        ServeOptions(max_batch=2, max_images=8)
+    for name in ("drain_timeout_s", "read_timeout_s"):
+        with pytest.raises(ValueError, match=f"serve.{name} must be a positive, finite number"):
+            ServeOptions(**{name: float("nan")})
+    with pytest.raises(ValueError, match="serve.snapshot_every_s must be a positive, finite number"):
+        ServeOptions(state_path="s.pt", snapshot_every_s=float("nan"))
+    with pytest.raises(ValueError, match="serve.state_path is empty"):
+        ServeOptions(state_path="")
     assert sniff(png(1)) == "PNG" and sniff(png(1, fmt="JPEG")) == "JPEG" and sniff(png(1, fmt="WEBP")) == "WEBP"
 
 

@@ -12,9 +12,7 @@ takes that state instead of hashing and unpickling the file a second time (a ViT
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from ctta.distributed import to_device
+from ctta.files import probe_writable
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.loop.parallel import Parallel
 from ctta.state import differences
@@ -40,10 +39,7 @@ class RunMismatch(ValueError):
 def ensure_writable(out_dir: Path) -> None:
     """Create ``out_dir`` and prove it writable now, before any work (not after the first task has trained)."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out_dir)
     except OSError as e:
         raise PermissionError(f"cannot write results to {out_dir}: {e.strerror or e}; choose another out_dir") from e
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctta.serve.inputs import content_kind, parse_query, read_body, split_multipart
 from ctta.serve.options import ServeError
@@ -64,9 +65,12 @@ def create_app(service: Service) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(title="ctta serve", summary="a CLIP that adapts online while it predicts", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: the endpoints are documented above, and the docs pages load from a CDN
+    app = FastAPI(title="ctta serve", summary="a CLIP that adapts online while it predicts", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_Observe, service=service)
     opts, batcher = service.options, service.batcher
+    decoding = asyncio.Semaphore(opts.max_decoding)  # with max_request_pixels: a bound on decoding memory
 
     @app.exception_handler(ServeError)
     async def refused(request: Request, e: ServeError) -> JSONResponse:
@@ -74,17 +78,38 @@ def create_app(service: Service) -> FastAPI:
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Routing errors (404 no such endpoint, 405 wrong method) in the same JSON shape as every other refusal."""
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {e.detail}; endpoints: {', '.join(ENDPOINTS)}"
+        return await refused(request, ServeError(e.status_code, kind, message))
+
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         if service.draining:
             raise ServeError(503, "shutting_down", "the server is shutting down; retry after the restart")
         classes, top_k, adapt = parse_query(request.query_params, service.space.classnames, opts.top_k)
         kind = content_kind(request.headers.get("content-type"))
+        try:  # a stalled upload gets 408 and never holds a batch open: it counts as arriving only once read
+            body = await asyncio.wait_for(read_body(request.stream(), request.headers.get("content-length"),
+                                                    opts.max_body_bytes), opts.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise ServeError(408, "request_timeout", f"the request body did not arrive within "
+                             f"{opts.read_timeout_s} s (serve.read_timeout_s)") from None
         batcher.arrive()
         try:
-            body = await read_body(request.stream(), request.headers.get("content-length"), opts.max_body_bytes)
             parts = await split_multipart(request.headers, body, opts) if kind == "multipart" else [("image", body)]
-            images = await asyncio.to_thread(service.decode, parts)
+            async with decoding:
+                try:
+                    images = await asyncio.to_thread(service.decode, parts)
+                except ServeError:
+                    raise
+                except Exception as e:  # not the client's mistake as far as we can tell: a JSON 500 naming it
+                    raise ServeError(500, "decode_failed", f"decoding the request failed: {type(e).__name__}: "
+                                     f"{e}") from e
+            if service.draining:
+                raise ServeError(503, "shutting_down", "the server is shutting down; retry after the restart")
             result = batcher.submit(len(parts), (adapt, classes), Payload(images, top_k))
         finally:
             batcher.gone()

@@ -30,9 +30,18 @@ def sniff(data: bytes) -> str | None:
     return next((name for magic, name in _OTHER_FORMATS.items() if data.startswith(magic)), None)
 
 
-def decode_image(data: bytes, options: ServeOptions, what: str = "image") -> Any:
+def resized_pixels(w: int, h: int, side: int) -> int:
+    """Pixels of a ``w x h`` image resized so that its shorter side is ``side`` (`Clip.preprocess`, before its
+    centre crop): a thin strip grows by ``side / shorter side`` in both directions."""
+    short = max(1, min(w, h))
+    return round(w * side / short) * round(h * side / short)
+
+
+def decode_image(data: bytes, options: ServeOptions, what: str = "image", *, side: int | None = None,
+                 budget: int | None = None) -> Any:
     """One encoded image -> a loaded PIL image, or a `ServeError`: 400 empty / undecodable, 415 another format,
-    413 more pixels than ``options.max_pixels``."""
+    413 more pixels than ``options.max_pixels`` (as sent, or once resized to the model's input ``side``), or than
+    what is left of the request's ``budget`` (``serve.max_request_pixels``)."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -52,11 +61,21 @@ def decode_image(data: bytes, options: ServeOptions, what: str = "image") -> Any
                                  f"{options.max_pixels} (serve.max_pixels)")
             if w == 0 or h == 0:
                 raise ServeError(400, "decode_error", f"{what} has no pixels ({w}x{h})")
+            grown = resized_pixels(w, h, side) if side else 0
+            if grown > options.max_pixels:
+                raise ServeError(413, "too_many_pixels", f"{what} is {w}x{h}: resized for the model (shorter side "
+                                 f"{side}) it would be {grown} pixels; the limit is {options.max_pixels} "
+                                 f"(serve.max_pixels): crop it closer to square")
+            if budget is not None and w * h > budget:
+                raise ServeError(413, "too_many_pixels", f"{what} ({w}x{h}) takes the request over its "
+                                 f"{options.max_request_pixels} pixels (serve.max_request_pixels); send fewer or "
+                                 f"smaller images per request")
             image.load()  # decode now: a truncated or damaged file fails here, not inside the model's batch
     except ServeError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ServeError(413, "too_many_pixels", f"{what}: {e}") from None
+    except Image.DecompressionBombError:  # PIL's own check (serve sets its ceiling from max_pixels) fired first
+        raise ServeError(413, "too_many_pixels", f"{what} declares far more pixels than {options.max_pixels} "
+                         f"(serve.max_pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ServeError(400, "decode_error", f"{what} cannot be decoded as {fmt}: {e}") from None
     return image
@@ -111,7 +130,10 @@ async def split_multipart(headers: Any, body: bytes, options: ServeOptions) -> l
         raise ServeError(400, "bad_multipart", f"multipart text field(s) {fields} are not read; send images as file "
                          f"parts and put classes / top_k / adapt in the query string")
     if not parts:
-        raise ServeError(400, "empty_body", "multipart body holds no image file part")
+        if body.rstrip().endswith(b"--"):
+            raise ServeError(400, "empty_body", "multipart body holds no image file part")
+        raise ServeError(400, "bad_multipart", "malformed multipart body: it ends before its closing boundary "
+                         "(truncated?) and holds no complete file part")
     return parts
 
 
@@ -132,13 +154,17 @@ def parse_query(params: Any, classnames: Sequence[str], default_top_k: int) -> t
     unknown = sorted(set(params.keys()) - {"classes", "top_k", "adapt"})
     if unknown:
         raise ServeError(400, "bad_request", f"unknown query parameter(s) {unknown}; accepted: classes, top_k, adapt")
+    repeated = [k for k in ("top_k", "adapt") if len(params.getlist(k)) > 1]
+    if repeated:
+        raise ServeError(400, "bad_request", f"query parameter(s) {repeated} given more than once")
     classes = None
     if "classes" in params:
-        given = [c for c in params.getlist("classes")]
-        names = [c for c in given if c.strip()]
-        if not names:
+        names = list(params.getlist("classes"))
+        if not any(c.strip() for c in names):
             raise ServeError(400, "empty_classes", "the class subset is empty; give one or more ?classes=NAME, or "
                              "leave classes out to use every class")
+        if not all(c.strip() for c in names):
+            raise ServeError(400, "empty_classes", "a ?classes= value is empty; name a class in each")
         known = set(classnames)
         missing = [c for c in names if c not in known]
         if missing:
@@ -151,7 +177,7 @@ def parse_query(params: Any, classnames: Sequence[str], default_top_k: int) -> t
     top_k = default_top_k
     if "top_k" in params:
         raw = params.get("top_k")
-        if not raw.isdigit() or int(raw) < 1:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # "²" is a digit to str.isdigit, not to int()
             raise ServeError(400, "bad_request", f"top_k={raw!r}: expected a positive integer")
         top_k = int(raw)
     adapt = True

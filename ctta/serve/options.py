@@ -4,6 +4,7 @@ Nothing here imports the web stack: the options are checked (and their mistakes 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,12 @@ class ServeOptions:
     max_wait_ms: float = 5.0            # how long a batch waits for more requests after its first one
     max_queue: int = 256                # images queued for the model; beyond that /predict answers 503
     max_body_bytes: int = 8 << 20       # request body limit (413 beyond)
-    max_pixels: int = 4096 * 4096       # width x height of one image, checked from its header before decoding (413)
-    max_images: int = 32                # images in one multipart request (413 beyond)
+    max_pixels: int = 4096 * 4096       # width x height of one image, checked from its header before decoding, and
+    #                                     of it resized for the model (a 1 x 300000 strip would grow 32 x) (413)
+    max_request_pixels: int = 2 * 4096 * 4096  # all images of one request together (413 beyond)
+    max_decoding: int = 2               # requests decoded at once: with max_request_pixels, bounds decoding memory
+    read_timeout_s: float = 30.0        # a request body must arrive within this (408 beyond): a stalled upload
+    max_images: int | None = None       # images in one multipart request (413 beyond); None: max_batch (at most that)
     top_k: int = 5                      # classes returned per image unless the request asks for another top_k
     state_path: str | None = None       # adapted state: loaded at start if present, written on SIGTERM and /snapshot
     snapshot_every_s: float | None = None  # periodic snapshot (only when the state moved); None: off
@@ -47,8 +52,10 @@ class ServeOptions:
     #                                       then serve what is queued and write the state (under k8s' default 30 s)
 
     def __post_init__(self) -> None:
-        ints = {"max_batch": 1, "max_queue": 1, "max_body_bytes": 1, "max_pixels": 1, "max_images": 1, "top_k": 1,
-                "window": 1}
+        if self.max_images is None:
+            self.max_images = self.max_batch
+        ints = {"max_batch": 1, "max_queue": 1, "max_body_bytes": 1, "max_pixels": 1, "max_request_pixels": 1,
+                "max_decoding": 1, "max_images": 1, "top_k": 1, "window": 1}
         for name, low in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -57,14 +64,22 @@ class ServeOptions:
                 or not 0 <= self.max_wait_ms <= 1000:
             raise ValueError(f"serve.max_wait_ms must be a number of milliseconds in [0, 1000], "
                              f"got {self.max_wait_ms!r}")
-        if self.snapshot_every_s is not None and (isinstance(self.snapshot_every_s, bool) or not isinstance(
-                self.snapshot_every_s, (int, float)) or self.snapshot_every_s <= 0):
-            raise ValueError(f"serve.snapshot_every_s must be a positive number of seconds or null, "
-                             f"got {self.snapshot_every_s!r}")
-        if self.drain_timeout_s is not None and (isinstance(self.drain_timeout_s, bool) or not isinstance(
-                self.drain_timeout_s, (int, float)) or self.drain_timeout_s <= 0):
-            raise ValueError(f"serve.drain_timeout_s must be a positive number of seconds or null, "
-                             f"got {self.drain_timeout_s!r}")
+        for name in ("snapshot_every_s", "drain_timeout_s", "read_timeout_s"):
+            v = getattr(self, name)
+            if v is None and name != "read_timeout_s":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:  # NaN fails too
+                raise ValueError(f"serve.{name} must be a positive, finite number of seconds"
+                                 f"{'' if name == 'read_timeout_s' else ' or null'}, got {v!r}")
+        if self.state_path is not None and not str(self.state_path).strip():
+            raise ValueError("serve.state_path is empty: give the state file's path, or null for no state file")
+        if self.max_images > self.max_batch:
+            raise ValueError(f"serve.max_images ({self.max_images}) exceeds serve.max_batch ({self.max_batch}): one "
+                             f"request would be a model call larger than max_batch; lower max_images or raise "
+                             f"max_batch")
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(f"serve.max_request_pixels ({self.max_request_pixels}) is below serve.max_pixels "
+                             f"({self.max_pixels}): a single image at the limit could never be sent")
         if self.snapshot_every_s is not None and self.state_path is None:
             raise ValueError("serve.snapshot_every_s needs serve.state_path (where the snapshots go)")
         if self.max_images > self.max_queue:

@@ -9,13 +9,14 @@ model still serves it); the app's lifespan then serves whatever is still queued 
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import uvicorn
 
 from ctta.online import OnlineAdapter
 from ctta.serve.app import create_app
-from ctta.serve.options import ServeOptions
+from ctta.serve.options import ServeOptions, StateError
 from ctta.serve.service import Service
 
 
@@ -31,6 +32,15 @@ class _Server(uvicorn.Server):
         self.service.draining = True
         super().handle_exit(sig, frame)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn re-raises the signal it stopped on once it has shut down, so the process ends as a clean
+        SIGTERM would; when the final save failed, it must not look clean: `serve` raises instead."""
+        with super().capture_signals():
+            yield
+            if self.service.save_error is not None:
+                self._captured_signals.clear()
+
 
 def serve(adapter: OnlineAdapter, options: ServeOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info", on_ready: Any = None) -> None:
@@ -41,3 +51,5 @@ def serve(adapter: OnlineAdapter, options: ServeOptions | None = None, *, host: 
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level, access_log=False,
                             lifespan="on", timeout_graceful_shutdown=service.options.drain_timeout_s)
     _Server(config, service).run()
+    if service.save_error is not None:
+        raise StateError(service.save_error)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctta.files import CorruptFileError
+from ctta.files import CorruptFileError, probe_writable
 from ctta.online import OnlineAdapter
 from ctta.predictions import prepare_images
 from ctta.serve.batcher import Job, MicroBatcher
@@ -58,9 +58,24 @@ class Service:
         if not isinstance(adapter, OnlineAdapter):
             raise TypeError(f"serve needs a ctta.OnlineAdapter (ctta.wrap(...)), got {type(adapter).__name__}")
         self.adapter, self.options = adapter, options or ServeOptions()
+        if adapter.strategy.min_batch > self.options.max_batch:
+            raise ValueError(f"{type(adapter.strategy).__name__} needs {adapter.strategy.min_batch} images per model "
+                             f"call, but serve.max_batch is {self.options.max_batch}: concurrent requests could "
+                             f"never be gathered into a call it adapts on")
+        from PIL import Image
+        # PIL's own decompression-bomb ceiling (a process-wide setting) follows the server's limit, so that PIL
+        # never refuses what max_pixels allows, and what it refuses first is reported against max_pixels
+        Image.MAX_IMAGE_PIXELS = self.options.max_pixels
         self.space = adapter.space
         self.metrics = Metrics(self.options.window)
         self.state_path = Path(self.options.state_path).expanduser() if self.options.state_path else None
+        if self.state_path is not None:  # refused now, not at the final save after hours of adaptation
+            try:
+                probe_writable(self.state_path.parent)
+            except OSError as e:
+                raise StateError(f"serve.state_path={self.state_path}: cannot write in {self.state_path.parent} "
+                                 f"({e.strerror or e}); the adapted state could never be saved") from None
+        self.save_error: str | None = None  # set when the final save failed: the server then exits with an error
         self.resumed = self._load_state()
         # an episodic adapter's episode is one call: each request gets its own, so its answer never depends on
         # which strangers shared its batch (per-sample episodes, as TPT's, are independent in any batch)
@@ -96,8 +111,14 @@ class Service:
             self._periodic.cancel()
         await self.batcher.close()
         if self.state_path is not None:
-            info = await self.batcher.in_model_thread(self.snapshot)
-            log.info("ctta serve: adapted state written to %s (%d samples)", info["path"], info["samples"])
+            try:
+                info = await self.batcher.in_model_thread(self.snapshot)
+            except Exception as e:  # (a full disk, a folder removed meanwhile): said plainly; the exit code says it
+                self.save_error = (f"the adapted state could not be written to {self.state_path} "
+                                   f"({type(e).__name__}: {e}); this run's adaptation since the last snapshot is lost")
+                log.error("ctta serve: %s", self.save_error)
+            else:
+                log.info("ctta serve: adapted state written to %s (%d samples)", info["path"], info["samples"])
         self.batcher.executor.shutdown(wait=True)
 
     def _load_state(self) -> bool:
@@ -118,7 +139,10 @@ class Service:
     def decode(self, parts: list[tuple[str, bytes]]) -> Tensor:
         """Encoded images -> the model's input batch (decoded under the limits, preprocessed). Runs in a worker
         thread of its own, never in the model thread."""
-        images = [decode_image(data, self.options, what) for what, data in parts]
+        side, left, images = self.adapter.model.image_size, self.options.max_request_pixels, []
+        for what, data in parts:
+            images.append(decode_image(data, self.options, what, side=side, budget=left))
+            left -= images[-1].size[0] * images[-1].size[1]
         return prepare_images(self.adapter.model, images)
 
     def _run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
