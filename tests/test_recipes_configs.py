@@ -52,7 +52,7 @@ def test_reference_values():
                                                                                           "continual_clip")
     assert c.strategy._target_ == "ctta.strategies.zeroshot.ZeroShot"
     c = _compose(["experiment=rapf_cifar100_b0inc10"])
-    assert (c.stream.order, c.stream.templates) == ("rapf", "rapf")
+    assert (c.stream.order, c.stream.templates) == ("seed1993", "rapf")  # RAPF's order file since afbea62
     assert (c.strategy.mix_bias, c.strategy.threshold, c.strategy.batch_size) == (0.6, 0.55, 100)
     c = _compose(["experiment=tpt_imagenet_a"])
     assert list(c.stream.variants) == ["imagenet_a"] and c.strategy.lr == 5e-3
