@@ -1,8 +1,9 @@
 """Run a strategy on a stream: python scripts/run.py strategy=finetune stream=world_cil_shifted [experiment=...]
 
 Hydra composes the model, strategy, stream and hooks from configs/ (`_target_` paths, so a user's own strategy plugs
-in with `-cd my_configs strategy=my_strategy` or `strategy._target_=my_pkg.MyStrategy`). Results, the accuracy-
-matrix plot and a resumable checkpoint go to `out_dir`; re-running with the same `out_dir=...` resumes.
+in with `-cd my_configs strategy=my_strategy` or `'~strategy' +strategy._target_=my_pkg.MyStrategy name=...`).
+Results, the accuracy-matrix plot and a resumable checkpoint go to `out_dir`; re-running with the same
+`out_dir=...` resumes.
 Under `torchrun --nproc_per_node=N scripts/run.py ...` it runs data-parallel (see `ctta.distributed`).
 
 What a user sees, in order (tested by tests/test_cli.py):

@@ -222,3 +222,25 @@ def test_online_accuracy_curve_is_cumulative_accuracy_at_stream_positions():
     assert c["every"] == 3 and c["position"] == [3, 6, 7]
     assert c["cumulative_accuracy"] == pytest.approx([2 / 3, 3 / 6, 4 / 7])
     assert OnlineAccuracy.curve(correct, points=100)["position"] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_batch_smaller_than_the_strategy_needs_is_refused_before_any_sample(tmp_path):
+    """TENT on a BatchNorm tower needs 2 images per call: samples.batch_size=1 used to fail mid-run."""
+    from tests._resnet import RESNET_SIZE, make_resnet_clip
+    data = [Task(f"d{k}", SPACE, make_dataset(6, 4, seed=k, size=RESNET_SIZE)) for k in range(2)]
+    with pytest.raises(ValueError, match=r"samples.batch_size=1, but Tent needs 2 images per call"):
+        run_samples(make_resnet_clip(), Tent(), TaskStream(data, scope="own", name="toy"), batch_size=1,
+                    out_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / CHECKPOINT).exists()
+
+
+def test_a_test_time_strategy_on_a_training_stream_is_refused_with_the_fix(tiny_stream):
+    from ctta import Strategy
+    from ctta.loop.tasks import run_tasks
+
+    class OnlyAdapts(Strategy):  # no learn(), and learns left at its default (True)
+        def adapt(self, images, space):
+            return self.predict(images, space)
+
+    with pytest.raises(ValueError, match="does not implement learn\\(\\).*learns = False"):
+        run_tasks(make_tiny_clip(), OnlyAdapts(), tiny_stream)

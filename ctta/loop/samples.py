@@ -93,6 +93,11 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
     seed_everything(seed)
     ctx.adapter = adapter = OnlineAdapter(model, strategy, stream.train_space(0)[0], reset=policy, drift=drift,
                                           seed=seed)
+    if strategy.min_batch > batch_size:  # known once set up (TENT on a BatchNorm tower): refused before any sample
+        adapter.close()
+        raise ValueError(f"samples.batch_size={batch_size}, but {type(strategy).__name__} needs {strategy.min_batch} "
+                         f"images per call on this model (batch statistics); set samples.batch_size="
+                         f"{strategy.min_batch} or more")
     try:
         if saved:
             adapter.space = stream.train_space(min(start_task, len(stream) - 1))[0]

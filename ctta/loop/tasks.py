@@ -43,6 +43,10 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
               out_dir: str | Path | None = None, seed: int = 0, config: Any = None,
               progress: bool | None = None) -> dict:
     """Run a task stream through a strategy; returns the results dict the hooks filled."""
+    if strategy.learns and type(strategy).learn is Strategy.learn and any(t.train is not None for t in stream.tasks):
+        raise ValueError(f"{type(strategy).__name__} does not implement learn(), and this stream trains: a test-time "
+                         f"strategy sets learns = False (a task stream then only evaluates it), or run it on a "
+                         f"sample stream")
     par = Parallel()
     out = Path(out_dir) if out_dir else None
     if out is not None and par.main:
@@ -60,7 +64,8 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
         load_hook_states(all_hooks, saved["hooks"], ckpt.path)
         ctx.results.update(saved["results"])
         ctx.resumed = True
-        log.info("resuming %s after task %d/%d", out, start, len(stream))
+        if start < len(stream):  # a finished run says so below, and nothing else
+            log.info("resuming %s after task %d/%d", out, start, len(stream))
     ctx.task_index = start - 1
     par.install(strategy)  # before on_run_start: evaluation there is sharded through strategy.comm too
     try:
