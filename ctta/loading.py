@@ -104,8 +104,18 @@ def decodes_on_device(dataset: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- batches
+def stack_images(images: Sequence[Tensor]) -> Tensor:
+    """One batch of equally sized images; images of several sizes (whole photographs kept for test-time views,
+    ``source_side``) are refused with the fix."""
+    sizes = {tuple(x.shape) for x in images}
+    if len(sizes) > 1:
+        raise ValueError(f"a batch holds images of {len(sizes)} sizes (e.g. {sorted(sizes)[:2]}): a stream that keeps "
+                         "whole images (source_side) needs one image a batch (samples.batch_size=1)")
+    return torch.stack(list(images))
+
+
 def collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
+    return stack_images([x for x, _ in items]), torch.tensor([int(y) for _, y in items], dtype=torch.long)
 
 
 def load_batch(dataset: Any, indices: Tensor) -> tuple[Tensor, Tensor]:

@@ -147,7 +147,7 @@ class OnlineAdapter:
         over all of them, and the answer is read from those logits). ``position``: the stream position of the first image (seeds random draws after a
         reset; default: the number of samples this adapter has adapted on)."""
         with self._lock:
-            x = prepare_images(self.model, images)
+            x = prepare_images(self.model, images, keep_size=self.strategy.views_from_source)
             space = class_subset(self.space, classes)
             # a strategy whose state is keyed by class runs on the whole space; the subset is read from its logits
             run_space, columns = space, None

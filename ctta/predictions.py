@@ -14,6 +14,7 @@ from ctta.data import check_images
 from ctta.model import Clip
 from ctta.state import short
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
+from ctta.views import eval_view
 
 
 @dataclass
@@ -60,9 +61,12 @@ def as_space(space: LabelSpace | Sequence[str], templates: Sequence[str] = DEFAU
     return LabelSpace(list(space), templates)
 
 
-def prepare_images(model: Clip, images: Any) -> Tensor:
-    """A float batch ``[B, 3, H, W]`` in [0, 1] at the model's size, on its device, from a tensor, a PIL image or a
-    list of PIL images (preprocessed with `Clip.preprocess`); anything else is refused with the reason."""
+def prepare_images(model: Clip, images: Any, keep_size: bool = False) -> Tensor:
+    """A float batch ``[B, 3, H, W]`` in [0, 1] on the model's device, from a tensor, a PIL image or a list of PIL
+    images (preprocessed with `Clip.preprocess`); anything else is refused with the reason. A tensor of another size
+    is resized and centre-cropped to the model's input as `Clip.preprocess` does (`ctta.views.eval_view`), unless
+    ``keep_size``: a strategy that crops its own views from the whole image (`Strategy.views_from_source`) gets it
+    as it is."""
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty batch")
@@ -73,9 +77,8 @@ def prepare_images(model: Clip, images: Any) -> Tensor:
         images = model.preprocess(images)[None]
     check_images(images)
     size = model.image_size
-    if images.shape[-2:] != (size, size):
-        raise ValueError(f"images must be {size}x{size} for this model, got {tuple(images.shape[-2:])}; "
-                         f"resize them or pass PIL images (the adapter preprocesses those)")
+    if images.shape[-2:] != (size, size) and not keep_size:
+        images = eval_view(images, size)
     return images.to(model.device)
 
 

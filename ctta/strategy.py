@@ -60,6 +60,11 @@ class Strategy:
     # Prompt templates the strategy puts on every label space it predicts over (ZeroShot's and RAPF's ``templates``),
     # None: each space's own. Hooks that compare with the untouched model's zero-shot use the same prompts.
     templates: tuple[str, ...] | None = None
+    # Does the strategy crop its own test-time views from the image it is given (`ctta.views.tpt_views`: view 0 the
+    # eval view, the others random crops)? Then `ctta.OnlineAdapter` hands it images of any size as they come, the
+    # whole photograph of a stream with ``source_side``, as the reference augmenter crops from the photograph;
+    # every other strategy gets them resized and centre-cropped to the model's input.
+    views_from_source: bool = False
     comm: SingleProcess = SingleProcess()  # replaced by the loop under torchrun (instance attribute)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Strategy":

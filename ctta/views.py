@@ -7,9 +7,9 @@ scale (0.08, 1), ratio (3/4, 4/3)) plus a horizontal flip with probability 1/2; 
 ``B · n_views`` views are ONE ``kornia.geometry.transform.crop_and_resize`` call (the flip is a mirrored box).
 ``augmix=True`` adds TPT's AugMix (``data/augmix_ops.py`` at severity 1, see `augmix`).
 
-The random views are cropped from ``images`` as given. The image-file streams give images already resized and
-centre-cropped to the model's input, so on real datasets the views come from that square, not from the whole
-photograph as in the reference augmenter (a known deviation, listed in the README).
+The random views are cropped from ``images`` as given: the whole photograph when the stream keeps it
+(``source_side`` of `streams.images.ImageFiles`, on in the ImageNet test-time recipes), as the reference augmenter
+crops from the photograph; an eval crop otherwise (then the views come from that square).
 
 Random parameters are drawn from ``generator`` on the generator's device (CPU by default) and moved to the
 images' device, so one seed gives the same views on any device. Deviations from the PIL reference: bilinear

@@ -93,7 +93,7 @@ def variant_space(variant: str, templates: str | Sequence[str] = "tpt") -> Label
 
 def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
                     verify_level: Level = "structure", sh_filter: bool = False,
-                    draft: float | None = None) -> ImageFiles:
+                    draft: float | None = None, source_side: int | None = None) -> ImageFiles:
     """The variant's images with labels in `variant_space` order. ``root`` = the variant's own folder.
 
     ``sh_filter``: drop every image whose **file name** contains ``"sh"`` (case-sensitive), as the data loaders of
@@ -103,7 +103,8 @@ def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
     figures are on that subset. Off by default: the full set is the benchmark every other method reports on.
     Class folders are wnids (``n`` + digits), which never contain "sh", so labels are unchanged. The release is
     verified (``verify_level``) before the filter. ``draft``: reduced-size JPEG decoding (`streams.images`; None, the
-    default, decodes at full size)."""
+    default, decodes at full size). ``source_side``: whole images instead of eval crops (`streams.images.ImageFiles`),
+    for the test-time methods' views."""
     check_draft(draft)  # a bad value fails before the release is walked
     idx, folders = variant_classes(variant)
     if verify_level != "none":
@@ -111,21 +112,22 @@ def variant_dataset(variant: str, root: str | Path, image_size: int = 224, *,
     # The expected folder order equals sorted order for every variant (V2 included: it *is* the lexicographic
     # order), so this is exactly torchvision's ImageFolder labelling.
     assert folders == sorted(folders)
-    data, _ = image_folder(root, image_size, classes=folders, draft=draft)
+    data, _ = image_folder(root, image_size, classes=folders, draft=draft, source_side=source_side)
     if sh_filter:
         data = _subset(data, [i for i, p in enumerate(data.paths) if "sh" not in os.path.basename(p)])
     return data
 
 
 def _subset(data: ImageFiles, keep: Sequence[int]) -> ImageFiles:
-    return ImageFiles([(data.paths[i], int(data.targets[i])) for i in keep], data.image_size, draft=data.draft)
+    return ImageFiles([(data.paths[i], int(data.targets[i])) for i in keep], data.image_size, draft=data.draft,
+                      source_side=data.source_side)
 
 
 def tta_stream(variants: Sequence[str] = ("imagenet_a",), *, data_root: str | Path = "data", image_size: int = 224,
                templates: str | Sequence[str] = "tpt", roots: dict[str, str] | None = None,
                verify_level: Level = "structure", setting: str = "reset", shuffle: bool = False,
                shuffle_seed: int = 1, sh_filter: bool = False, draft: float | None = None,
-               name: str | None = None) -> TaskStream:
+               source_side: int | None = None, name: str | None = None) -> TaskStream:
     """One test-only task per variant (each in its own label space). ``setting="reset"`` reveals the boundaries
     (strategies may reset between variants); ``"continual"`` hides them. ``roots`` overrides a variant's folder.
 
@@ -136,7 +138,10 @@ def tta_stream(variants: Sequence[str] = ("imagenet_a",), *, data_root: str | Pa
     holds. The official permutation itself depends on each script's whole random-number history and cannot be
     reproduced here; the protocol (a fixed-seed shuffle) is. ``sh_filter``: see `variant_dataset` (ImageNet-A's
     6,862-image subset of TDA / DPE / BoostAdapter); applied to every variant of the stream. ``draft``: reduced-size
-    JPEG decoding for every variant (`streams.images`; off by default: not exact, ~0.5 % of predictions change)."""
+    JPEG decoding for every variant (`streams.images`; off by default: not exact, ~0.5 % of predictions change).
+    ``source_side``: give each image whole (shrunk to that shorter side when larger) instead of its 224 eval crop,
+    so that the test-time methods crop their random views from the photograph, as the reference augmenter does
+    (`streams.images.ImageFiles`); one image a batch then."""
     if setting not in ("reset", "continual"):
         raise ValueError(f"setting must be 'reset' or 'continual', got {setting!r}")
     if isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int):
@@ -145,7 +150,8 @@ def tta_stream(variants: Sequence[str] = ("imagenet_a",), *, data_root: str | Pa
     tasks = []
     for v in variants:
         root = Path((roots or {}).get(v) or Path(data_root) / FOLDERS[v])
-        data = variant_dataset(v, root, image_size, verify_level=verify_level, sh_filter=sh_filter, draft=draft)
+        data = variant_dataset(v, root, image_size, verify_level=verify_level, sh_filter=sh_filter, draft=draft,
+                               source_side=source_side)
         if shuffle:
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(shuffle_seed))
             data = _subset(data, order.tolist())

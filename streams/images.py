@@ -27,6 +27,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ctta.data import RemappedSubset, check_images, is_pil_image, pil_to_rgb
+from ctta.loading import stack_images
 from streams.manifest import IMAGE_EXTENSIONS, DatasetError, image_files
 
 DRAFT_GAP = 2.0  # the usual ``draft``: reduced-size JPEG decoding keeps the shorter side >= 2x the target
@@ -74,31 +75,58 @@ def check_draft(draft: float | None) -> float | None:
     return None if draft is None else float(draft)
 
 
+def shrink_to(images: Tensor, side: int) -> Tensor:
+    """The whole image, aspect kept, resized (bicubic, antialiased) so that its shorter side is ``side`` when it is
+    longer than that; smaller images are returned as they are."""
+    h, w = images.shape[-2:]
+    if min(h, w) <= side:
+        return images
+    s = side / min(h, w)
+    size = [max(side, round(h * s)), max(side, round(w * s))]
+    return TF.resize(images, size, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
+
+
 class ImageFiles:
     """Images listed as ``(path, label)`` pairs, decoded lazily (in `ctta.loading`'s worker processes when there
     are some). ``draft``: None (full-size decoding, exact) or the reduction gap for JPEGs, e.g. `DRAFT_GAP` (see the
-    module docstring)."""
+    module docstring).
+
+    ``source_side``: None (default) gives every image resized and centre-cropped to ``image_size``, the model's
+    input. An int gives the **whole** image instead, aspect kept, shrunk only when its shorter side is longer than
+    ``source_side``: the source the test-time methods' random views are cropped from, as the reference augmenter
+    crops them from the photograph (`ctta.views`; view 0, the eval view, is still resize + centre crop). Images then
+    differ in size, so a batch holds one (the sample loop's default ``samples.batch_size=1``)."""
 
     in_memory = False
     decodes_on_device = True  # `ctta.loading` may read bytes (`load_encoded`) and decode them on a GPU (`decode`)
 
     def __init__(self, samples: Sequence[tuple[str | Path, int]], image_size: int, *,
-                 draft: float | None = None):
+                 draft: float | None = None, source_side: int | None = None):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if source_side is not None and (isinstance(source_side, bool) or not isinstance(source_side, int)
+                                        or source_side < image_size):
+            raise ValueError(f"source_side must be null or an integer >= image_size ({image_size}), got "
+                             f"{source_side!r}")
         self.paths = [str(p) for p, _ in samples]
         self.targets = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
         self.image_size = int(image_size)
         self.draft = check_draft(draft)
+        self.source_side = source_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _draft_to(self) -> int | None:
-        return math.ceil(self.image_size * self.draft) if self.draft else None
+        side = self.source_side or self.image_size
+        return math.ceil(side * self.draft) if self.draft else None
+
+    def _fit(self, x: Tensor) -> Tensor:
+        """A decoded image as this dataset gives it: the model's input, or the shrunk whole image (``source_side``)."""
+        return shrink_to(x, self.source_side) if self.source_side else resize_center_crop(x, self.image_size)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return resize_center_crop(load_image(self.paths[i], self._draft_to()), self.image_size), int(self.targets[i])
+        return self._fit(load_image(self.paths[i], self._draft_to())), int(self.targets[i])
 
     def load_encoded(self, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The files at ``indices`` as bytes: one flat ``uint8`` tensor and each file's length (one shared-memory
@@ -136,16 +164,16 @@ class ImageFiles:
                 decoded = [None] * len(jpeg)  # decoded one by one by PIL below
             for i, x in zip(jpeg, decoded):
                 if x is not None:
-                    out[i] = resize_center_crop(x.float().div_(255), self.image_size)
+                    out[i] = self._fit(x.float().div_(255))
         for i, x in enumerate(out):
             if x is None:
                 try:
                     with Image.open(io.BytesIO(blobs[i].numpy().tobytes())) as im:
-                        out[i] = resize_center_crop(pil_to_rgb(im), self.image_size).to(device)
+                        out[i] = self._fit(pil_to_rgb(im)).to(device)
                 except (OSError, ValueError) as e:
                     name = self.paths[int(indices[i])] if indices is not None else f"image {i} of the batch"
                     raise DatasetError(f"{name}: {_unreadable(e)}") from None
-        return torch.stack(out)
+        return stack_images(out)
 
 
 class TensorImages:
@@ -237,12 +265,12 @@ def list_image_folder(root: str | Path, classes: Sequence[str] | None = None
 
 
 def image_folder(root: str | Path, image_size: int, classes: Sequence[str] | None = None, *,
-                 draft: float | None = None) -> tuple[ImageFiles, list[str]]:
+                 draft: float | None = None, source_side: int | None = None) -> tuple[ImageFiles, list[str]]:
     """An `ImageFiles` over an ImageFolder tree (see `list_image_folder`) and its class-folder names."""
     samples, names = list_image_folder(root, classes)
     if not samples:
         raise DatasetError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return ImageFiles(samples, image_size, draft=draft), names
+    return ImageFiles(samples, image_size, draft=draft, source_side=source_side), names
 
 
 class IndexSubset(RemappedSubset):

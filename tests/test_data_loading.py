@@ -231,3 +231,25 @@ def test_a_file_that_is_not_a_readable_image_is_named(tmp_path, device_decode):
         with pytest.raises(DatasetError, match=f"c/{name}: {match}"):
             list(iter_batches(data, 4, device="cpu", loading=Loading(workers=0, device_decode=device_decode)))
         (tmp_path / "c" / name).unlink()
+
+
+def test_source_side_keeps_the_whole_image_for_test_time_views(tmp_path):
+    """The reference crops its random views from the photograph; an eval crop to 16x16 drops a wide image's sides.
+    With source_side the stream gives the whole image (shrunk only above that side), and the views reach its edges."""
+    from ctta.views import eval_view, tpt_views
+    (tmp_path / "c").mkdir()
+    wide = np.zeros((20, 60, 3), dtype=np.uint8)
+    wide[:, :10] = 255  # a white band at the left edge, outside the centre crop
+    Image.fromarray(wide).save(tmp_path / "c" / "a.png")
+    Image.fromarray(np.zeros((200, 100, 3), dtype=np.uint8)).save(tmp_path / "c" / "b.png")
+    cropped, _ = image_folder(tmp_path, 16)
+    whole, _ = image_folder(tmp_path, 16, source_side=40)
+    assert tuple(cropped[0][0].shape) == (3, 16, 16) and float(cropped[0][0].max()) < 0.05  # the band is gone
+    assert tuple(whole[0][0].shape) == (3, 20, 60) and tuple(whole[1][0].shape) == (3, 80, 40)  # kept / shrunk
+    views = tpt_views(whole[0][0][None], 16, 31, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(views[0, 0], eval_view(whole[0][0][None], 16)[0])  # view 0 is the eval view
+    assert float(views[0, 1:].amax(dim=(1, 2, 3)).max()) > 0.9  # some random view reaches the band
+    with pytest.raises(ValueError, match="samples.batch_size=1"):
+        list(iter_batches(whole, 2, loading=Loading(workers=0, device_decode=False)))
+    with pytest.raises(ValueError, match="source_side must be null or an integer >= image_size"):
+        image_folder(tmp_path, 16, source_side=8)

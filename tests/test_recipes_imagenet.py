@@ -179,3 +179,23 @@ def test_official_online_recipes_shuffle_and_filter_imagenet_a(method, tmp_path)
     assert r.shuffle and r.shuffle_seed == 1 and not r.get("sh_filter", False)
     data = instantiate(a).tasks[0].test
     assert sorted(Path(p).name for p in data.paths) == ["b.jpg", "c.jpg"]
+
+
+def test_imagenet_a_with_whole_images_runs_a_view_method_end_to_end(tmp_path):
+    """With source_side the stream gives whole photographs of several sizes, one a batch; TDA crops its views from
+    them and the zero-shot strategy gets the eval crop, both through the sample loop."""
+    from ctta.loop.samples import run_samples
+    from ctta.online_hooks import OnlineAccuracy
+    from ctta.strategies.tda import TDA
+    from ctta.strategies.zeroshot import ZeroShot
+    from tests.conftest import make_tiny_clip
+    root = _imagenet_a_tree(tmp_path / "imagenet-a", {0: ["a.jpg", "b.jpg"], 7: ["c.jpg"]})
+    for k, name in enumerate(["a.jpg", "b.jpg"]):  # other sizes than the tree's 6x6: 20x40 and 50x30
+        Image.new("RGB", ((40, 30)[k], (20, 50)[k]), (90 * k, 40, 0)).save(next(root.rglob(name)))
+    stream = IN.tta_stream(["imagenet_a"], roots={"imagenet_a": str(root)}, image_size=16, verify_level="none",
+                           source_side=24)
+    data = stream.tasks[0].test
+    assert {tuple(data[i][0].shape) for i in range(len(data))} == {(3, 20, 40), (3, 40, 24), (3, 6, 6)}
+    for strategy in (TDA(n_views=3, augmix=False), ZeroShot()):
+        results = run_samples(make_tiny_clip(), strategy, stream, [OnlineAccuracy()], batch_size=1)
+        assert results["online"]["per_domain"]["imagenet_a"]["n"] == 3

@@ -75,6 +75,7 @@ class DMN(Strategy):
     """DMN-ZS: dynamic memory of test features read by similarity (see the module docstring)."""
 
     learns = False
+    views_from_source = True  # its views are cropped from the image as given (`ctta.views`)
     holds_label_space = True  # the memory is keyed by class
 
     def __init__(self, *, memory_size: int = 50, beta: float = 5.5, mix_weight: float = 1.0, n_views: int = 31,

@@ -74,6 +74,7 @@ class DPE(Strategy):
     """Dual prototype evolving (see the module docstring)."""
 
     learns = False  # nothing is trained on labelled data; the per-sample step is part of adapt
+    views_from_source = True  # its views are cropped from the image as given (`ctta.views`)
     holds_label_space = True  # prototypes and residuals keyed by class
 
     def __init__(self, *, alpha: float = 6.0, beta: float = 5.0, lr_text: float = 6e-4, lr_image: float = 6e-4,

@@ -70,6 +70,7 @@ class TDA(Strategy):
     the caches' state; a subclass changes `_sample` (`BoostAdapter`)."""
 
     learns = False
+    views_from_source = True  # its views are cropped from the image as given (`ctta.views`)
     holds_label_space = True  # the caches are keyed by class
     neg_policy: Policy = "entropy"  # the negative cache's admission rule (BoostAdapter's is "fifo")
 

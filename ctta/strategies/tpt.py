@@ -41,13 +41,14 @@ from ctta.losses import atfd, marginal_entropy, select_confident
 from ctta.model import Clip
 from ctta.stream import LabelSpace
 from ctta.strategy import Strategy
-from ctta.views import tpt_views
+from ctta.views import eval_view, tpt_views
 
 
 class TPT(Strategy):
     """Test-time prompt tuning. ``ctpt_lambda > 0`` turns it into C-TPT (λ = 50 fine-grained, 20 natural shift)."""
 
     learns = False
+    views_from_source = True  # its views are cropped from the image as given (`ctta.views`)
     default_reset = "episodic"  # the paper's protocol: every test image starts from the initial prompt
     sample_episodes = True      # ... each image of a batch too
 
@@ -102,6 +103,7 @@ class TPT(Strategy):
     def predict(self, images: Tensor, space: LabelSpace) -> Tensor:
         m = self._model()
         head = self.class_features(space)
+        images = eval_view(images, m.image_size)  # the eval view of a whole image (views_from_source)
         with self.autocast():
             feats = torch.cat([m.encode_image(images[i:i + self.eval_batch_size])
                                for i in range(0, images.shape[0], self.eval_batch_size)])

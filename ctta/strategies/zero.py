@@ -73,6 +73,7 @@ class ZERO(Strategy):
     """Zero-temperature vote of the confident views (see the module docstring)."""
 
     learns = False
+    views_from_source = True  # its views are cropped from the image as given (`ctta.views`)
     sample_episodes = True        # each sample is its own episode (nothing is adapted)
     default_reset = "episodic"    # the official protocol; there is no state to carry anyway
 
