@@ -144,8 +144,10 @@ class OnlineAdapter:
         """Predict and adapt on a batch: a float tensor ``[B, 3, H, W]`` in [0, 1], a PIL image or a list of PIL
         images (preprocessed with `Clip.preprocess`). ``classes`` restricts the prediction to some of the
         adapter's class names (a strategy whose state is keyed by class, `Strategy.holds_label_space`, still adapts
-        over all of them, and the answer is read from those logits). ``position``: the stream position of the first image (seeds random draws after a
-        reset; default: the number of samples this adapter has adapted on)."""
+        over all of them, and the answer is read from those logits). A tensor of another size than the model's is
+        resized and centre-cropped as a PIL image is, unless the strategy crops its own views from it
+        (`Strategy.views_from_source`). ``position``: the stream position of the first image (seeds random draws
+        after a reset; default: the number of samples this adapter has adapted on)."""
         with self._lock:
             x = prepare_images(self.model, images, keep_size=self.strategy.views_from_source)
             space = class_subset(self.space, classes)

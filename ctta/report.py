@@ -126,8 +126,9 @@ def _follows_seed(key: str, runs: Sequence[RunRecord]) -> bool:
 
 def group_runs(records: Iterable[RunRecord]) -> list[tuple[str, dict[str, Any], list[RunRecord]]]:
     """``(label, overrides, runs)`` per group. Runs share a group when they have the same name, method, stream and
-    model weights (`RunRecord.weights`; runs of other weights are labelled ``weights=<hash prefix>``) and their configs differ only in ignored keys (`IGNORED_KEYS`, `IGNORED_PREFIXES`) and in keys that equal each
-    run's seed (the stream's and the controls' ``seed: ${seed}``). ``overrides``: the values that set the group apart from the
+    model weights (`RunRecord.weights`; runs of other weights are labelled ``weights=<hash prefix>``) and their
+    configs differ only in ignored keys (`IGNORED_KEYS`, `IGNORED_PREFIXES`) and in keys that equal each run's seed
+    (the stream's and the controls' ``seed: ${seed}``). ``overrides``: the values that set the group apart from the
     other runs of its name, method and stream. Zero-shot methods come first, then by name, stream, method."""
     buckets: dict[tuple[str, str, str, str], list[RunRecord]] = {}
     for r in records:  # runs of other model weights are other models: never pooled

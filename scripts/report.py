@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unreadable:
         print(f"left out, not a run's results.json ({len(unreadable)}): " + "; ".join(unreadable), file=sys.stderr)
     if not records:
-        raise SystemExit(f"error: no finished run to tabulate under {' '.join(a.sources)}"
-                         + (f" ({len(unfinished)} unfinished; --include-unfinished tabulates them)" if unfinished else ""))
+        more = f" ({len(unfinished)} unfinished; --include-unfinished tabulates them)" if unfinished else ""
+        raise SystemExit(f"error: no finished run to tabulate under {' '.join(a.sources)}{more}")
     groups = group_runs(records)
     repeats = repeated_seeds(groups)
     if repeats:

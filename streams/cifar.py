@@ -3,8 +3,8 @@
 Reads the python pickles ``<root>/cifar-100-python/{train,test,meta}`` (dict keys ``b'data'`` uint8 ``[N, 3072]``
 channel-major, ``b'fine_labels'``; meta ``b'fine_label_names'``). Class names are CIFAR's raw names with underscores
 kept ("aquarium_fish"), as Continual-CLIP and RAPF use them. The protocol splits the 100 classes in a fixed order —
-the seed-1993 order (87, 0, 52, 58, ...; RAPF's too since its commit afbea62) by default, or the order of RAPF's first commit (``order="rapf"``) — into B0-IncN or
-Bx-IncN tasks, evaluated over all seen classes (continuum's sample-weighted accuracy).
+the seed-1993 order (87, 0, 52, 58, ...; RAPF's too since its commit afbea62) by default, or the order of RAPF's
+first commit (``order="rapf"``) — into B0-IncN or Bx-IncN tasks, evaluated over all seen classes (continuum's sample-weighted accuracy).
 
 Images are 32x32; ``image_size`` resizes them (bicubic) for the model — 224 for ViT-B/16, 32 for the micro-CLIP.
 """
