@@ -73,9 +73,11 @@ def decode_image(data: bytes, options: ServeOptions, what: str = "image", *, sid
             image.load()  # decode now: a truncated or damaged file fails here, not inside the model's batch
     except ServeError:
         raise
-    except Image.DecompressionBombError:  # PIL's own check (serve sets its ceiling from max_pixels) fired first
-        raise ServeError(413, "too_many_pixels", f"{what} declares far more pixels than {options.max_pixels} "
-                         f"(serve.max_pixels)") from None
+    except Image.DecompressionBombError:  # PIL's own ceiling (a process-wide setting we leave alone) fired first
+        limit = min(options.max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0) or options.max_pixels)
+        raise ServeError(413, "too_many_pixels", f"{what} declares more than {limit} pixels: over serve.max_pixels "
+                         f"({options.max_pixels}) or PIL's decompression-bomb ceiling "
+                         f"({2 * (Image.MAX_IMAGE_PIXELS or 0)}), which also binds a larger max_pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ServeError(400, "decode_error", f"{what} cannot be decoded as {fmt}: {e}") from None
     return image

@@ -62,10 +62,6 @@ class Service:
             raise ValueError(f"{type(adapter.strategy).__name__} needs {adapter.strategy.min_batch} images per model "
                              f"call, but serve.max_batch is {self.options.max_batch}: concurrent requests could "
                              f"never be gathered into a call it adapts on")
-        from PIL import Image
-        # PIL's own decompression-bomb ceiling (a process-wide setting) follows the server's limit, so that PIL
-        # never refuses what max_pixels allows, and what it refuses first is reported against max_pixels
-        Image.MAX_IMAGE_PIXELS = self.options.max_pixels
         self.space = adapter.space
         self.metrics = Metrics(self.options.window)
         self.state_path = Path(self.options.state_path).expanduser() if self.options.state_path else None
