@@ -28,6 +28,29 @@ class _Solo:
         return state
 
 
+_CONFIG_FLAGS = ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+
+
+def command_line(overrides: list[str], argv: list[str] | None = None, env: dict[str, str] | None = None) -> str:
+    """The command that repeats (and so resumes) this run, pasteable in a shell: the script, Hydra's config-location
+    flags from ``argv`` (a user's own ``-cd my_configs``), the overrides quoted, and ``PYTHONPATH`` when it is set
+    (a user's own strategy package)."""
+    import os
+    import shlex
+    import sys
+    argv = sys.argv if argv is None else argv
+    env = os.environ if env is None else env
+    flags: list[str] = []
+    for i, a in enumerate(argv[1:], 1):
+        if a in _CONFIG_FLAGS and i + 1 < len(argv):
+            flags += [a, argv[i + 1]]
+        elif a.startswith(tuple(f + "=" for f in _CONFIG_FLAGS if f.startswith("--"))):
+            flags.append(a)
+    parts = ["python", "scripts/run.py", *flags, *overrides]
+    prefix = f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} " if env.get("PYTHONPATH") else ""
+    return prefix + " ".join(shlex.quote(x) for x in parts)
+
+
 class RunFolder:
     """``out_dir`` as this attempt found it: what it may write there, and what to remove if set-up fails."""
 
@@ -75,7 +98,7 @@ class RunFolder:
         self.handler = logging.FileHandler(logfile, mode="a", encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(self.handler)
-        log.info("run %s: python scripts/run.py %s", self.path, " ".join(HydraConfig.get().overrides.task))
+        log.info("run %s: %s", self.path, command_line(HydraConfig.get().overrides.task))
 
     def log_summary(self, text: str) -> None:
         if self.handler is not None:

@@ -407,3 +407,17 @@ def test_plot_numbers_tasks_from_one_on_every_axis():
     assert visible(heat, "x") == ["1", "2", "3"] and visible(heat, "y") == ["1", "2", "3"]
     assert visible(steps, "x") == ["1", "2", "3"]
     plt.close(fig)
+
+
+def test_the_logged_command_repeats_the_run_with_its_config_dir_and_pythonpath():
+    """run.log's command dropped -cd and PYTHONPATH, so pasting it to resume a custom strategy's run failed."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from runfolder import command_line
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    argv = ["scripts/run.py", "-cd", "my configs", "strategy=norm_tuning", "out_dir=x"]
+    line = command_line(["strategy=norm_tuning", "templates=[a photo of a {}.]"], argv, {"PYTHONPATH": "ex"})
+    assert line == ("PYTHONPATH=ex python scripts/run.py -cd 'my configs' strategy=norm_tuning "
+                    "'templates=[a photo of a {}.]'")
+    assert command_line(["seed=1"], ["run.py", "--config-dir=c"], {}) == "python scripts/run.py --config-dir=c seed=1"
