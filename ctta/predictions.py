@@ -2,8 +2,6 @@
 checks and preprocessing, class subsets, and the `Prediction` returned."""
 from __future__ import annotations
 
-from collections import Counter
-
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -13,7 +11,7 @@ from torch import Tensor, nn
 from ctta.data import check_images
 from ctta.model import Clip
 from ctta.state import short
-from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
+from ctta.stream import DEFAULT_TEMPLATES, LabelSpace, repeated
 from ctta.views import eval_view
 
 
@@ -91,9 +89,9 @@ def class_subset(space: LabelSpace, classes: Sequence[str] | None) -> LabelSpace
     classes = list(classes)  # a generator is read once
     if not classes:
         raise ValueError("classes is empty: name at least one class, or pass None for all of them")
-    repeated = sorted((c for c, n in Counter(classes).items() if n > 1), key=str)
-    if repeated:
-        raise ValueError(f"classes names {repeated[:5]!r} more than once")
+    twice = repeated(classes)
+    if twice:
+        raise ValueError(f"classes names {twice[:5]!r} more than once")
     unknown = [c for c in classes if c not in space.classnames]
     if unknown:
         raise ValueError(f"unknown classes {unknown[:5]!r}: this adapter's label space is "

@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
@@ -28,6 +28,12 @@ from ctta.data import Dataset, RemappedSubset, dataset_targets
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 Scope = Literal["own", "seen", "all"]
 
+
+
+def repeated(items: Sequence[Any]) -> list[Any]:
+    """The items that occur more than once in ``items``, sorted (by their text): the one duplicate check of class
+    names, class subsets and class-folder lists."""
+    return sorted((x for x, k in Counter(items).items() if k > 1), key=str)
 
 class LabelSpace:
     """Ordered class names with their prompt templates (``"{}"`` is replaced by the class name).
@@ -49,7 +55,7 @@ class LabelSpace:
         bad = [n for n in names if not isinstance(n, str) or not n.strip()]
         if bad:
             raise ValueError(f"label space {name!r}: class names must be non-empty strings, got {bad[:5]!r}")
-        dups = sorted(n for n, k in Counter(names).items() if k > 1)
+        dups = repeated(names)
         if dups:
             raise ValueError(f"label space {name!r} has duplicate class names: {dups[:10]!r}")
         self.classnames = names

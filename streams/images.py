@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ctta.data import RemappedSubset, check_images, is_pil_image, pil_to_rgb
 from ctta.loading import stack_images
+from ctta.stream import repeated
 from streams.manifest import IMAGE_EXTENSIONS, DatasetError, image_files
 
 DRAFT_GAP = 2.0  # the usual ``draft``: reduced-size JPEG decoding keeps the shorter side >= 2x the target
@@ -254,9 +255,9 @@ def list_image_folder(root: str | Path, classes: Sequence[str] | None = None
         if not classes:
             raise DatasetError(f"{root} has no class folders")
     classes = list(classes)
-    repeated = sorted({c for c in classes if classes.count(c) > 1})
-    if repeated:
-        raise DatasetError(f"{root}: class folders listed more than once: {repeated[:5]}")
+    twice = repeated(classes)
+    if twice:
+        raise DatasetError(f"{root}: class folders listed more than once: {twice[:5]}")
     missing = [c for c in classes if not (root / c).is_dir()]
     if missing:
         raise DatasetError(f"{root}: missing class folders {missing[:5]}{'...' if len(missing) > 5 else ''}")
