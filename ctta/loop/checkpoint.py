@@ -23,7 +23,7 @@ from ctta.distributed import to_device
 from ctta.files import probe_writable
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.loop.parallel import Parallel
-from ctta.state import differences
+from ctta.state import differences, strategy_config
 
 FORMAT = 3  # 3: the fingerprint names each task's classes and labels, and the model
 
@@ -90,6 +90,15 @@ def model_identity(model: Any) -> dict[str, Any]:
     src = model.provenance() if hasattr(model, "provenance") else {}
     return {"arch": src.get("arch"), "quick_gelu": src.get("quick_gelu"),
             "weights": src.get("checkpoint_sha256") or src.get("pretrained")}
+
+
+def run_identity(stream: Any, strategy: Any, seed: int, model: Any = None, **extra: Any) -> dict[str, Any]:
+    """A run's identity in its checkpoint, for both loops (``extra``: the sample loop's batch size and reset
+    policy). ``model`` is left out by scripts/run.py's check of the folder, made before any model is built; the
+    loop's own read then compares the whole identity."""
+    fp = {"stream": stream.name, "tasks": stream_identity(stream), "strategy": type(strategy).__qualname__,
+          "config": strategy_config(strategy), "seed": seed, **extra}
+    return fp if model is None else {**fp, "model": model_identity(model)}
 
 
 class Checkpoint:

@@ -30,13 +30,12 @@ from tqdm.auto import tqdm
 from ctta import distributed
 from ctta.data import iter_batches
 from ctta.loading import in_memory, loading_defaults
-from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, model_identity,
-                                  rng_state, seed_everything, set_rng_state, stream_identity)
+from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, rng_state,
+                                  run_identity, seed_everything, set_rng_state)
 from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
 from ctta.online import OnlineAdapter, ResetPolicy, resolve_policy
-from ctta.state import strategy_config
 from ctta.strategy import Strategy
 from ctta.stream import TaskStream
 
@@ -46,10 +45,9 @@ log = logging.getLogger("ctta")
 
 def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, batch_size: int, reset: Any,
                 model: Clip | None = None) -> dict:
-    """The run's identity in its checkpoint (``model``: left out by scripts/run.py's check before it builds one)."""
-    fp = {"stream": stream.name, "tasks": stream_identity(stream), "strategy": type(strategy).__qualname__,
-          "config": strategy_config(strategy), "seed": seed, "batch_size": batch_size, "reset": str(reset)}
-    return fp if model is None else {**fp, "model": model_identity(model)}
+    """The run's identity in its checkpoint (`ctta.loop.checkpoint.run_identity`), with the batch size and the reset
+    policy."""
+    return run_identity(stream, strategy, seed, model, batch_size=batch_size, reset=str(reset))
 
 
 def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,

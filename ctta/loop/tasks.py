@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 
 from ctta import distributed
 from ctta.data import iter_batches
-from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, model_identity,
-                                  seed_everything, stream_identity)
+from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, run_identity,
+                                  seed_everything)
 from ctta.loop.context import RunContext, call, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
 from ctta.optim import steps_per_task
-from ctta.state import check_finite_weights, check_same_structure, strategy_config
+from ctta.state import check_finite_weights, check_same_structure
 from ctta.strategy import Strategy
 from ctta.stream import Task, TaskStream
 
@@ -33,10 +33,8 @@ log = logging.getLogger("ctta")
 
 
 def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, model: Clip | None = None) -> dict:
-    """The run's identity in its checkpoint (``model``: left out by scripts/run.py's check before it builds one)."""
-    fp = {"stream": stream.name, "tasks": stream_identity(stream), "strategy": type(strategy).__qualname__,
-          "config": strategy_config(strategy), "seed": seed}
-    return fp if model is None else {**fp, "model": model_identity(model)}
+    """The run's identity in its checkpoint (`ctta.loop.checkpoint.run_identity`)."""
+    return run_identity(stream, strategy, seed, model)
 
 
 def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
