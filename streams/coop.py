@@ -83,14 +83,16 @@ def read_aircraft(dataset_dir: str | Path) -> tuple[Samples, list[str]]:
     return out, names
 
 
-def coop_dataset(name: str, data_root: str | Path, image_size: int, *, draft: float | None = None
-                 ) -> tuple[list[str], dict[str, ImageFiles]]:
+def coop_dataset(name: str, data_root: str | Path, image_size: int, *, draft: float | None = None,
+                 whole_train: bool = False) -> tuple[list[str], dict[str, ImageFiles]]:
     """``(class names, {"train", "val", "test": ImageFiles})`` of one CoOp-format dataset. ``draft``: reduced-size
-    JPEG decoding of every split (`streams.images`; None: full size)."""
+    JPEG decoding (`streams.images`; None: full size). ``whole_train``: training images whole, as decoded (to be
+    cropped by `streams.images.TrainCrops`)."""
     check_draft(draft)  # before any split file is read
     if name not in COOP:
         raise ValueError(f"{name!r} has no CoOp split; CoOp datasets: {sorted(COOP)}")
     ddir, idir, split = COOP[name]
     root = Path(data_root) / ddir
     samples, names = read_aircraft(root) if split is None else read_split_json(root / split, root / idir)
-    return names, {s: ImageFiles(v, image_size, draft=draft) for s, v in samples.items()}
+    return names, {s: ImageFiles(v, image_size, draft=draft, whole=whole_train and s == "train")
+                   for s, v in samples.items()}

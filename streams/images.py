@@ -28,6 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ctta.data import RemappedSubset, check_images, is_pil_image, pil_to_rgb
 from ctta.loading import stack_images
+from ctta.views import crop_params
 from ctta.stream import repeated
 from streams.manifest import IMAGE_EXTENSIONS, DatasetError, image_files
 
@@ -96,15 +97,20 @@ class ImageFiles:
     input. An int gives the **whole** image instead, aspect kept, shrunk only when its shorter side is longer than
     ``source_side``: the source the test-time methods' random views are cropped from, as the reference augmenter
     crops them from the photograph (`ctta.views`; view 0, the eval view, is still resize + centre crop). Images then
-    differ in size, so a batch holds one (the sample loop's default ``samples.batch_size=1``)."""
+    differ in size, so a batch holds one (the sample loop's default ``samples.batch_size=1``).
+
+    ``whole``: each image as decoded, for `TrainCrops` to crop (with ``draft``, a JPEG is still decoded at reduced
+    size as long as its shorter side stays ``draft`` times ``image_size``, the size the crop is resized to)."""
 
     in_memory = False
     decodes_on_device = True  # `ctta.loading` may read bytes (`load_encoded`) and decode them on a GPU (`decode`)
 
     def __init__(self, samples: Sequence[tuple[str | Path, int]], image_size: int, *,
-                 draft: float | None = None, source_side: int | None = None):
+                 draft: float | None = None, source_side: int | None = None, whole: bool = False):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if whole and source_side is not None:
+            raise ValueError("whole images are not shrunk: give whole=True or a source_side, not both")
         if source_side is not None and (isinstance(source_side, bool) or not isinstance(source_side, int)
                                         or source_side < image_size):
             raise ValueError(f"source_side must be null or an integer >= image_size ({image_size}), got "
@@ -114,6 +120,7 @@ class ImageFiles:
         self.image_size = int(image_size)
         self.draft = check_draft(draft)
         self.source_side = source_side
+        self.whole = bool(whole)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -123,7 +130,10 @@ class ImageFiles:
         return math.ceil(side * self.draft) if self.draft else None
 
     def _fit(self, x: Tensor) -> Tensor:
-        """A decoded image as this dataset gives it: the model's input, or the shrunk whole image (``source_side``)."""
+        """A decoded image as this dataset gives it: the model's input, the shrunk whole image (``source_side``), or
+        the image as decoded (``whole``)."""
+        if self.whole:
+            return x
         return shrink_to(x, self.source_side) if self.source_side else resize_center_crop(x, self.image_size)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
@@ -281,3 +291,66 @@ class IndexSubset(RemappedSubset):
     def __init__(self, base: Any, indices: Sequence[int]):
         keep = torch.as_tensor(list(indices), dtype=torch.long)
         super().__init__(base, keep, torch.as_tensor(base.targets, dtype=torch.long)[keep])
+
+
+class TrainCrops:
+    """Training images as CLIP's train transform makes them (ZSCL ``clip/clip.py::_transform(is_train=True)``,
+    open_clip ``image_transform(is_train=True)``, which CoDyRA trains with): ``RandomResizedCrop(size, scale=(0.9,
+    1.0), ratio=(3/4, 4/3))`` of the **whole** image, bicubic — so most of the image, squeezed to a square, where the
+    eval view is a centre crop of it.
+
+    ``base`` must give whole images (`ImageFiles` with ``whole=True``, `TensorImages` or `WrappedImages` with
+    ``image_size=None``; an `IndexSubset` of one). The crop box follows torchvision's sampling rule
+    (`ctta.views.crop_params`); the resize is antialiased bicubic on the tensor (PIL's bicubic in the references:
+    values differ slightly).
+
+    The crops are a function of the item and the pass, never of a global RNG: item ``i`` in a pass begun with
+    `begin_pass` ``(seed)`` is drawn from a generator seeded by both, so the crops do not depend on the number of
+    loader workers, and a resumed run draws the ones it would have drawn. The task loop calls ``begin_pass`` before
+    each pass over a task's training set with a number derived from the run seed, the task and the pass; without a
+    call, pass 0 is used."""
+
+    in_memory = False  # cropped per item (worker processes, when the loader starts some)
+    decodes_on_device = False
+
+    def __init__(self, base: Any, size: int, scale: Sequence[float] = (0.9, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        scale, ratio = check_range(scale, "scale", upper=1.0), check_range(ratio, "ratio")
+        self.base, self.size, self.scale, self.ratio = base, size, scale, ratio
+        self.targets = torch.as_tensor(base.targets, dtype=torch.long)
+        self.pass_seed = 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def begin_pass(self, seed: int) -> None:
+        """Draw this pass's crops from ``seed`` (the task loop's call; see the class docstring)."""
+        self.pass_seed = int(seed)
+
+    def crop(self, image: Tensor, i: int) -> Tensor:
+        """Item ``i``'s crop of ``image`` (``[3, H, W]`` in [0, 1]) in the current pass: ``[3, size, size]``."""
+        g = torch.Generator().manual_seed((self.pass_seed * 1_000_003 + int(i)) % 2 ** 63)
+        top, left, h, w = (int(v) for v in crop_params(1, *image.shape[-2:], g, self.scale, self.ratio)[0])
+        x = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
+                            interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return x.clamp_(0, 1)  # bicubic overshoots slightly
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, label = self.base[i]
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"item {i}: expected a whole image [3, H, W] to crop, got shape {tuple(image.shape)}")
+        return self.crop(image, i), int(label)
+
+
+def check_range(value: Sequence[float], what: str, upper: float | None = None) -> tuple[float, float]:
+    """``(low, high)`` as floats, refused in words unless ``0 < low <= high`` (``<= upper`` when given)."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be two numbers (low, high), got {value!r}") from None
+    if not (0 < lo <= hi) or (upper is not None and hi > upper) or not math.isfinite(hi):
+        bound = f" <= {upper}" if upper is not None else ""
+        raise ValueError(f"{what} must satisfy 0 < low <= high{bound}, got {value!r}")
+    return lo, hi

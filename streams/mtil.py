@@ -13,6 +13,9 @@ MTIL is task-incremental at test time (scope ``"own"``); X-TAIL classifies over 
 with a seeded generator — the protocol's sample count, not the reference code's exact RNG draw (documented
 deviation).
 
+Training images are random resized crops of the whole image, scale (0.9, 1.0), as CLIP's train transform in ZSCL
+and in open_clip (CoDyRA) makes them (`streams.images.TrainCrops`; ``train_crop=None``: the eval view instead).
+
 ``draft`` (off by default; `streams.images`) decodes JPEG files at reduced size. The torchvision readers decode
 inside torchvision, where no reduced-size decode can be asked for, so with ``draft`` a dataset whose class keeps its
 file list (`file_list`: every MTIL dataset but MNIST and CIFAR-100, which are arrays in memory) is read by
@@ -29,10 +32,12 @@ import torch
 
 from ctta.stream import LabelSpace, Task, TaskStream
 from streams.cifar import cifar100_classnames, read_cifar100
-from streams.images import ImageFiles, IndexSubset, TensorImages, WrappedImages, check_draft
+from streams.images import (ImageFiles, IndexSubset, TensorImages, TrainCrops, WrappedImages, check_draft,
+                            check_range)
 from streams.manifest import DatasetError, load_meta
 
 SPLIT_SEED = 42  # ZSCL ClassificationDataset.split_dataset
+TRAIN_CROP = (0.9, 1.0)  # CLIP's train transform in ZSCL and open_clip (CoDyRA): RandomResizedCrop scale
 
 
 def fixed_split(n: int, ratio: float = 0.8, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
@@ -81,15 +86,16 @@ def file_list(ds: Any) -> list[str] | None:
     return None
 
 
-def _wrap(ds: Any, image_size: int, draft: float | None) -> Any:
-    """A torchvision dataset in the engine's convention; with ``draft``, its files through `ImageFiles`."""
+def _wrap(ds: Any, image_size: int, draft: float | None, whole: bool = False) -> Any:
+    """A torchvision dataset in the engine's convention; with ``draft``, its files through `ImageFiles`.
+    ``whole``: images as decoded, not resized (for `TrainCrops`)."""
     targets = targets_of(ds)
     files = file_list(ds) if draft is not None else None
     if files is None:
-        return WrappedImages(ds, targets, image_size)
+        return WrappedImages(ds, targets, None if whole else image_size)
     if len(files) != len(targets):
         raise DatasetError(f"{type(ds).__name__}: {len(files)} files but {len(targets)} labels")
-    return ImageFiles(list(zip(files, targets.tolist())), image_size, draft=draft)
+    return ImageFiles(list(zip(files, targets.tolist())), image_size, draft=draft, whole=whole)
 
 
 def _tv(cls_name: str, root: Path, **kw) -> Any:
@@ -108,11 +114,13 @@ def _tv(cls_name: str, root: Path, **kw) -> Any:
                            ) from None
 
 
-def _load(name: str, root: Path, image_size: int, draft: float | None = None) -> tuple[list[str], Any, Any]:
-    """``(torchvision-derived class names, train, test)`` of one MTIL dataset."""
+def _load(name: str, root: Path, image_size: int, draft: float | None = None, whole_train: bool = False
+          ) -> tuple[list[str], Any, Any]:
+    """``(torchvision-derived class names, train, test)`` of one MTIL dataset; ``whole_train``: training images
+    whole, as decoded (to be cropped by `TrainCrops`)."""
     if name == "cifar100":
         names = cifar100_classnames(root)
-        return names, TensorImages(*read_cifar100(root, "train"), image_size), TensorImages(
+        return names, TensorImages(*read_cifar100(root, "train"), None if whole_train else image_size), TensorImages(
             *read_cifar100(root, "test"), image_size)
     spec = load_meta("mtil")["datasets"][name]
     cls = spec["torchvision"]
@@ -121,7 +129,8 @@ def _load(name: str, root: Path, image_size: int, draft: float | None = None) ->
         wrapped = _wrap(full, image_size, draft)
         tr, te = fixed_split(len(wrapped))
         names = getattr(full, "classes", None) or getattr(full, "categories", None)
-        return list(names), IndexSubset(wrapped, tr), IndexSubset(wrapped, te)
+        train = IndexSubset(_wrap(full, image_size, draft, whole=True) if whole_train else wrapped, tr)
+        return list(names), train, IndexSubset(wrapped, te)
     if cls == "MNIST":
         kw = ({"train": True}, {"train": False})
     elif cls == "OxfordIIITPet":
@@ -129,7 +138,7 @@ def _load(name: str, root: Path, image_size: int, draft: float | None = None) ->
     else:
         kw = ({"split": "train"}, {"split": "test"})
     tr, te = _tv(cls, root, **kw[0]), _tv(cls, root, **kw[1])
-    return list(tr.classes), _wrap(tr, image_size, draft), _wrap(te, image_size, draft)
+    return list(tr.classes), _wrap(tr, image_size, draft, whole_train), _wrap(te, image_size, draft)
 
 
 def mtil_space(name: str, torchvision_names: Sequence[str]) -> LabelSpace:
@@ -177,59 +186,77 @@ def _order(order: str | Sequence[str], table: dict[str, list[str]]) -> list[str]
 
 
 def _tasks(datasets: Sequence[str], data_root: str | Path, image_size: int, shots: int | None, seed: int,
-           first_template: bool, draft: float | None = None) -> list[Task]:
+           first_template: bool, draft: float | None = None, train_crop: Sequence[float] | None = None
+           ) -> list[Task]:
     tasks = []
     for k, name in enumerate(datasets):
-        tv_names, train, test = _load(name, Path(data_root), image_size, draft)
+        tv_names, train, test = _load(name, Path(data_root), image_size, draft, whole_train=train_crop is not None)
         space = mtil_space(name, tv_names)
         if first_template:
             space = space.with_templates(space.class_templates[0][:1])
         if shots is not None:
             train = IndexSubset(train, few_shot(torch.as_tensor(train.targets), shots, seed + k))
-        tasks.append(Task(name=name, space=space, train=train, test=test))
+        tasks.append(Task(name=name, space=space, train=_cropped(train, image_size, train_crop), test=test))
     return tasks
 
 
+def _cropped(train: Any, image_size: int, train_crop: Sequence[float] | None) -> Any:
+    """The training set as the references train on it: random resized crops of the whole image (`TrainCrops`),
+    or the eval view when ``train_crop`` is None."""
+    return train if train_crop is None else TrainCrops(train, image_size, scale=train_crop)
+
+
+def check_train_crop(train_crop: Sequence[float] | None) -> tuple[float, float] | None:
+    """None or the crop scale range, checked before any dataset is opened."""
+    return None if train_crop is None else check_range(train_crop, "train_crop", upper=1.0)
+
+
 def mtil_stream(data_root: str | Path = "data", *, order: str | Sequence[str] = "I", shots: int | None = None,
-                image_size: int = 224, seed: int = 0, draft: float | None = None, name: str | None = None
-                ) -> TaskStream:
+                image_size: int = 224, seed: int = 0, draft: float | None = None, name: str | None = None,
+                train_crop: Sequence[float] | None = TRAIN_CROP) -> TaskStream:
     """MTIL: 11 datasets (Order ``"I"``, ``"II"`` or a list), each evaluated in its own label space. ``shots=5``
-    gives the few-shot MTIL of MoE-Adapters / DIKI / CoDyRA. ``draft``: see the module docstring."""
+    gives the few-shot MTIL of MoE-Adapters / DIKI / CoDyRA. ``draft``: see the module docstring. ``train_crop``:
+    the scale range of the training images' random resized crops (ZSCL's (0.9, 1.0); `TrainCrops`), None for the
+    eval view."""
     check_draft(draft)  # before any dataset is opened
+    train_crop = check_train_crop(train_crop)
     ds = _order(order, load_meta("mtil")["orders"])
-    tasks = _tasks(ds, data_root, image_size, shots, seed, first_template=False, draft=draft)
+    tasks = _tasks(ds, data_root, image_size, shots, seed, first_template=False, draft=draft, train_crop=train_crop)
     return TaskStream(tasks, scope="own", name=name or f"mtil-{order if isinstance(order, str) else 'custom'}"
                       + (f"-{shots}shot" if shots else ""))
 
 
 def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, image_size: int = 224, seed: int = 0,
                  first_template: bool = True, splits: str = "coop", order: str | Sequence[str] = "xtail",
-                 draft: float | None = None, name: str = "xtail") -> TaskStream:
+                 draft: float | None = None, name: str = "xtail", train_crop: Sequence[float] | None = TRAIN_CROP
+                 ) -> TaskStream:
     """X-TAIL: the 10 domains (MTIL minus CIFAR-100), ``shots``-shot training, every test image classified over the
     union of all domains' classes (scope ``"all"``), with each dataset's first template (CoDyRA).
 
     ``splits="coop"`` (the reference): CoOp split files and their class names ("_" → " ", as CoOp's prompt learner),
     MNIST from torchvision (CoOp has none); ``"torchvision"``: the MTIL readers and ZSCL's names. ``draft``:
-    reduced-size JPEG decoding (see the module docstring).
+    reduced-size JPEG decoding (see the module docstring). ``train_crop``: as in `mtil_stream` (CoDyRA trains with
+    open_clip's train transform, the same crop).
     """
     check_draft(draft)
+    train_crop = check_train_crop(train_crop)
     ds = _order(order, {"xtail": load_meta("mtil")["xtail_order"]})
     if splits == "torchvision":
-        return TaskStream(distinct_names(_tasks(ds, data_root, image_size, shots, seed, first_template, draft)),
-                          scope="all", name=name)
+        return TaskStream(distinct_names(_tasks(ds, data_root, image_size, shots, seed, first_template, draft,
+                                                train_crop)), scope="all", name=name)
     if splits != "coop":
         raise ValueError(f"splits must be 'coop' or 'torchvision', got {splits!r}")
     from streams.coop import COOP, coop_dataset
     tasks = []
     for k, d in enumerate(ds):
         if d not in COOP:  # MNIST
-            tasks += _tasks([d], data_root, image_size, shots, seed + k, first_template, draft)
+            tasks += _tasks([d], data_root, image_size, shots, seed + k, first_template, draft, train_crop)
             continue
-        names, parts = coop_dataset(d, data_root, image_size, draft=draft)
+        names, parts = coop_dataset(d, data_root, image_size, draft=draft, whole_train=train_crop is not None)
         templates = load_meta("mtil")["datasets"][d]["templates"]
         space = LabelSpace([n.replace("_", " ") for n in names], templates[:1] if first_template else templates,
                            name=d)
         train = parts["train"] if shots is None else IndexSubset(parts["train"], few_shot(
             parts["train"].targets, shots, seed + k))
-        tasks.append(Task(name=d, space=space, train=train, test=parts["test"]))
+        tasks.append(Task(name=d, space=space, train=_cropped(train, image_size, train_crop), test=parts["test"]))
     return TaskStream(distinct_names(tasks), scope="all", name=name)

@@ -134,7 +134,7 @@ def test_mtil_torchvision_readers_read_files_with_draft(tmp_path):
         p = tmp_path / "caltech101" / "101_ObjectCategories" / name / "image_0001.jpg"
         _jpeg(p, 48, 40, 1000 + c)
         big.add(str(p))
-    kw = dict(order=["eurosat", "caltech101"], image_size=SIZE)
+    kw = dict(order=["eurosat", "caltech101"], image_size=SIZE, train_crop=None)  # the eval view, item by item
     plain = mtil.mtil_stream(tmp_path, **kw)
     drafted = mtil.mtil_stream(tmp_path, draft=2, **kw)
     for tp, td in zip(plain.tasks, drafted.tasks):
@@ -168,7 +168,10 @@ def test_xtail_coop_splits_pass_draft(tmp_path):
             big |= {str(d / "2750" / rel)} if k % 2 else set()
     plain = mtil.xtail_stream(tmp_path, order=["eurosat"], shots=None, image_size=SIZE)
     drafted = mtil.xtail_stream(tmp_path, order=["eurosat"], shots=None, image_size=SIZE, draft=2)
-    assert plain.tasks[0].test.draft is None and drafted.tasks[0].test.draft == drafted.tasks[0].train.draft == 2.0
+    assert plain.tasks[0].test.draft is None and drafted.tasks[0].test.draft == drafted.tasks[0].train.base.draft == 2.0
+    # the training crops' whole images are decoded at reduced size too, by the same rule (>= 2x image_size)
+    whole = drafted.tasks[0].train.base
+    assert whole.whole and whole._draft_to() == 2 * SIZE
     _check_pixels(plain.tasks[0].test, drafted.tasks[0].test, big)
 
 

@@ -121,6 +121,8 @@ def _record_time(results: dict, train_s: float, evaluate_s: float) -> None:
 
 def _train(ctx: RunContext, hooks, par: Parallel, task: Task, space, offset: int, progress: bool | None) -> None:
     """Feed the task's training data: ``strategy.iterations`` steps if set (cycling), else ``epochs`` passes.
+    A training set with ``begin_pass(seed)`` (random crops, `streams.images.TrainCrops`) is told each pass's seed,
+    drawn from the same generator as the order, so its crops follow the run seed, the task and the pass.
 
     Every rank draws the same global batches (same generator) and loads only its shard of each, ahead of the step
     (`ctta.data.iter_batches`: worker processes for files, prefetch)."""
@@ -132,6 +134,9 @@ def _train(ctx: RunContext, hooks, par: Parallel, task: Task, space, offset: int
     done = 0
     while done < total:
         order = torch.randperm(n, generator=gen)
+        begin_pass = getattr(task.train, "begin_pass", None)  # random training crops: this pass's draw
+        if begin_pass is not None:
+            begin_pass(int(torch.randint(2 ** 62, (1,), generator=gen)))
         mine, weights = par.shard_batches([order[i:i + s.batch_size] for i in range(0, n, s.batch_size)])
         batches = iter_batches(task.train, s.batch_size, batches=mine, device=ctx.model.device)
         for (images, labels, _), weight in zip(batches, weights):
