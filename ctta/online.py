@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.model import Clip
-from ctta.predictions import Prediction, as_clip, as_space, class_subset, make_prediction, prepare_images
+from ctta.predictions import (SOURCE_SIDE, Prediction, as_clip, as_space, class_subset, make_prediction,
+                              prepare_images, prepare_sources)
 from ctta.state import (check_finite_weights, check_same_structure, clone_tree, differences, short,
                         strategy_config)
 from ctta.strategy import Strategy
@@ -102,10 +103,14 @@ class OnlineAdapter:
     after every adapting call with ``entropy`` and ``confidence`` (batch means), ``entropy_normalized``
     (entropy / log C), ``samples``, ``samples_since_reset``, ``skipped_steps``; returning True resets, so the next
     call starts from the anchor. ``seed``: seeds the strategy's random draws after every reset (`episode_seed`).
+    ``source_side``: for a strategy that crops its own views (`Strategy.views_from_source`: TPT, TDA, DPE, ...),
+    images are kept whole, shrunk only above this shorter side (`prepare_sources`), as the reference augmenter
+    crops from the photograph; a call whose images differ in size runs as several strategy calls, in order.
     """
 
     def __init__(self, model: Clip, strategy: Strategy, space: LabelSpace | Sequence[str], *,
-                 reset: ResetPolicy | None = None, drift: Callable[[dict], bool] | None = None, seed: int = 0):
+                 reset: ResetPolicy | None = None, drift: Callable[[dict], bool] | None = None, seed: int = 0,
+                 source_side: int = SOURCE_SIDE):
         if not isinstance(strategy, Strategy):
             raise TypeError(f"strategy must be a ctta.Strategy, got {type(strategy).__name__}")
         if drift is not None and not callable(drift):
@@ -114,6 +119,10 @@ class OnlineAdapter:
         self.model = as_clip(model)
         self.strategy = strategy
         self.space = as_space(space)
+        if isinstance(source_side, bool) or not isinstance(source_side, int) or source_side < self.model.image_size:
+            raise ValueError(f"source_side must be an integer >= the model's image size ({self.model.image_size}), "
+                             f"got {source_side!r}")
+        self.source_side = source_side
         holder = _HOLDERS.get(self.model.net)
         if holder is not None and holder() is not None:
             raise ValueError("this Clip is already held by another OnlineAdapter, which adapts its weights; two "
@@ -145,33 +154,38 @@ class OnlineAdapter:
         images (preprocessed with `Clip.preprocess`). ``classes`` restricts the prediction to some of the
         adapter's class names (a strategy whose state is keyed by class, `Strategy.holds_label_space`, still adapts
         over all of them, and the answer is read from those logits). A tensor of another size than the model's is
-        resized and centre-cropped as a PIL image is, unless the strategy crops its own views from it
-        (`Strategy.views_from_source`). ``position``: the stream position of the first image (seeds random draws
-        after a reset; default: the number of samples this adapter has adapted on)."""
+        resized and centre-cropped as a PIL image is, unless the strategy crops its own views from the whole image
+        (`Strategy.views_from_source`): then images are kept whole (``source_side``), and a list may also hold image
+        tensors ``[3, H, W]`` of different sizes. ``position``: the stream position of the first image (seeds random
+        draws after a reset; default: the number of samples this adapter has adapted on)."""
         with self._lock:
-            x = prepare_images(self.model, images, keep_size=self.strategy.views_from_source)
+            batches = (prepare_sources(self.model, images, self.source_side) if self.strategy.views_from_source
+                       else [prepare_images(self.model, images)])
+            starts = [sum(len(b) for b in batches[:k]) for k in range(len(batches))]
+            n = starts[-1] + len(batches[-1])
             space = class_subset(self.space, classes)
             # a strategy whose state is keyed by class runs on the whole space; the subset is read from its logits
             run_space, columns = space, None
             if self.strategy.holds_label_space and space is not self.space:
                 run_space, columns = self.space, [self.space.index(c) for c in space.classnames]
             if self._paused:
-                logits = _columns(self.strategy.predict(x, run_space), columns)
+                logits = _columns(torch.cat([self.strategy.predict(x, run_space) for x in batches]), columns)
                 return make_prediction(logits, space, self._who, adapted=False, skipped=0, reset=False)
             position = self.samples if position is None else int(position)
             before = self.strategy.skipped_steps
             if self.reset_policy == "episodic":
-                logits = self._episodes(x, run_space, position)
+                run = self._episodes
                 did_reset = True
             else:
+                run = self._adapt
                 did_reset = isinstance(self.reset_policy, int) and self._since_reset >= self.reset_policy
                 if did_reset:
                     self._restore()
-                logits = self._adapt(x, run_space, position)
-            logits = _columns(logits, columns)
+            logits = _columns(torch.cat([run(x, run_space, position + k) for x, k in zip(batches, starts)]),
+                              columns)
             self.calls += 1
-            self.samples += len(x)
-            self._since_reset = 0 if self.reset_policy == "episodic" else self._since_reset + len(x)
+            self.samples += n
+            self._since_reset = 0 if self.reset_policy == "episodic" else self._since_reset + n
             out = make_prediction(logits, space, self._who, adapted=True, skipped=self.strategy.skipped_steps - before,
                                reset=did_reset)
             if self.drift is not None and self._drifted(out, len(space)):
@@ -313,10 +327,10 @@ class OnlineAdapter:
 def wrap(model: Clip | nn.Module, strategy: Strategy, space: LabelSpace | Sequence[str], *,
          templates: Sequence[str] = DEFAULT_TEMPLATES, tokenizer: Callable | None = None,
          reset: ResetPolicy | None = None, drift: Callable[[dict], bool] | None = None,
-         seed: int = 0) -> OnlineAdapter:
+         seed: int = 0, source_side: int = SOURCE_SIDE) -> OnlineAdapter:
     """Put ``strategy`` in front of a deployed model: a `Clip` or an open_clip CLIP module; ``space`` is a
     `LabelSpace` or class names (prompted with ``templates``). ``reset`` None: the strategy's ``default_reset``
-    (episodic for TPT, as its paper evaluates; "never" otherwise)."""
+    (episodic for TPT, as its paper evaluates; "never" otherwise). ``source_side``: see `OnlineAdapter`."""
     return OnlineAdapter(as_clip(model, tokenizer), strategy,
                          space if isinstance(space, LabelSpace) else as_space(space, templates),
-                         reset=reset, drift=drift, seed=seed)
+                         reset=reset, drift=drift, seed=seed, source_side=source_side)

@@ -8,11 +8,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ctta.data import check_images
+from ctta.data import check_images, pil_to_rgb
 from ctta.model import Clip
 from ctta.state import short
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace, repeated
-from ctta.views import eval_view
+from ctta.views import eval_view, shrink_to
+
+SOURCE_SIDE = 512  # whole images for view-cropping strategies: shrunk only above this shorter side (a cost bound;
+#                    the ImageNet recipes' ``source_side``, which most ImageNet photographs, ~500x375, stay under)
 
 
 @dataclass
@@ -59,12 +62,11 @@ def as_space(space: LabelSpace | Sequence[str], templates: Sequence[str] = DEFAU
     return LabelSpace(list(space), templates)
 
 
-def prepare_images(model: Clip, images: Any, keep_size: bool = False) -> Tensor:
+def prepare_images(model: Clip, images: Any) -> Tensor:
     """A float batch ``[B, 3, H, W]`` in [0, 1] on the model's device, from a tensor, a PIL image or a list of PIL
     images (preprocessed with `Clip.preprocess`); anything else is refused with the reason. A tensor of another size
-    is resized and centre-cropped to the model's input as `Clip.preprocess` does (`ctta.views.eval_view`), unless
-    ``keep_size``: a strategy that crops its own views from the whole image (`Strategy.views_from_source`) gets it
-    as it is."""
+    is resized and centre-cropped to the model's input as `Clip.preprocess` does (`ctta.views.eval_view`). (A
+    strategy that crops its own views from the whole image gets `prepare_sources` instead.)"""
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty batch")
@@ -75,9 +77,39 @@ def prepare_images(model: Clip, images: Any, keep_size: bool = False) -> Tensor:
         images = model.preprocess(images)[None]
     check_images(images)
     size = model.image_size
-    if images.shape[-2:] != (size, size) and not keep_size:
+    if images.shape[-2:] != (size, size):
         images = eval_view(images, size)
     return images.to(model.device)
+
+
+def prepare_sources(model: Clip, images: Any, source_side: int = SOURCE_SIDE) -> list[Tensor]:
+    """Whole images for a strategy that crops its own views from them (`Strategy.views_from_source`), as the
+    reference augmenter crops them from the photograph: a PIL image is converted whole (not `Clip.preprocess`'s
+    centre crop), aspect kept, and any image is shrunk (bicubic, antialiased) only when its shorter side is above
+    ``source_side``. Accepts what `prepare_images` does, and a list of image tensors ``[3, H, W]`` as well. Images
+    of different sizes cannot share a batch: the result is the images in order, in runs of equal size, each a float
+    batch ``[b, 3, H, W]`` on the model's device."""
+    if isinstance(source_side, bool) or not isinstance(source_side, int) or source_side < model.image_size:
+        raise ValueError(f"source_side must be an integer >= the model's image size ({model.image_size}), got "
+                         f"{source_side!r}")
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("images is an empty batch")
+        if not all(hasattr(im, "convert") or (isinstance(im, Tensor) and im.dim() == 3) for im in images):
+            raise TypeError("a list of images must hold PIL images or image tensors [3, H, W]")
+        items = [pil_to_rgb(im)[None] if hasattr(im, "convert") else im[None] for im in images]
+    elif hasattr(images, "convert"):  # one PIL image
+        items = [pil_to_rgb(images)[None]]
+    else:
+        items = [images]
+    runs: list[list[Tensor]] = []
+    for x in items:
+        x = shrink_to(check_images(x), source_side)
+        if runs and runs[-1][-1].shape[-2:] == x.shape[-2:]:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return [torch.cat(run).to(model.device) for run in runs]
 
 
 def class_subset(space: LabelSpace, classes: Sequence[str] | None) -> LabelSpace:

@@ -49,6 +49,19 @@ def eval_view(images: Tensor, size: int) -> Tensor:
     return x[..., top:top + size, left:left + size].clamp(0, 1)
 
 
+def shrink_to(images: Tensor, side: int) -> Tensor:
+    """The whole image, aspect kept, resized (bicubic, antialiased) so that its shorter side is ``side`` when it is
+    longer than that; smaller images are returned as they are. The source the random views are cropped from."""
+    h, w = images.shape[-2:]
+    if min(h, w) <= side:
+        return images
+    s = side / min(h, w)
+    size = (max(side, round(h * s)), max(side, round(w * s)))
+    x = F.interpolate(images if images.dim() == 4 else images[None], size=size, mode="bicubic", antialias=True,
+                      align_corners=False)
+    return (x if images.dim() == 4 else x[0]).clamp_(0, 1)
+
+
 def crop_params(n: int, height: int, width: int, generator: torch.Generator | None = None,
                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                 trials: int = 10) -> Tensor:

@@ -67,6 +67,7 @@ def _set_up(cfg: DictConfig, classes: list[str] | None, options: dict) -> tuple[
     opts = ServeOptions.from_dict(options)
     import torch
     import ctta
+    from ctta.predictions import SOURCE_SIDE
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     check_device(str(cfg.device))
@@ -89,7 +90,8 @@ def _set_up(cfg: DictConfig, classes: list[str] | None, options: dict) -> tuple[
     t = time.monotonic()
     model = _build("model", cfg.model, cfg)
     log.info("model %s ready (%.1f s)", cfg.model.get("arch", "?"), time.monotonic() - t)
-    return ctta.wrap(model, strategy, space, reset=cfg.reset, seed=int(cfg.seed)), opts
+    return ctta.wrap(model, strategy, space, reset=cfg.reset, seed=int(cfg.seed),
+                     source_side=cfg.get("source_side", SOURCE_SIDE)), opts
 
 
 def _entries(cfg: DictConfig) -> list[tuple[str, dict]]:

@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ctta.data import RemappedSubset, check_images, is_pil_image, pil_to_rgb
 from ctta.loading import stack_images
-from ctta.views import crop_params
+from ctta.views import crop_params, shrink_to
 from ctta.stream import repeated
 from streams.manifest import IMAGE_EXTENSIONS, DatasetError, image_files
 
@@ -75,17 +75,6 @@ def check_draft(draft: float | None) -> float | None:
     if draft is not None and (isinstance(draft, bool) or not isinstance(draft, (int, float)) or draft < 1):
         raise ValueError(f"draft must be None (full-size decoding) or a number >= 1 (the reduction gap), got {draft!r}")
     return None if draft is None else float(draft)
-
-
-def shrink_to(images: Tensor, side: int) -> Tensor:
-    """The whole image, aspect kept, resized (bicubic, antialiased) so that its shorter side is ``side`` when it is
-    longer than that; smaller images are returned as they are."""
-    h, w = images.shape[-2:]
-    if min(h, w) <= side:
-        return images
-    s = side / min(h, w)
-    size = [max(side, round(h * s)), max(side, round(w * s))]
-    return TF.resize(images, size, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp_(0, 1)
 
 
 class ImageFiles:

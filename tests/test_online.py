@@ -500,3 +500,58 @@ def test_a_raising_drift_callable_does_not_lose_the_prediction(caplog):
     out = ad(images())
     assert out.logits.shape == (2, 4) and not out.reset and ad.samples == 2
     assert "the drift callable raised" in caplog.text and "entropy_normalised" in caplog.text
+
+
+class _Sources(ZeroShot):
+    """A zero-shot that crops its own views, so it is handed whole images: records what it gets."""
+
+    views_from_source = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def adapt(self, images, space):
+        from ctta.views import eval_view
+        self.seen.append(tuple(images.shape))
+        return super().adapt(eval_view(images, self.model.image_size), space)  # view 0, as a view strategy's
+
+
+def _pil(h: int, w: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def test_a_view_strategy_gets_pil_images_whole_and_mixed_sizes_as_calls_in_order():
+    """Clip.preprocess's centre crop would drop the photograph's sides, which the reference augmenter crops views
+    from; images of different sizes cannot share a batch, so they run as consecutive calls, answered in order."""
+    from ctta.data import pil_to_rgb
+    from ctta.views import shrink_to
+    a, b, c = _pil(40, 30, 1), _pil(40, 30, 2), _pil(20, 50, 3)
+    s = _Sources()
+    ad = wrap(make_tiny_clip(), s, SPACE, source_side=24)
+    out = ad([a, b, c, a])
+    # 30x40 shrunk to a 24-px shorter side (32x24); 50x20 is under 24 and stays whole
+    assert s.seen == [(2, 3, 32, 24), (1, 3, 20, 50), (1, 3, 32, 24)]
+    assert ad.samples == 4 and ad.calls == 1 and out.logits.shape == (4, 4)
+    ref = wrap(make_tiny_clip(), ZeroShot(), SPACE)  # zero-shot on the whole image's eval view, image by image
+    from ctta.views import eval_view
+    for k, im in enumerate([a, b, c, a]):
+        whole = shrink_to(pil_to_rgb(im)[None], 24)
+        assert torch.allclose(out.logits[k], ref(eval_view(whole, 16)).logits[0], atol=1e-5)
+    # tensors [3, H, W] of several sizes are accepted too; a lone PIL image is kept whole
+    s.seen.clear()
+    ad([pil_to_rgb(c), pil_to_rgb(a)])
+    ad(a)
+    assert s.seen == [(1, 3, 20, 50), (1, 3, 32, 24), (1, 3, 32, 24)]
+    with pytest.raises(ValueError, match="source_side must be an integer >= the model's image size"):
+        wrap(make_tiny_clip(), _Sources(), SPACE, source_side=8)
+    with pytest.raises(TypeError, match="PIL images or image tensors"):
+        ad([a, "b"])
+
+
+def test_a_view_strategy_behind_an_episodic_policy_counts_positions_across_size_runs():
+    s = _Sources()
+    ad = wrap(make_tiny_clip(), s, SPACE, reset="episodic", source_side=24)
+    ad([_pil(40, 30, 1), _pil(20, 50, 3)])
+    assert s.seen == [(1, 3, 32, 24), (1, 3, 20, 50)] and ad.samples == 2

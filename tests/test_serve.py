@@ -602,3 +602,29 @@ def test_real_server_drains_on_sigterm_writes_the_state_and_resumes(tmp_path):
     r = subprocess.run(args[:4] + ["strategy=zeroshot", f"serve.state_path={state_path}"], capture_output=True,
                        text=True, env=_env(), cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "refusing the state file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_view_strategy_behind_the_server_gets_whole_images_as_in_process():
+    """TPT, TDA, DPE... crop their views from the whole image: the server hands it over (shrunk above
+    source_side) as `ctta.wrap` does for PIL images, and a request of mixed sizes is answered in order."""
+    from tests.test_online import _Sources
+
+    def rect(seed: int, w: int, h: int) -> bytes:
+        g = torch.Generator().manual_seed(seed)
+        buf = io.BytesIO()
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()).save(buf, "PNG")
+        return buf.getvalue()
+
+    imgs = [rect(1, 30, 40), rect(2, 50, 20), rect(3, 30, 40)]
+    ref_strategy = _Sources()
+    ref = wrap(make_tiny_clip(0), ref_strategy, LabelSpace(CLASSES), source_side=24)
+    expected = ref([Image.open(io.BytesIO(d)) for d in imgs])
+    served = _Sources()
+    with client(wrap(make_tiny_clip(0), served, LabelSpace(CLASSES), source_side=24), top_k=6)[0] as c:
+        files = [("image", (f"{k}.png", d, "image/png")) for k, d in enumerate(imgs)]
+        r = c.post("/predict", files=files)
+        assert r.status_code == 200, r.text
+    assert served.seen == ref_strategy.seen == [(1, 3, 32, 24), (1, 3, 20, 50), (1, 3, 32, 24)]
+    for p, probs in zip(r.json()["predictions"], expected.probs):
+        assert [t["prob"] for t in p["top_k"]] == pytest.approx(probs.sort(descending=True).values.tolist(),
+                                                                  abs=1e-6)

@@ -35,7 +35,9 @@ from torch import Tensor
 
 from ctta.files import CorruptFileError, probe_writable
 from ctta.online import OnlineAdapter
+from ctta.data import pil_to_rgb
 from ctta.predictions import prepare_images
+from ctta.views import shrink_to
 from ctta.serve.batcher import Job, MicroBatcher
 from ctta.serve.inputs import decode_image
 from ctta.serve.metrics import Metrics
@@ -46,7 +48,7 @@ log = logging.getLogger("ctta.serve")
 
 @dataclass
 class Payload:
-    images: Tensor   # [n, 3, H, W] preprocessed, on the model's device
+    images: Tensor | list[Tensor]  # [n, 3, H, W] preprocessed, on the model's device; or whole images (`decode`)
     top_k: int
 
 
@@ -139,13 +141,26 @@ class Service:
         for what, data in parts:
             images.append(decode_image(data, self.options, what, side=side, budget=left))
             left -= images[-1].size[0] * images[-1].size[1]
+        if self.whole_images:  # the strategy crops its views from the whole image: shrunk here, off the model thread
+            return [shrink_to(pil_to_rgb(im), self.adapter.source_side) for im in images]
         return prepare_images(self.adapter.model, images)
+
+    @property
+    def whole_images(self) -> bool:
+        """Does the strategy get each image whole (`Strategy.views_from_source`: TPT, TDA, DPE, ...), as
+        `ctta.OnlineAdapter` gives it, rather than its eval crop? Not with padded calls (``min_batch`` > 1), whose
+        images must share one size."""
+        strategy = self.adapter.strategy
+        return strategy.views_from_source and strategy.min_batch <= 1
 
     def _run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """One model call for ``jobs`` (equal keys), in the model thread; each job gets its own rows."""
         a = self.adapter
         adapt, classes = jobs[0].key
-        x = torch.cat([j.payload.images for j in jobs]) if len(jobs) > 1 else jobs[0].payload.images
+        if self.whole_images:  # a list of whole images, perhaps of several sizes: the adapter groups them
+            x = [image for j in jobs for image in j.payload.images]
+        else:
+            x = torch.cat([j.payload.images for j in jobs]) if len(jobs) > 1 else jobs[0].payload.images
         resets, skipped, position = a.resets, a.skipped_steps, a.samples
         pad = self._padding(len(x))  # None unless the call is smaller than the strategy's min_batch
         t = time.perf_counter()
