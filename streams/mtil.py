@@ -228,8 +228,8 @@ def mtil_stream(data_root: str | Path = "data", *, order: str | Sequence[str] = 
 
 def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, image_size: int = 224, seed: int = 0,
                  first_template: bool = True, splits: str = "coop", order: str | Sequence[str] = "xtail",
-                 draft: float | None = None, name: str = "xtail", train_crop: Sequence[float] | None = TRAIN_CROP
-                 ) -> TaskStream:
+                 draft: float | None = None, name: str = "xtail", train_crop: Sequence[float] | None = TRAIN_CROP,
+                 prompts: str | None = None) -> TaskStream:
     """X-TAIL: the 10 domains (MTIL minus CIFAR-100), ``shots``-shot training, every test image classified over the
     union of all domains' classes (scope ``"all"``), with each dataset's first template (CoDyRA).
 
@@ -237,9 +237,21 @@ def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, imag
     MNIST from torchvision (CoOp has none); ``"torchvision"``: the MTIL readers and ZSCL's names. ``draft``:
     reduced-size JPEG decoding (see the module docstring). ``train_crop``: as in `mtil_stream` (CoDyRA trains with
     open_clip's train transform, the same crop).
+
+    ``prompts`` (None: ``"codyra"`` with the CoOp splits, ``"zscl"`` with torchvision's): ``"codyra"`` is CoDyRA's
+    prompt per class, ``template[0].format(name)`` from its dataset files (`codyra_space`): the CoOp split's names
+    as written, underscores kept; EuroSAT's with " satellite location"; MNIST's as ``number: "0 - zero"`` inside
+    ``a photo of the number: "{}".`` (so the number is named twice, as in CoDyRA's code); DTD ``{} texture.``, Food
+    ``a photo of {}, a type of food.``, Cars ``a photo of a {}.``. ``"zscl"``: ZSCL's templates (the first, or all
+    without ``first_template``) and names with "_" → " ".
     """
     check_draft(draft)
     train_crop = check_train_crop(train_crop)
+    prompts = prompts or ("codyra" if splits == "coop" else "zscl")
+    if prompts not in ("codyra", "zscl"):
+        raise ValueError(f"prompts must be 'codyra' or 'zscl', got {prompts!r}")
+    if prompts == "codyra" and splits != "coop":
+        raise ValueError("prompts='codyra' names classes as CoDyRA's CoOp split files do: use splits='coop'")
     ds = _order(order, {"xtail": load_meta("mtil")["xtail_order"]})
     if splits == "torchvision":
         return TaskStream(distinct_names(_tasks(ds, data_root, image_size, shots, seed, first_template, draft,
@@ -250,13 +262,25 @@ def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, imag
     tasks = []
     for k, d in enumerate(ds):
         if d not in COOP:  # MNIST
-            tasks += _tasks([d], data_root, image_size, shots, seed + k, first_template, draft, train_crop)
+            (task,) = _tasks([d], data_root, image_size, shots, seed + k, first_template, draft, train_crop)
+            if prompts == "codyra":
+                task = Task(name=task.name, space=codyra_space(d, task.space.classnames), train=task.train,
+                            test=task.test, boundary=task.boundary)
+            tasks.append(task)
             continue
         names, parts = coop_dataset(d, data_root, image_size, draft=draft, whole_train=train_crop is not None)
         templates = load_meta("mtil")["datasets"][d]["templates"]
-        space = LabelSpace([n.replace("_", " ") for n in names], templates[:1] if first_template else templates,
-                           name=d)
+        space = codyra_space(d, names) if prompts == "codyra" else LabelSpace(
+            [n.replace("_", " ") for n in names], templates[:1] if first_template else templates, name=d)
         train = parts["train"] if shots is None else IndexSubset(parts["train"], few_shot(
             parts["train"].targets, shots, seed + k))
         tasks.append(Task(name=d, space=space, train=_cropped(train, image_size, train_crop), test=parts["test"]))
     return TaskStream(distinct_names(tasks), scope="all", name=name)
+
+
+def codyra_space(dataset: str, names: Sequence[str]) -> LabelSpace:
+    """One X-TAIL domain's classes prompted as CoDyRA prompts them: its dataset file's one template over its class
+    names (``streams/meta/mtil.json`` ``xtail_codyra``, with the sources of each entry)."""
+    table = load_meta("mtil")["xtail_codyra"]
+    wrap = table["names"].get(dataset, "{}")
+    return LabelSpace([wrap.replace("{}", n) for n in names], [table["templates"][dataset]], name=dataset)

@@ -122,7 +122,7 @@ def test_coop_split_files(tmp_path):
         for c in range(3):
             for j in range(3):
                 _png(a / "images" / f"{s}{c}{j}.jpg", c)
-    s = mtil.xtail_stream(tmp_path, order=["aircraft", "eurosat"], shots=2, image_size=8, seed=1)
+    s = mtil.xtail_stream(tmp_path, order=["aircraft", "eurosat"], shots=2, image_size=8, seed=1, prompts="zscl")
     air, eu = s.tasks
     assert air.space.classnames == ("707-320", "A300B4", "Forest")
     assert air.space.class_templates[0] == ("a photo of a {}, a type of aircraft.",)
@@ -145,3 +145,52 @@ def test_caltech_without_scipy_fails_before_any_training(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy", None)
     with pytest.raises(DatasetError, match="Caltech101 reads its items with scipy.*ctta\\[mtil\\]"):
         mtil.mtil_stream(tmp_path, order=["caltech101"], image_size=8)
+
+
+def write_mnist(root, per_class=2):
+    """torchvision's MNIST raw files (idx format), ``per_class`` 28x28 images of each digit in both splits."""
+    import struct
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = bytes(c for c in range(10) for _ in range(per_class))
+    pixels = bytes(len(labels) * 28 * 28)
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, len(labels), 28, 28) + pixels)
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, len(labels)) + labels)
+
+
+def test_xtail_prompts_are_codyras_by_default(tmp_path):
+    """CoDyRA prompts template[0].format(name) of its dataset files: CoOp names as written (underscores kept),
+    EuroSAT's with ' satellite location', MNIST's number named twice, DTD's bare '{} texture.'."""
+    import json
+    d = tmp_path / "eurosat"
+    names = ["Annual Crop Land", "Forest"]
+    split = {s: [[f"{n.split()[0]}/{s}_{j}.jpg", c, n] for c, n in enumerate(names) for j in range(2)]
+             for s in ("train", "val", "test")}
+    d.mkdir()
+    (d / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    t = tmp_path / "dtd"
+    t.mkdir()
+    tex = ["banded", "zig_zagged"]  # an underscore, as a CoOp split may carry
+    (t / "split_zhou_DescribableTextures.json").write_text(json.dumps(
+        {s: [[f"{n}/{s}_{j}.jpg", c, n] for c, n in enumerate(tex) for j in range(2)] for s in ("train", "val", "test")}))
+    for root, sp in ((d / "2750", split), (t / "images", json.loads((t / "split_zhou_DescribableTextures.json")
+                                                                     .read_text()))):
+        for items in sp.values():
+            for rel, c, _ in items:
+                _png(root / rel, c)
+    write_mnist(tmp_path)
+    s = mtil.xtail_stream(tmp_path, order=["dtd", "eurosat", "mnist"], shots=1, image_size=8)
+    dtd, eu, mn = s.tasks
+    assert dtd.space.prompts(1) == ["zig_zagged texture."]
+    assert eu.space.prompts(0) == ["a centered satellite photo of Annual Crop Land satellite location."]
+    assert mn.space.prompts(0) == ['a photo of the number: "number: "0 - zero"".'] and len(mn.space) == 10
+    assert (len(mn.train), len(mn.test)) == (10, 20)
+    zscl = mtil.xtail_stream(tmp_path, order=["dtd", "eurosat", "mnist"], shots=1, image_size=8, prompts="zscl")
+    assert [t.space.prompts(0)[0] for t in zscl.tasks] == [
+        "a photo of a banded texture.", "a centered satellite photo of Annual Crop Land.",
+        'a photo of the number: "0 - zero".']
+    with pytest.raises(ValueError, match="prompts must be 'codyra' or 'zscl'"):
+        mtil.xtail_stream(tmp_path, order=["dtd"], prompts="rail")
+    with pytest.raises(ValueError, match="use splits='coop'"):
+        mtil.xtail_stream(tmp_path, order=["eurosat"], prompts="codyra", splits="torchvision")
