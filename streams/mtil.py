@@ -14,7 +14,8 @@ with a seeded generator — the protocol's sample count, not the reference code'
 deviation).
 
 Training images are random resized crops of the whole image, scale (0.9, 1.0), as CLIP's train transform in ZSCL
-and in open_clip (CoDyRA) makes them (`streams.images.TrainCrops`; ``train_crop=None``: the eval view instead).
+and in open_clip (CoDyRA) makes them (`streams.images.TrainCrops`; ``train_crop=None``: the eval view instead),
+drawn anew each pass (MoE-Adapters' few-shot MTIL draws each image's crop once and keeps it: a documented deviation).
 
 ``draft`` (off by default; `streams.images`) decodes JPEG files at reduced size. The torchvision readers decode
 inside torchvision, where no reduced-size decode can be asked for, so with ``draft`` a dataset whose class keeps its
