@@ -36,6 +36,7 @@ from ctta.predictions import (SOURCE_SIDE, Prediction, as_clip, as_space, class_
 from ctta.state import (check_finite_weights, check_same_structure, clone_tree, differences, short,
                         strategy_config)
 from ctta.strategy import Strategy
+from ctta.views import check_source_side
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace
 
 ResetPolicy = Literal["never", "episodic"] | int
@@ -119,10 +120,7 @@ class OnlineAdapter:
         self.model = as_clip(model)
         self.strategy = strategy
         self.space = as_space(space)
-        if isinstance(source_side, bool) or not isinstance(source_side, int) or source_side < self.model.image_size:
-            raise ValueError(f"source_side must be an integer >= the model's image size ({self.model.image_size}), "
-                             f"got {source_side!r}")
-        self.source_side = source_side
+        self.source_side = check_source_side(source_side, self.model.image_size)
         holder = _HOLDERS.get(self.model.net)
         if holder is not None and holder() is not None:
             raise ValueError("this Clip is already held by another OnlineAdapter, which adapts its weights; two "
@@ -162,7 +160,6 @@ class OnlineAdapter:
             batches = (prepare_sources(self.model, images, self.source_side) if self.strategy.views_from_source
                        else [prepare_images(self.model, images)])
             starts = [sum(len(b) for b in batches[:k]) for k in range(len(batches))]
-            n = starts[-1] + len(batches[-1])
             space = class_subset(self.space, classes)
             # a strategy whose state is keyed by class runs on the whole space; the subset is read from its logits
             run_space, columns = space, None
@@ -173,19 +170,12 @@ class OnlineAdapter:
                 return make_prediction(logits, space, self._who, adapted=False, skipped=0, reset=False)
             position = self.samples if position is None else int(position)
             before = self.strategy.skipped_steps
-            if self.reset_policy == "episodic":
-                run = self._episodes
-                did_reset = True
-            else:
-                run = self._adapt
-                did_reset = isinstance(self.reset_policy, int) and self._since_reset >= self.reset_policy
-                if did_reset:
-                    self._restore()
-            logits = _columns(torch.cat([run(x, run_space, position + k) for x, k in zip(batches, starts)]),
-                              columns)
-            self.calls += 1
-            self.samples += n
-            self._since_reset = 0 if self.reset_policy == "episodic" else self._since_reset + n
+            episodic = self.reset_policy == "episodic"
+            did_reset = episodic or (isinstance(self.reset_policy, int) and self._since_reset >= self.reset_policy)
+            if did_reset and not episodic:
+                self._restore()
+            runs = [(x, position + k) for x, k in zip(batches, starts)]
+            logits = _columns(self._episodes(runs, run_space) if episodic else self._online(runs, run_space), columns)
             out = make_prediction(logits, space, self._who, adapted=True, skipped=self.strategy.skipped_steps - before,
                                reset=did_reset)
             if self.drift is not None and self._drifted(out, len(space)):
@@ -209,16 +199,40 @@ class OnlineAdapter:
         self._dirty = True
         return self.strategy.adapt(x, space)
 
-    def _episodes(self, x: Tensor, space: LabelSpace, position: int) -> Tensor:
-        """Episodic: each episode starts from the anchor, and the adapter rests there afterwards."""
-        parts = [(i, i + 1) for i in range(len(x))] if self.strategy.sample_episodes else [(0, len(x))]
-        out = []
-        for a, b in parts:
+    def _count(self, n: int, counted: bool) -> bool:
+        """Count ``n`` images adapted on as soon as they are (a call that fails part-way leaves the counters at what
+        was adapted on, so the next call's positions and episode seeds follow on), and the call once."""
+        self.calls += not counted
+        self.samples += n
+        self._since_reset += n
+        return True
+
+    def _online(self, runs: list[tuple[Tensor, int]], space: LabelSpace) -> Tensor:
+        out, counted = [], False
+        for x, position in runs:
+            out.append(self._adapt(x, space, position))
+            counted = self._count(len(x), counted)
+        return torch.cat(out)
+
+    def _episodes(self, runs: list[tuple[Tensor, int]], space: LabelSpace) -> Tensor:
+        """Episodic: each episode starts from the anchor, and the adapter rests there afterwards, even after a
+        failure. An episode is the whole call (all its runs of equal size), or each image of it for a strategy with
+        ``sample_episodes`` (TPT, ZERO)."""
+        episodes = ([[(x[i:i + 1], position + i)] for x, position in runs for i in range(len(x))]
+                    if self.strategy.sample_episodes else [runs])
+        out, counted = [], False
+        try:
+            for episode in episodes:
+                if self._dirty:
+                    self._restore()
+                self._reseed = True
+                for x, position in episode:
+                    out.append(self._adapt(x, space, position))
+                    counted = self._count(len(x), counted)
+                self._restore()
+        finally:
             if self._dirty:
                 self._restore()
-            self._reseed = True
-            out.append(self._adapt(x[a:b], space, position + a))
-            self._restore()
         return torch.cat(out)
 
     def predict(self, images: Any, classes: Sequence[str] | None = None) -> Prediction:

@@ -12,7 +12,7 @@ from ctta.data import check_images, pil_to_rgb
 from ctta.model import Clip
 from ctta.state import short
 from ctta.stream import DEFAULT_TEMPLATES, LabelSpace, repeated
-from ctta.views import eval_view, shrink_to
+from ctta.views import check_source_side, eval_view, shrink_to
 
 SOURCE_SIDE = 512  # whole images for view-cropping strategies: shrunk only above this shorter side (a cost bound;
 #                    the ImageNet recipes' ``source_side``, which most ImageNet photographs, ~500x375, stay under)
@@ -75,11 +75,17 @@ def prepare_images(model: Clip, images: Any) -> Tensor:
         images = torch.stack([model.preprocess(im) for im in images])
     elif hasattr(images, "convert"):  # one PIL image
         images = model.preprocess(images)[None]
-    check_images(images)
+    images = _float32(check_images(images))
     size = model.image_size
     if images.shape[-2:] != (size, size):
         images = eval_view(images, size)
     return images.to(model.device)
+
+
+def _float32(images: Tensor) -> Tensor:
+    """Float images of another precision (half, bfloat16, double) as float32, as the model's normalisation takes
+    them (CPU resizes have no half-precision kernels)."""
+    return images if images.dtype == torch.float32 else images.float()
 
 
 def prepare_sources(model: Clip, images: Any, source_side: int = SOURCE_SIDE) -> list[Tensor]:
@@ -89,22 +95,23 @@ def prepare_sources(model: Clip, images: Any, source_side: int = SOURCE_SIDE) ->
     ``source_side``. Accepts what `prepare_images` does, and a list of image tensors ``[3, H, W]`` as well. Images
     of different sizes cannot share a batch: the result is the images in order, in runs of equal size, each a float
     batch ``[b, 3, H, W]`` on the model's device."""
-    if isinstance(source_side, bool) or not isinstance(source_side, int) or source_side < model.image_size:
-        raise ValueError(f"source_side must be an integer >= the model's image size ({model.image_size}), got "
-                         f"{source_side!r}")
+    check_source_side(source_side, model.image_size)
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("images is an empty batch")
-        if not all(hasattr(im, "convert") or (isinstance(im, Tensor) and im.dim() == 3) for im in images):
-            raise TypeError("a list of images must hold PIL images or image tensors [3, H, W]")
+        for k, im in enumerate(images):
+            if not (hasattr(im, "convert") or (isinstance(im, Tensor) and im.dim() == 3)):
+                what = f"a tensor of shape {tuple(im.shape)}" if isinstance(im, Tensor) else type(im).__name__
+                raise TypeError(f"images[{k}] is {what}: a list of images must hold PIL images or image tensors "
+                                f"[3, H, W]")
         items = [pil_to_rgb(im)[None] if hasattr(im, "convert") else im[None] for im in images]
     elif hasattr(images, "convert"):  # one PIL image
         items = [pil_to_rgb(images)[None]]
     else:
         items = [images]
     runs: list[list[Tensor]] = []
-    for x in items:
-        x = shrink_to(check_images(x), source_side)
+    for k, x in enumerate(items):
+        x = shrink_to(_float32(check_images(x, what=f"images[{k}]" if len(items) > 1 else "images")), source_side)
         if runs and runs[-1][-1].shape[-2:] == x.shape[-2:]:
             runs[-1].append(x)
         else:

@@ -19,6 +19,7 @@ the crop; nearest for shear/translate); pixel ops on float images instead of uin
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import kornia
 import torch
@@ -49,14 +50,28 @@ def eval_view(images: Tensor, size: int) -> Tensor:
     return x[..., top:top + size, left:left + size].clamp(0, 1)
 
 
+MAX_ASPECT = 4  # a source's longer side is at most this many times ``side`` (a thin strip would stay huge)
+
+
+def check_source_side(side: Any, image_size: int) -> int:
+    """``side`` for `shrink_to`, refused in words unless an integer >= the model's ``image_size``."""
+    if isinstance(side, bool) or not isinstance(side, int) or side < image_size:
+        raise ValueError(f"source_side must be an integer >= the model's image size ({image_size}), got {side!r}")
+    return side
+
+
 def shrink_to(images: Tensor, side: int) -> Tensor:
     """The whole image, aspect kept, resized (bicubic, antialiased) so that its shorter side is ``side`` when it is
-    longer than that; smaller images are returned as they are. The source the random views are cropped from."""
+    longer than that, and its longer side at most ``MAX_ASPECT * side`` (a strip shrinks further); other images are
+    returned as they are. The source the random views are cropped from."""
     h, w = images.shape[-2:]
-    if min(h, w) <= side:
+    by_short, by_long = side / min(h, w), MAX_ASPECT * side / max(h, w)
+    if min(by_short, by_long) >= 1:
         return images
-    s = side / min(h, w)
-    size = (max(side, round(h * s)), max(side, round(w * s)))
+    if by_short <= by_long:  # the shorter side becomes exactly ``side`` (rounding never takes it below)
+        size = (max(side, round(h * by_short)), max(side, round(w * by_short)))
+    else:
+        size = (max(1, round(h * by_long)), max(1, round(w * by_long)))
     x = F.interpolate(images if images.dim() == 4 else images[None], size=size, mode="bicubic", antialias=True,
                       align_corners=False)
     return (x if images.dim() == 4 else x[0]).clamp_(0, 1)

@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ctta.data import RemappedSubset, check_images, is_pil_image, pil_to_rgb
 from ctta.loading import stack_images
-from ctta.views import crop_params, shrink_to
+from ctta.views import check_source_side, crop_params, shrink_to
 from ctta.stream import repeated
 from streams.manifest import IMAGE_EXTENSIONS, DatasetError, image_files
 
@@ -100,10 +100,8 @@ class ImageFiles:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if whole and source_side is not None:
             raise ValueError("whole images are not shrunk: give whole=True or a source_side, not both")
-        if source_side is not None and (isinstance(source_side, bool) or not isinstance(source_side, int)
-                                        or source_side < image_size):
-            raise ValueError(f"source_side must be null or an integer >= image_size ({image_size}), got "
-                             f"{source_side!r}")
+        if source_side is not None:
+            check_source_side(source_side, image_size)
         self.paths = [str(p) for p, _ in samples]
         self.targets = torch.tensor([int(y) for _, y in samples], dtype=torch.long)
         self.image_size = int(image_size)
@@ -313,6 +311,12 @@ class TrainCrops:
 
     def __len__(self) -> int:
         return len(self.base)
+
+    @property
+    def augmentation(self) -> str:
+        """In words, for a checkpoint's identity (a resume must not switch the crops)."""
+        return (f"random resized crops to {self.size} px, scale {self.scale[0]:g}-{self.scale[1]:g}, ratio "
+                f"{self.ratio[0]:.4g}-{self.ratio[1]:.4g}")
 
     def begin_pass(self, seed: int) -> None:
         """Draw this pass's crops from ``seed`` (the task loop's call; see the class docstring)."""

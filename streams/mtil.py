@@ -243,12 +243,14 @@ def xtail_stream(data_root: str | Path = "data", *, shots: int | None = 16, imag
     prompt per class, ``template[0].format(name)`` from its dataset files (`codyra_space`): the CoOp split's names
     as written, underscores kept; EuroSAT's with " satellite location"; MNIST's as ``number: "0 - zero"`` inside
     ``a photo of the number: "{}".`` (so the number is named twice, as in CoDyRA's code); DTD ``{} texture.``, Food
-    ``a photo of {}, a type of food.``, Cars ``a photo of a {}.``. ``"zscl"``: ZSCL's templates (the first, or all
-    without ``first_template``) and names with "_" → " ".
+    ``a photo of {}, a type of food.``, Cars ``a photo of a {}.`` (one template a dataset, so ``first_template``
+    changes nothing). ``"zscl"``: ZSCL's templates (the first, or all without ``first_template``) and names with
+    "_" → " ".
     """
     check_draft(draft)
     train_crop = check_train_crop(train_crop)
-    prompts = prompts or ("codyra" if splits == "coop" else "zscl")
+    if prompts is None:
+        prompts = "codyra" if splits == "coop" else "zscl"
     if prompts not in ("codyra", "zscl"):
         raise ValueError(f"prompts must be 'codyra' or 'zscl', got {prompts!r}")
     if prompts == "codyra" and splits != "coop":

@@ -251,5 +251,5 @@ def test_source_side_keeps_the_whole_image_for_test_time_views(tmp_path):
     assert float(views[0, 1:].amax(dim=(1, 2, 3)).max()) > 0.9  # some random view reaches the band
     with pytest.raises(ValueError, match="samples.batch_size=1"):
         list(iter_batches(whole, 2, loading=Loading(workers=0, device_decode=False)))
-    with pytest.raises(ValueError, match="source_side must be null or an integer >= image_size"):
+    with pytest.raises(ValueError, match="source_side must be an integer >= the model.s image size"):
         image_folder(tmp_path, 16, source_side=8)

@@ -516,6 +516,10 @@ class _Sources(ZeroShot):
         self.seen.append(tuple(images.shape))
         return super().adapt(eval_view(images, self.model.image_size), space)  # view 0, as a view strategy's
 
+    def predict(self, images, space):
+        from ctta.views import eval_view
+        return super().predict(eval_view(images, self.model.image_size), space)
+
 
 def _pil(h: int, w: int, seed: int) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
@@ -555,3 +559,47 @@ def test_a_view_strategy_behind_an_episodic_policy_counts_positions_across_size_
     ad = wrap(make_tiny_clip(), s, SPACE, reset="episodic", source_side=24)
     ad([_pil(40, 30, 1), _pil(20, 50, 3)])
     assert s.seen == [(1, 3, 32, 24), (1, 3, 20, 50)] and ad.samples == 2
+
+
+def test_a_thin_strip_is_kept_whole_but_bounded_on_its_long_side():
+    """A 512x32768 strip stayed 512x32768 (192 MB as floats) when only the shorter side was bounded."""
+    from ctta.views import MAX_ASPECT, shrink_to
+    assert shrink_to(torch.rand(3, 512, 32768), 512).shape == (3, 32, 4 * 512) and MAX_ASPECT == 4
+    assert shrink_to(torch.rand(3, 100, 5000), 512).shape == (3, 41, 2048)  # under the side, over the aspect
+    assert shrink_to(torch.rand(3, 600, 2400), 512).shape == (3, 512, 2048)  # both bind at once
+    x = torch.rand(3, 30, 40)
+    assert shrink_to(x, 512) is x
+
+
+def test_an_episodic_call_of_several_sizes_is_one_episode_and_a_failure_keeps_the_count():
+    s = _Sources()
+    ad = wrap(make_tiny_clip(), s, SPACE, reset="episodic", source_side=24)
+    a, c = _pil(40, 30, 1), _pil(20, 50, 3)
+    ad([a, c, a])
+    assert s.seen == [(1, 3, 32, 24), (1, 3, 20, 50), (1, 3, 32, 24)] and ad.resets == 1 and ad.samples == 3
+
+    class Fails(_Sources):
+        def adapt(self, images, space):
+            if images.shape[-1] == 50:
+                raise RuntimeError("out of memory (simulated)")
+            return super().adapt(images, space)
+
+    f = Fails()
+    online = wrap(make_tiny_clip(), f, SPACE, reset="never", source_side=24)
+    with pytest.raises(RuntimeError, match="simulated"):
+        online([a, c])
+    # the first run was adapted on: counted, so the next call's position (and episode seeds) follow on
+    assert online.samples == 1 and online.calls == 1
+
+
+def test_list_items_are_named_and_other_float_precisions_accepted():
+    s = _Sources()
+    ad = wrap(make_tiny_clip(), s, SPACE, source_side=24)
+    with pytest.raises(TypeError, match=r"images\[1\] is a tensor of shape \(1, 3, 8, 8\)"):
+        ad([torch.rand(3, 8, 8), torch.rand(1, 3, 8, 8)])
+    with pytest.raises(ValueError, match=r"images\[1\] must have 3 channels"):
+        ad([torch.rand(3, 8, 8), torch.rand(1, 8, 8)])
+    x = torch.rand(1, 3, 40, 30)
+    assert torch.allclose(ad.predict(x.half()).logits, ad.predict(x.half().float()).logits)
+    zs = wrap(make_tiny_clip(), ZeroShot(), SPACE)
+    assert zs.predict(torch.rand(1, 3, 40, 30, dtype=torch.bfloat16)).logits.shape == (1, 4)

@@ -154,3 +154,19 @@ def test_xtail_coop_training_images_are_read_whole(tmp_path):
     eu = mtil.xtail_stream(tmp_path, order=["eurosat"], shots=None, image_size=4).tasks[0]
     assert isinstance(eu.train, TrainCrops) and eu.train.base.whole and not eu.test.whole
     assert eu.train[0][0].shape == (3, 4, 4) and eu.test[0][0].shape == (3, 4, 4)
+
+
+def test_a_resume_refuses_switching_the_training_crops(tmp_path):
+    from ctta.loop.checkpoint import _task_changes, stream_identity
+
+    def stream(crop):
+        train = TensorImages(torch.rand(4, 3, 20, 20), [0, 1, 0, 1])
+        train = TrainCrops(train, 16, scale=crop) if crop else TensorImages(train.images, train.targets, 16)
+        test = TensorImages(torch.zeros(2, 3, 16, 16), [0, 1])
+        return TaskStream([Task("t0", LabelSpace(["a", "b"]), train=train, test=test)])
+
+    plain, crops, other = (stream_identity(stream(c)) for c in (None, (0.9, 1.0), (0.5, 1.0)))
+    assert plain[0][2] == stream_identity(stream(None))[0][2] and len(plain[0][2]) == 2  # as before crops existed
+    assert _task_changes(plain, crops) == [
+        "task t0: training augmentation none -> random resized crops to 16 px, scale 0.9-1, ratio 0.75-1.333"]
+    assert _task_changes(crops, other) and "scale 0.5-1" in _task_changes(crops, other)[0]

@@ -47,7 +47,8 @@ def ensure_writable(out_dir: Path) -> None:
 def stream_identity(stream: Any) -> list[list[Any]]:
     """Per task: its name, its classes (`LabelSpace.fingerprint`: names, order, templates), and the size and a
     hash of the labels of its training and test sets, so that a resume with another class order, another number of
-    images or another draw of them is refused (images themselves are not read)."""
+    images or another draw of them is refused (images themselves are not read); and a set's ``augmentation`` when
+    it has one (`streams.images.TrainCrops`), so that a resume does not switch the training crops."""
     def data(ds: Any) -> list[Any] | None:
         if ds is None:
             return None
@@ -56,7 +57,8 @@ def stream_identity(stream: Any) -> list[list[Any]]:
         if targets is not None:
             t = torch.as_tensor(targets).to("cpu", torch.int64).contiguous()
             labels = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
-        return [len(ds), labels]
+        augmentation = getattr(ds, "augmentation", None)
+        return [len(ds), labels] + ([augmentation] if augmentation is not None else [])
     return [[t.name, t.space.fingerprint, data(t.train), data(t.test)] for t in stream.tasks]
 
 
@@ -79,8 +81,13 @@ def _task_changes(saved: Any, current: Any) -> list[str]:
         for i, part in ((2, "training"), (3, "test")):
             if old[i] != new[i]:
                 sizes = [x[0] if x else 0 for x in (old[i], new[i])]
-                what.append(f"{part} set of {sizes[0]} -> {sizes[1]} images" if sizes[0] != sizes[1]
-                            else f"other {part} labels (another draw or order of images)")
+                if sizes[0] != sizes[1]:
+                    what.append(f"{part} set of {sizes[0]} -> {sizes[1]} images")
+                elif old[i] and new[i] and old[i][:2] == new[i][:2]:
+                    augment = [x[2] if len(x) > 2 else "none" for x in (old[i], new[i])]
+                    what.append(f"{part} augmentation {augment[0]} -> {augment[1]}")
+                else:
+                    what.append(f"other {part} labels (another draw or order of images)")
         out.append(f"task {new[0]}: " + ", ".join(what))
     return out[:3] + ([f"and {len(out) - 3} more tasks"] if len(out) > 3 else [])
 

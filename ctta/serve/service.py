@@ -48,7 +48,8 @@ log = logging.getLogger("ctta.serve")
 
 @dataclass
 class Payload:
-    images: Tensor | list[Tensor]  # [n, 3, H, W] preprocessed, on the model's device; or whole images (`decode`)
+    images: Tensor | list[Tensor]  # [n, 3, H, W] preprocessed on the model's device, or n whole images [3, H, W]
+    #                                on the CPU for a view strategy (`Service.decode`)
     top_k: int
 
 
