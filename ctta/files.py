@@ -157,6 +157,8 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
 def read_verified(path: str | Path) -> bytes:
     """The payload of a file written by `atomic_torch_save`, after checking its header, length and hash."""
     path = Path(path)
+    if path.is_dir():
+        raise CorruptFileError(f"{path} is a folder, not a checkpoint file; move it away")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
@@ -202,6 +204,45 @@ def probe_writable(folder: str | Path) -> None:
     fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
     os.close(fd)
     os.unlink(probe)
+
+
+class FolderLock:
+    """One process at a time writes a run folder: an exclusive, non-blocking ``flock`` on ``<folder>/.lock``, held
+    until `release` (or the process ends: the kernel drops it, so a killed run leaves no stale lock). The file keeps
+    the holder's host and pid for the message. Where ``fcntl`` is missing (Windows), nothing is locked."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `FolderBusy` naming the process that holds it."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderBusy(f"{self.path.parent} is in use by another run right now ({holder}): wait for it to "
+                             f"end, or give this run another name= / out_dir=") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds a run folder's `FolderLock`."""
 
 
 def refused_global(e: Exception) -> str:

@@ -5,10 +5,10 @@ with state implement ``state_dict`` / ``load_state_dict`` so that a resumed run 
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
-
-import math
 
 import torch
 from tqdm.auto import tqdm
@@ -217,3 +217,16 @@ class JsonResults:
 
     def on_run_end(self, ctx) -> None:
         self._write(ctx, final=True)
+
+    def written(self, ctx) -> bool:
+        """Are this finished run's files on disk (a readable results file marked finished, and its plot)? A kill
+        between the final checkpoint and `on_run_end` leaves them unfinished (`ctta.loop.context.finish_again`)."""
+        if ctx.out_dir is None:
+            return True
+        path = Path(ctx.out_dir) / self.filename
+        try:
+            finished = json.loads(path.read_text()).get("finished") is True
+        except (OSError, ValueError, AttributeError):  # missing, truncated, or not an object
+            return False
+        plotted = not (self.plot and "accuracy_matrix" in ctx.results) or path.with_suffix(".png").exists()
+        return finished and plotted

@@ -299,6 +299,8 @@ def _report(e: BaseException, cfg: DictConfig, at_setup: bool) -> None:
                 f"config.yaml), or give this run another out_dir=...")
     elif name in ("PermissionError", "CorruptFileError"):
         message, hint = str(e), "choose another out_dir=..."
+    elif name == "FolderBusy":
+        message, hint = str(e), None
     elif at_setup and isinstance(e, (ValueError, TypeError)):
         message, hint = str(e), "check the values you set on the command line (python scripts/run.py --help)"
     else:

@@ -1,7 +1,8 @@
 """The run folder as one attempt of scripts/run.py finds it: what it may write there, and what to remove when set-up
-fails. Nothing is written before `RunFolder.check_resume` has compared the folder's checkpoint with this run; then
-`RunFolder.open` writes ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (a new run, or a folder without them)
-and appends this attempt's log lines to ``run.log``. Hydra itself writes nothing (configs/run.yaml: ``hydra.run.dir:
+fails. `RunFolder.check_resume` takes the folder's lock (`ctta.files.FolderLock`: a second run given the same folder
+is refused while the first runs) and compares the folder's checkpoint with this run before anything else is written;
+then `RunFolder.open` writes ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (a new run, or a folder without
+them) and appends this attempt's log lines to ``run.log``. Hydra itself writes nothing (configs/run.yaml: ``hydra.run.dir:
 .``, ``hydra.output_subdir: null``): Hydra's own files would be written before any check could run.
 
 The checkpoint is read once: `check_resume` reads it through the loop's own `Checkpoint.read` with ``hold=True``,
@@ -62,6 +63,8 @@ class RunFolder:
         self.created: list[Path] = []  # files this attempt wrote, in order
         self.handler: logging.Handler | None = None
         self.held = False  # a checkpoint state read by check_resume, waiting for the loop to take it
+        self.resuming = False  # the folder holds a checkpoint of this run
+        self.lock: Any = None  # ctta.files.FolderLock, held from check_resume to close
 
     def check_resume(self, stream, strategy, seed: int, samples: dict) -> None:
         """Compare the folder's checkpoint with this run before anything is written or any weights load. The state
@@ -78,17 +81,24 @@ class RunFolder:
             policy = resolve_policy(samples.get("reset"), strategy)
             name = sample_loop.CHECKPOINT
             fp = sample_loop.fingerprint(stream, strategy, seed, samples.get("batch_size", 1), policy)
+        ensure_writable(self.path)
+        from ctta.files import FolderLock
+        lock = FolderLock(self.path)
+        if not lock.path.exists():
+            self.created.append(lock.path)
+        lock.acquire()  # FolderBusy while another run writes here (two jobs given one name)
+        self.lock = lock
         if (self.path / name).exists():
-            self.held = True
+            self.held = self.resuming = True
             # raises RunMismatch naming the fields; the model is compared by the loop's own read, once it is built
             Checkpoint(self.path, name, fp, _Solo(), partial=True).read("cpu", hold=True)
-        ensure_writable(self.path)
 
     def open(self, cfg: DictConfig) -> None:
-        """Write the run's config (new runs) and start appending this attempt's log lines to run.log."""
+        """Write the run's config (a new run: also over the config of an attempt killed before its first
+        checkpoint, which left nothing to resume) and start appending this attempt's log lines to run.log."""
         from ctta.files import atomic_write_bytes
         hydra_dir = self.path / ".hydra"
-        if not (hydra_dir / "config.yaml").exists():
+        if not self.resuming or not (hydra_dir / "config.yaml").exists():
             self.created.append(atomic_write_bytes(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode()))
             overrides = OmegaConf.to_yaml(list(HydraConfig.get().overrides.task))
             self.created.append(atomic_write_bytes(hydra_dir / "overrides.yaml", overrides.encode()))
@@ -115,6 +125,9 @@ class RunFolder:
             logging.getLogger().removeHandler(self.handler)
             self.handler.close()
             self.handler = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def discard(self) -> None:
         """Set-up failed: remove what this attempt wrote, and the folder (and the folders above it) when it made them

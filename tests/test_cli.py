@@ -123,6 +123,28 @@ def test_a_foreign_resume_is_refused_before_anything_is_written(finished):
     assert {p.name: p.read_bytes() for p in (out / ".hydra" / "config.yaml", out / "run.log")} == before
 
 
+def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_attempts_config_replaced(tmp_path):
+    """Two jobs given one folder overwrote each other's results silently; an attempt killed before its first
+    checkpoint left its .hydra/config.yaml for the next, different run to inherit."""
+    from ctta.files import FolderLock
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = FolderLock(out)
+    lock.acquire()  # this test process plays the run that is still writing
+    try:
+        r = run_cli(f"out_dir={out}", *TINY, "progress=false")
+    finally:
+        lock.release()
+    assert r.rc == 2 and "Traceback" not in r.out, r.out[-3000:]
+    assert f"{out} is in use by another run right now (pid {os.getpid()}" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing of its own was written
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "config.yaml").write_text("strategy:\n  _target_: ctta.strategies.lwf.LwF\n")
+    r = run_cli(f"out_dir={out}", *TINY, "progress=false")
+    assert r.rc == 0, r.out[-3000:]
+    assert "ctta.strategies.zeroshot.ZeroShot" in (out / ".hydra" / "config.yaml").read_text()
+
+
 def test_a_resume_reads_its_checkpoint_once(finished, tmp_path, monkeypatch, capsys):
     """run.py's early fingerprint check and the loop's resume share one read of the checkpoint (hashing and loading
     a ViT-B-size file twice costs seconds): run.py's set-up and loop in this process, with a spy on the one call

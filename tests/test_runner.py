@@ -402,3 +402,56 @@ def test_a_sample_stream_resume_reads_its_checkpoint_once(tmp_path, counted_read
     resumed = go(tmp_path / "killed", strategy=s)
     assert counted_reads == [tmp_path / "killed" / CHECKPOINT]
     assert resumed["online"] == full["online"]
+
+
+class _KillAtRunEnd:
+    """A kill after the final checkpoint, before the end-of-run writes (placed before JsonResults)."""
+
+    def __init__(self, armed: bool = True):
+        self.armed = armed
+
+    def on_run_end(self, ctx):
+        if self.armed:
+            raise KeyboardInterrupt("simulated kill before the final results")
+
+
+@pytest.mark.parametrize("damage", ["kill", "truncate", "no_png"])
+def test_a_finished_run_started_again_rewrites_final_results_a_kill_cut_short(tmp_path, tiny_stream, damage):
+    def go(armed=False):
+        return run(make_tiny_clip(), ZeroShot(), tiny_stream, [AccuracyMatrix(), _KillAtRunEnd(armed), JsonResults()],
+                   out_dir=tmp_path, seed=1, progress=False)
+
+    if damage == "kill":
+        with pytest.raises(KeyboardInterrupt):
+            go(armed=True)
+        assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
+    else:
+        go()
+        if damage == "truncate":
+            (tmp_path / "results.json").write_text('{"finished": tr')
+        else:
+            (tmp_path / "results.png").unlink()
+    again = go()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["finished"] is True and doc["results"]["accuracy_matrix"] == again["accuracy_matrix"]
+    assert (tmp_path / "results.png").exists()
+    before = (tmp_path / "results.json").stat().st_mtime_ns
+    go()  # complete now: nothing is rewritten
+    assert (tmp_path / "results.json").stat().st_mtime_ns == before
+
+
+def test_a_finished_sample_run_started_again_rewrites_final_results(tmp_path):
+    from ctta.loop.samples import run_samples
+    from ctta.online_hooks import OnlineAccuracy
+    from tests.test_samples import stream
+
+    def go(armed=False):
+        return run_samples(make_tiny_clip(), ZeroShot(), stream(boundary=True),
+                           [OnlineAccuracy(), _KillAtRunEnd(armed), JsonResults()], out_dir=tmp_path, seed=3)
+
+    with pytest.raises(KeyboardInterrupt):
+        go(armed=True)
+    assert json.loads((tmp_path / "results.json").read_text())["finished"] is False
+    again = go()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["finished"] is True and doc["results"]["online"] == again["online"]

@@ -1,6 +1,7 @@
 """`RunContext`, what every hook sees, and `call`, the whole hook mechanism."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -13,6 +14,8 @@ from ctta.stream import LabelSpace, Task, TaskStream
 
 if TYPE_CHECKING:
     from ctta.online import OnlineAdapter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +52,19 @@ def call(hooks: Sequence[Any], event: str, ctx: RunContext) -> None:
         fn = getattr(h, event, None)
         if fn is not None:
             fn(ctx)
+
+
+def finish_again(hooks: Sequence[Any], ctx: RunContext, what: str) -> None:
+    """A finished run started again: nothing is redone, but if a kill came between the final checkpoint and the
+    end-of-run writes (a hook with ``written(ctx)`` says its final files are missing, unfinished or damaged), the
+    run's end is played again from the saved state, so the results on disk are those of the finished run."""
+    missing = [type(h).__name__ for h in hooks if hasattr(h, "written") and not h.written(ctx)]
+    if not missing:
+        log.info("run already finished (%s): nothing to do", what)
+        return
+    log.info("run already finished (%s), but its final results were not all written (%s): writing them from the "
+             "saved state", what, ", ".join(missing))
+    call(hooks, "on_run_end", ctx)
 
 
 def no_bar(progress: bool | None, main: bool = True) -> bool | None:

@@ -32,7 +32,7 @@ from ctta.data import iter_batches
 from ctta.loading import in_memory, loading_defaults
 from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, rng_state,
                                   run_identity, seed_everything, set_rng_state)
-from ctta.loop.context import RunContext, call, no_bar, share_progress
+from ctta.loop.context import RunContext, call, finish_again, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
 from ctta.online import OnlineAdapter, ResetPolicy, resolve_policy
@@ -102,7 +102,7 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
             adapter.load_state_dict(distributed.to_device(saved["adapter"], model.device))
             set_rng_state(saved["rng"])
         if start_task >= len(stream):
-            log.info("run already finished (%d samples): nothing to do", ctx.position)
+            finish_again(hooks, ctx, f"{ctx.position} samples")
             return ctx.results
         _stream(ctx, hooks, par, ckpt, batch_size, reset_on_shift, start_task, start_offset, checkpoint_every,
                 checkpoint_seconds, round_batches, progress)

@@ -20,7 +20,7 @@ from ctta import distributed
 from ctta.data import iter_batches
 from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, run_identity,
                                   seed_everything)
-from ctta.loop.context import RunContext, call, no_bar, share_progress
+from ctta.loop.context import RunContext, call, finish_again, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
 from ctta.optim import steps_per_task
@@ -79,7 +79,7 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
             model.net.load_state_dict(saved["model"])
             strategy.load_state_dict(distributed.to_device(saved["strategy"], model.device))
         if start >= len(stream):
-            log.info("run already finished (%d tasks): nothing to do", len(stream))
+            finish_again(hooks, ctx, f"{len(stream)} tasks")
             return ctx.results if par.main else {}
         tasks = tqdm(range(start, len(stream)), initial=start, total=len(stream), desc="tasks",
                      disable=no_bar(progress, par.main))
