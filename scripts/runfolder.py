@@ -2,8 +2,8 @@
 fails. `RunFolder.check_resume` takes the folder's lock (`ctta.files.FolderLock`: a second run given the same folder
 is refused while the first runs) and compares the folder's checkpoint with this run before anything else is written;
 then `RunFolder.open` writes ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` (a new run, or a folder without
-them) and appends this attempt's log lines to ``run.log``. Hydra itself writes nothing (configs/run.yaml: ``hydra.run.dir:
-.``, ``hydra.output_subdir: null``): Hydra's own files would be written before any check could run.
+them) and appends this attempt's log lines to ``run.log``. Hydra itself writes nothing (configs/run.yaml:
+``hydra.run.dir: .``, ``hydra.output_subdir: null``): Hydra's own files would be written before any check could run.
 
 The checkpoint is read once: `check_resume` reads it through the loop's own `Checkpoint.read` with ``hold=True``,
 and the loop's read then takes that state (ctta/loop/checkpoint.py) instead of hashing and loading the file again.
