@@ -169,6 +169,12 @@ class ZeroShotRetention:
             out["mean_acc"] = sum(v["acc"][-1] for v in per.values()) / len(per)
         ctx.results["retention"] = out
 
+    def identity(self) -> list[list[Any]]:
+        """The control tasks (classes, test-set size and labels), in a run's checkpoint identity: a resume with other
+        controls would compare the baseline of one set with the accuracies of another."""
+        from ctta.loop.checkpoint import tasks_identity
+        return tasks_identity(self.controls)
+
     def state_dict(self) -> dict:
         return {"acc0": self.acc0, "history": self.history}
 

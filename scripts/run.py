@@ -147,7 +147,7 @@ def _set_up(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
         if hasattr(h, "progress"):
             h.progress = cfg.progress
     if folder.main:
-        folder.check_resume(stream, strategy, int(cfg.seed), samples)
+        folder.check_resume(stream, strategy, int(cfg.seed), samples, hooks)
         folder.open(cfg)
     t = time.monotonic()
     log.info("loading model %s (%s) ...", cfg.model.get("arch", "?"), cfg.model.get("pretrained", "?"))

@@ -66,7 +66,7 @@ class RunFolder:
         self.resuming = False  # the folder holds a checkpoint of this run
         self.lock: Any = None  # ctta.files.FolderLock, held from check_resume to close
 
-    def check_resume(self, stream, strategy, seed: int, samples: dict) -> None:
+    def check_resume(self, stream, strategy, seed: int, samples: dict, hooks: list | tuple = ()) -> None:
         """Compare the folder's checkpoint with this run before anything is written or any weights load. The state
         read is held for the loop, whose read takes it (and checks the fingerprint again, without reading the file
         again)."""
@@ -76,11 +76,12 @@ class RunFolder:
         from ctta.online import resolve_policy
 
         if any(t.train is not None for t in stream.tasks):
-            name, fp = task_loop.CHECKPOINT, task_loop.fingerprint(stream, strategy, seed)
+            name, fp = task_loop.CHECKPOINT, task_loop.fingerprint(stream, strategy, seed, hooks=hooks)
         else:
             policy = resolve_policy(samples.get("reset"), strategy)
             name = sample_loop.CHECKPOINT
-            fp = sample_loop.fingerprint(stream, strategy, seed, samples.get("batch_size", 1), policy)
+            fp = sample_loop.fingerprint(stream, strategy, seed, samples.get("batch_size", 1), policy, hooks=hooks,
+                                         reset_on_shift=samples.get("reset_on_shift", True))
         ensure_writable(self.path)
         from ctta.files import FolderLock
         lock = FolderLock(self.path)

@@ -316,7 +316,16 @@ def _run_folder(out):
     spec = importlib.util.spec_from_file_location("runfolder", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.RunFolder(out)
+
+    class CheckOnly(module.RunFolder):
+        def check_resume(self, *args, **kwargs):
+            try:
+                super().check_resume(*args, **kwargs)
+            finally:  # these tests play only the check; run.py holds the lock until its run ends
+                if self.lock is not None:
+                    self.lock.release()
+
+    return CheckOnly(out)
 
 
 @pytest.fixture
@@ -455,3 +464,32 @@ def test_a_finished_sample_run_started_again_rewrites_final_results(tmp_path):
     again = go()
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["finished"] is True and doc["results"]["online"] == again["online"]
+
+
+def test_a_resume_with_other_retention_controls_or_reset_on_shift_is_refused(tmp_path, tiny_stream):
+    """Both were accepted silently: the baseline of 50 control images was compared with accuracies on 200, and a
+    sample stream resumed under another reset_on_shift."""
+    from ctta.loop.checkpoint import RunMismatch
+    from ctta.loop.samples import run_samples
+    from ctta.online_hooks import OnlineAccuracy
+    from tests.test_samples import Kill, NoisyTent, stream
+
+    def go(n, killer):
+        hooks = [AccuracyMatrix(), ZeroShotRetention(list(tiny_stream.tasks[:n])), killer, JsonResults()]
+        return run(make_tiny_clip(), ZeroShot(), tiny_stream, hooks, out_dir=tmp_path / "t", seed=1, progress=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        go(1, Killer(at=1))
+    with pytest.raises(RunMismatch, match="hook ZeroShotRetention: the stream has 2 tasks, the saved run 1"):
+        go(2, Killer(at=99))
+    assert go(1, Killer(at=99))["retention"]  # the same controls resume
+
+    def samples(shift, kill_at=None):
+        return run_samples(make_tiny_clip(), NoisyTent(lr=5e-2), stream(boundary=True),
+                           [OnlineAccuracy(), Kill(kill_at)], batch_size=2, out_dir=tmp_path / "s",
+                           checkpoint_every=5, seed=3, reset_on_shift=shift)
+
+    with pytest.raises(KeyboardInterrupt):
+        samples(True, kill_at=23)
+    with pytest.raises(RunMismatch, match="reset_on_shift"):
+        samples(False)

@@ -25,7 +25,8 @@ from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.loop.parallel import Parallel
 from ctta.state import differences, strategy_config
 
-FORMAT = 3  # 3: the fingerprint names each task's classes and labels, and the model
+FORMAT = 4  # 3: the fingerprint names each task's classes and labels, and the model; 4: training crops, the retention
+#            controls, and the sample loop's reset_on_shift too
 
 # States read early with ``hold=True``, for the loop's read of the same file: path -> (file identity, state on CPU).
 # Taken once; `drop_held` forgets them (run.py, when the attempt ends without the loop taking its state).
@@ -44,22 +45,30 @@ def ensure_writable(out_dir: Path) -> None:
         raise PermissionError(f"cannot write results to {out_dir}: {e.strerror or e}; choose another out_dir") from e
 
 
+def dataset_identity(ds: Any) -> list[Any] | None:
+    """A dataset's size and a hash of its labels (images themselves are not read), and its ``augmentation`` when it
+    has one (`streams.images.TrainCrops`)."""
+    if ds is None:
+        return None
+    targets = getattr(ds, "targets", None)
+    labels = None
+    if targets is not None:
+        t = torch.as_tensor(targets).to("cpu", torch.int64).contiguous()
+        labels = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+    augmentation = getattr(ds, "augmentation", None)
+    return [len(ds), labels] + ([augmentation] if augmentation is not None else [])
+
+
+def tasks_identity(tasks: Sequence[Any]) -> list[list[Any]]:
+    """Per task: its name, its classes (`LabelSpace.fingerprint`: names, order, templates), and `dataset_identity`
+    of its training and test sets, so that a resume with another class order, another number of images or another
+    draw of them, or other training crops, is refused."""
+    return [[t.name, t.space.fingerprint, dataset_identity(t.train), dataset_identity(t.test)] for t in tasks]
+
+
 def stream_identity(stream: Any) -> list[list[Any]]:
-    """Per task: its name, its classes (`LabelSpace.fingerprint`: names, order, templates), and the size and a
-    hash of the labels of its training and test sets, so that a resume with another class order, another number of
-    images or another draw of them is refused (images themselves are not read); and a set's ``augmentation`` when
-    it has one (`streams.images.TrainCrops`), so that a resume does not switch the training crops."""
-    def data(ds: Any) -> list[Any] | None:
-        if ds is None:
-            return None
-        targets = getattr(ds, "targets", None)
-        labels = None
-        if targets is not None:
-            t = torch.as_tensor(targets).to("cpu", torch.int64).contiguous()
-            labels = hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
-        augmentation = getattr(ds, "augmentation", None)
-        return [len(ds), labels] + ([augmentation] if augmentation is not None else [])
-    return [[t.name, t.space.fingerprint, data(t.train), data(t.test)] for t in stream.tasks]
+    """`tasks_identity` of the stream's tasks."""
+    return tasks_identity(stream.tasks)
 
 
 def _task_changes(saved: Any, current: Any) -> list[str]:
@@ -92,6 +101,22 @@ def _task_changes(saved: Any, current: Any) -> list[str]:
     return out[:3] + ([f"and {len(out) - 3} more tasks"] if len(out) > 3 else [])
 
 
+def _hook_changes(saved: Any, current: Any) -> list[str]:
+    """What differs between two `hooks_identity` dicts, in words (a hook's control tasks as `_task_changes`)."""
+    if saved == current:
+        return []
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return ["other hooks"]
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name), current.get(name)
+        if old != new:
+            detail = (", ".join(_task_changes(old, new)) if isinstance(old, list) and isinstance(new, list)
+                      else "present in one run only")
+            out.append(f"hook {name}: {detail}")
+    return out
+
+
 def model_identity(model: Any) -> dict[str, Any]:
     """The architecture and the weights (a local file by its content hash, a published tag by name)."""
     src = model.provenance() if hasattr(model, "provenance") else {}
@@ -99,12 +124,22 @@ def model_identity(model: Any) -> dict[str, Any]:
             "weights": src.get("checkpoint_sha256") or src.get("pretrained")}
 
 
-def run_identity(stream: Any, strategy: Any, seed: int, model: Any = None, **extra: Any) -> dict[str, Any]:
+def hooks_identity(hooks: Sequence[Any]) -> dict[str, Any]:
+    """The hooks whose settings change what they measure, by their ``identity()`` (the retention controls of
+    `ctta.ZeroShotRetention`); hooks without one are left out."""
+    return {type(h).__name__: h.identity() for h in hooks if hasattr(h, "identity")}
+
+
+def run_identity(stream: Any, strategy: Any, seed: int, model: Any = None, hooks: Sequence[Any] = (),
+                 **extra: Any) -> dict[str, Any]:
     """A run's identity in its checkpoint, for both loops (``extra``: the sample loop's batch size and reset
-    policy). ``model`` is left out by scripts/run.py's check of the folder, made before any model is built; the
-    loop's own read then compares the whole identity."""
+    settings). ``model`` is left out by scripts/run.py's check of the folder, made before any model is built; the
+    loop's own read then compares the whole identity. ``hooks``: `hooks_identity`, when a hook has one."""
     fp = {"stream": stream.name, "tasks": stream_identity(stream), "strategy": type(strategy).__qualname__,
           "config": strategy_config(strategy), "seed": seed, **extra}
+    measured = hooks_identity(hooks)
+    if measured:
+        fp["hooks"] = measured
     return fp if model is None else {**fp, "model": model_identity(model)}
 
 
@@ -139,6 +174,7 @@ class Checkpoint:
                 else:
                     saved_fp, current = dict(saved_fp), dict(self.fingerprint)
                 diff = "; ".join(_task_changes(saved_fp.pop("tasks", None), current.pop("tasks", None))
+                                 + _hook_changes(saved_fp.pop("hooks", {}), current.pop("hooks", {}))
                                  + differences(saved_fp, current))
                 state = RunMismatch(f"{self.path} belongs to a different run ({diff}). Use another out_dir, or "
                                     f"the saved run's settings to resume it.")

@@ -44,10 +44,11 @@ log = logging.getLogger("ctta")
 
 
 def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, batch_size: int, reset: Any,
-                model: Clip | None = None) -> dict:
+                model: Clip | None = None, hooks: Sequence[Any] = (), reset_on_shift: bool = True) -> dict:
     """The run's identity in its checkpoint (`ctta.loop.checkpoint.run_identity`), with the batch size and the reset
-    policy."""
-    return run_identity(stream, strategy, seed, model, batch_size=batch_size, reset=str(reset))
+    settings."""
+    return run_identity(stream, strategy, seed, model, hooks, batch_size=batch_size, reset=str(reset),
+                        reset_on_shift=bool(reset_on_shift))
 
 
 def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
@@ -72,7 +73,7 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
     out = Path(out_dir) if out_dir else None
     if out is not None and par.main:
         ensure_writable(out)
-    fp = fingerprint(stream, strategy, seed, batch_size, policy, model)
+    fp = fingerprint(stream, strategy, seed, batch_size, policy, model, hooks, reset_on_shift)
     par.check_same(fp, "sample stream")
     hooks = list(hooks) if par.main else []
     share_progress(hooks, progress)

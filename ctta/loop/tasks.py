@@ -32,9 +32,10 @@ CHECKPOINT = "checkpoint.pt"
 log = logging.getLogger("ctta")
 
 
-def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, model: Clip | None = None) -> dict:
+def fingerprint(stream: TaskStream, strategy: Strategy, seed: int, model: Clip | None = None,
+                hooks: Sequence[Any] = ()) -> dict:
     """The run's identity in its checkpoint (`ctta.loop.checkpoint.run_identity`)."""
-    return run_identity(stream, strategy, seed, model)
+    return run_identity(stream, strategy, seed, model, hooks)
 
 
 def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequence[Any] = (), *,
@@ -49,7 +50,7 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
     out = Path(out_dir) if out_dir else None
     if out is not None and par.main:
         ensure_writable(out)
-    fp = fingerprint(stream, strategy, seed, model)
+    fp = fingerprint(stream, strategy, seed, model, hooks)
     par.check_same({**fp, "classes": [t.space.classnames for t in stream.tasks]}, "stream, class order and strategy")
     all_hooks = list(hooks)
     hooks = par.hooks(all_hooks)  # rank 0: all; other ranks: the sharded evaluation hooks, which write no files
