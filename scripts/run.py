@@ -91,6 +91,11 @@ def main(cfg: DictConfig) -> dict:
         import ctta
         try:
             return _run(ctta, cfg, run, folder)
+        except KeyboardInterrupt as e:  # said here, so that run.log has it too, while it is open
+            log.warning("%s: what the last checkpoint holds is kept; run the same command to resume",
+                        e.args[0] if e.args else "interrupted")
+            _ENTERED.append("interrupt reported")
+            raise
         finally:
             folder.close()  # under -m, the next job's run.log is another file
 
@@ -360,6 +365,28 @@ def exit_code_two_for_config_errors(entry) -> None:
         raise
 
 
+def stop_plainly(entry) -> None:
+    """Run ``entry``; Ctrl-C or SIGTERM stop it without a traceback (the loops' ``finally`` blocks still run: loader
+    workers stop, nothing half-written is left), saying that the same command resumes, with the shell's exit codes
+    130 and 143."""
+    import signal
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        entry()
+    except KeyboardInterrupt as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sigterm = e.args == ("stopped by SIGTERM",)
+        if "interrupt reported" not in _ENTERED:  # stopped before the run started: nothing to resume yet
+            print(f"\n{e.args[0] if sigterm else 'interrupted'} during set-up", file=sys.stderr, flush=True)
+        raise SystemExit(143 if sigterm else 130) from None
+
+
 def _debug_flag() -> None:
     """``--debug``: keep tracebacks (Hydra's own errors included) by setting HYDRA_FULL_ERROR=1."""
     if "--debug" in sys.argv:
@@ -370,4 +397,4 @@ def _debug_flag() -> None:
 if __name__ == "__main__":
     _debug_flag()
     _quiet_other_ranks()
-    exit_code_two_for_config_errors(main)
+    stop_plainly(lambda: exit_code_two_for_config_errors(main))

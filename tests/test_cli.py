@@ -443,3 +443,26 @@ def test_the_logged_command_repeats_the_run_with_its_config_dir_and_pythonpath()
     assert line == ("PYTHONPATH=ex python scripts/run.py -cd 'my configs' strategy=norm_tuning "
                     "'templates=[a photo of a {}.]'")
     assert command_line(["seed=1"], ["run.py", "--config-dir=c"], {}) == "python scripts/run.py --config-dir=c seed=1"
+
+
+@pytest.mark.parametrize("sig, code, words", [("SIGTERM", 143, "stopped by SIGTERM"), ("SIGINT", 130, "interrupted")])
+def test_a_stopped_run_says_how_to_resume_without_a_traceback(tmp_path, sig, code, words):
+    """Ctrl-C printed a 30-line KeyboardInterrupt traceback, and SIGTERM ended the run without a word."""
+    import signal
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run.py"), "experiment=world_cl_shifted/finetune",
+                          f"out_dir={tmp_path / 'run'}", "threads=1", "progress=false"], cwd=ROOT, env=env,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    for line in p.stderr:  # wait until the loop runs
+        lines.append(line)
+        if "; running" in line:
+            break
+    p.send_signal(getattr(signal, sig))
+    rest = p.stderr.read()
+    p.wait(60)
+    assert p.returncode == code, "".join(lines) + rest
+    assert f"{words}: what the last checkpoint holds is kept; run the same command to resume" in rest
+    assert "Traceback" not in rest
+    assert words in (tmp_path / "run" / "run.log").read_text()

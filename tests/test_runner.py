@@ -493,3 +493,21 @@ def test_a_resume_with_other_retention_controls_or_reset_on_shift_is_refused(tmp
         samples(True, kill_at=23)
     with pytest.raises(RunMismatch, match="reset_on_shift"):
         samples(False)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda st: st.update(next_task=99), r"next_task=99 is outside this run \(0..3\)"),
+    (lambda st: st.update(next_task=-2), r"next_task=-2 is outside this run"),
+    (lambda st: st.pop("model"), "has no 'model' entry"),
+    (lambda st: st.update(results=[1, 2]), "its 'results' entry is a list, not a dict"),
+])
+def test_a_hash_valid_checkpoint_with_bad_content_is_refused_in_words(tmp_path, tiny_stream, edit, match):
+    """A file from a faulty writer passed its hash and was taken for a finished run (next_task=99) or ended in a
+    traceback (a missing entry, a negative count)."""
+    from ctta.files import CorruptFileError, atomic_torch_save
+    run(make_tiny_clip(), ZeroShot(), tiny_stream, [AccuracyMatrix()], out_dir=tmp_path, seed=1, progress=False)
+    state = safe_torch_load(tmp_path / "checkpoint.pt")
+    edit(state)
+    atomic_torch_save(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(CorruptFileError, match=match):
+        run(make_tiny_clip(), ZeroShot(), tiny_stream, [AccuracyMatrix()], out_dir=tmp_path, seed=1, progress=False)

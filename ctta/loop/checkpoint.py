@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ctta.distributed import to_device
-from ctta.files import probe_writable
+from ctta.files import CorruptFileError, probe_writable
 from ctta.io import atomic_torch_save, safe_torch_load
 from ctta.loop.parallel import Parallel
 from ctta.state import differences, strategy_config
@@ -210,6 +210,27 @@ class Checkpoint:
         """Save ``state`` (plus the fingerprint) atomically; rank 0 alone writes."""
         if self.path is not None and self.par.main:
             atomic_torch_save(self.path, {"format": FORMAT, "fingerprint": self.fingerprint, **state})
+
+
+def check_saved(state: dict | None, path: Path | None, fields: dict[str, type | tuple[type, ...]],
+                counts: dict[str, tuple[int, int | None]]) -> None:
+    """A checkpoint's content, before any of it is used: the entries a loop reads, of their types, and its counters
+    within this run (``counts``: name -> (lowest, highest or None)). A file that passed its hash but came from a
+    faulty writer is refused in words, never taken for a finished run or met as a traceback."""
+    if state is None:
+        return
+    for key, kind in fields.items():
+        if key not in state:
+            raise CorruptFileError(f"{path} has no {key!r} entry: it is damaged; use another out_dir")
+        if not isinstance(state[key], kind):
+            raise CorruptFileError(f"{path}: its {key!r} entry is a {type(state[key]).__name__}, not a "
+                                   f"{getattr(kind, '__name__', kind)}: it is damaged; use another out_dir")
+    for key, (lo, hi) in counts.items():
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise CorruptFileError(f"{path}: {key}={v!r} is outside this run ({span}): it is damaged; use another "
+                                   f"out_dir")
 
 
 def drop_held() -> None:

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from ctta import distributed
 from ctta.data import iter_batches
 from ctta.loading import in_memory, loading_defaults
-from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, rng_state,
-                                  run_identity, seed_everything, set_rng_state)
+from ctta.loop.checkpoint import (Checkpoint, check_saved, ensure_writable, hook_states, load_hook_states,
+                                  rng_state, run_identity, seed_everything, set_rng_state)
 from ctta.loop.context import RunContext, call, finish_again, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
@@ -80,6 +80,9 @@ def run_samples(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequ
     ckpt = Checkpoint(out, CHECKPOINT, fp, par)
     saved = ckpt.read(model.device)  # before anything is adapted or written
     ctx = RunContext(model, strategy, stream, out, seed, config)
+    check_saved(saved, ckpt.path, {"task": int, "offset": int, "position": int, "adapter": dict, "rng": object,
+                                   "hooks": list, "results": dict},
+                {"task": (0, len(stream)), "offset": (0, None), "position": (0, None)})
     start_task, start_offset = (int(saved["task"]), int(saved["offset"])) if saved else (0, 0)
     if saved:
         if par.main:

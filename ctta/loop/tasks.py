@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from ctta import distributed
 from ctta.data import iter_batches
-from ctta.loop.checkpoint import (Checkpoint, ensure_writable, hook_states, load_hook_states, run_identity,
-                                  seed_everything)
+from ctta.loop.checkpoint import (Checkpoint, check_saved, ensure_writable, hook_states, load_hook_states,
+                                  run_identity, seed_everything)
 from ctta.loop.context import RunContext, call, finish_again, no_bar, share_progress
 from ctta.loop.parallel import Parallel
 from ctta.model import Clip
@@ -58,6 +58,8 @@ def run_tasks(model: Clip, strategy: Strategy, stream: TaskStream, hooks: Sequen
     ckpt = Checkpoint(out, CHECKPOINT, fp, par)
     saved = ckpt.read(model.device)  # before anything is trained or written
     ctx = RunContext(model, strategy, stream, out, seed, config)
+    check_saved(saved, ckpt.path, {"next_task": int, "model": dict, "strategy": dict, "hooks": list,
+                                   "results": dict}, {"next_task": (0, len(stream))})
     start = int(saved["next_task"]) if saved else 0
     if saved:  # on every rank: the sharded hooks must agree (a retention baseline is not measured again)
         load_hook_states(all_hooks, saved["hooks"], ckpt.path)
