@@ -50,6 +50,7 @@ def _structure_changed(*_args) -> None:
 
 nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
 nn.modules.module.register_module_module_registration_hook(_structure_changed)
+nn.modules.module.register_module_buffer_registration_hook(_structure_changed)  # e.g. a BatchNorm's stats set to None
 
 
 class Clip(nn.Module):
@@ -72,6 +73,9 @@ class Clip(nn.Module):
         self._head_key: tuple | None = None
         self._tokens: dict[str, Tensor] = {}
         self._text_params: tuple[int, list[nn.Parameter]] | None = None  # (structure epoch, text parameters)
+        self._stacked: dict[str, Tensor] = {}  # label-space fingerprint -> its [C, D] head, for the current _head_key
+        self._modules_list: tuple[int, list[nn.Module]] | None = None  # (structure epoch, self.modules())
+        self._state_tensors: tuple[int, dict[str, Tensor]] | None = None  # (structure epoch, state_tensors())
         self.freeze()  # nothing trains until a strategy says so
         self.eval()  # and the whole module, not only the net, starts in eval mode (a training strategy sets train)
 
@@ -224,6 +228,7 @@ class Clip(nn.Module):
 
     def invalidate_text_cache(self) -> None:
         self._head_cache.clear()
+        self._stacked.clear()
 
     def _encode_fixed_shape(self, prompts: Sequence[str]) -> Tensor:
         """`encode_text` of ``prompts`` in forwards of one fixed shape: prompts grouped by token length, each group
@@ -249,11 +254,16 @@ class Clip(nn.Module):
     @torch.no_grad()
     def text_head(self, space: LabelSpace) -> Tensor:
         """Class embeddings ``[C, D]``: per class, the normalised mean of its normalised template embeddings.
-        Cached per (class name, templates) while the text tower's weights are unchanged."""
+        Cached per (class name, templates) while the text tower's weights are unchanged, and the stacked head per
+        label space; each call returns its own copy (a caller may change it in place)."""
         key = self._text_version()
         if key != self._head_key:
             self._head_cache.clear()
+            self._stacked.clear()
             self._head_key = key
+        head = self._stacked.get(space.fingerprint)
+        if head is not None:  # the common case, every call of a stream over one label space
+            return head.clone()
         keys = list(zip(space.classnames, space.class_templates))
         todo = [k for k in dict.fromkeys(keys) if k not in self._head_cache]
         if todo:
@@ -265,7 +275,11 @@ class Clip(nn.Module):
                 n = len(k[1])
                 self._head_cache[k] = F.normalize(feats[i:i + n].mean(0), dim=-1)
                 i += n
-        return torch.stack([self._head_cache[k] for k in keys])
+        head = torch.stack([self._head_cache[k] for k in keys])
+        if len(self._stacked) >= 64:  # a bound for callers that pass many label spaces (class subsets)
+            self._stacked.clear()
+        self._stacked[space.fingerprint] = head
+        return head.clone()
 
     # ----------------------------------------------------------------------------------------- scoring
     @property
@@ -290,7 +304,9 @@ class Clip(nn.Module):
         train mode under a Clip in eval mode stays so). ``eval()`` walks every submodule through
         ``nn.Module.__setattr__`` (about 1 ms on the micro-CLIP, a quarter of a one-image online prediction), so
         nothing is switched when nothing is training, the case of every prediction of a frozen model."""
-        training = [m for m in self.modules() if m.training]
+        if self._modules_list is None or self._modules_list[0] != _structure_epoch:
+            self._modules_list = (_structure_epoch, list(self.modules()))
+        training = [m for m in self._modules_list[1] if m.training]
         if training:
             self.eval()
         try:
@@ -342,10 +358,14 @@ class Clip(nn.Module):
         return out
 
     def state_tensors(self) -> dict[str, Tensor]:
-        """Every live tensor a snapshot may name: all parameters and every BatchNorm's running statistics."""
-        live: dict[str, Tensor] = dict(self.net.named_parameters())
-        live.update({n: b for n, b in self.net.named_buffers() if n.rsplit(".", 1)[-1] in batchnorm.STATS})
-        return live
+        """Every live tensor a snapshot may name: all parameters and every BatchNorm's running statistics. Kept
+        while no parameter, buffer or module is added or replaced anywhere (an episodic adapter restores its anchor
+        through it after every sample)."""
+        if self._state_tensors is None or self._state_tensors[0] != _structure_epoch:
+            live: dict[str, Tensor] = dict(self.net.named_parameters())
+            live.update({n: b for n, b in self.net.named_buffers() if n.rsplit(".", 1)[-1] in batchnorm.STATS})
+            self._state_tensors = (_structure_epoch, live)
+        return self._state_tensors[1]
 
     def trainable_state(self) -> dict[str, Tensor]:
         """A detached copy of `trainable_tensors` (never aliases the live weights)."""
@@ -355,6 +375,8 @@ class Clip(nn.Module):
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         """Copy a snapshot back in place (the snapshot stays untouched, so it can be restored again). Any parameter
         or BatchNorm running statistic may be named, trainable now or not."""
+        if not state:  # a strategy with nothing trainable (ZERO): nothing to copy
+            return
         live = self.state_tensors()
         unknown = sorted(set(state) - set(live))
         if unknown:

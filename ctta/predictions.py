@@ -145,9 +145,11 @@ def make_prediction(logits: Tensor, space: LabelSpace, who: str, *, adapted: boo
         raise RuntimeError(f"{who} returned logits of shape {tuple(logits.shape)}; "
                            f"expected [B, {len(space)}]")
     logits = logits.detach().float()
-    # NaN or +inf would come back labelled as a class (argmax of NaN is an index); -inf rules a class out
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
-    if bool(bad.any()):
+    # NaN or +inf would come back labelled as a class (argmax of NaN is an index); -inf rules a class out. One scan
+    # in the common all-finite case; the rows are told apart only when something is not finite.
+    bad = None if bool(torch.isfinite(logits).all()) else (
+        torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1))
+    if bad is not None and bool(bad.any()):
         raise FloatingPointError(
             f"{who} returned non-finite logits for {int(bad.sum())} of {len(logits)} images: its adapted state has "
             "diverged (too large a learning rate?); reset() returns to the anchor")

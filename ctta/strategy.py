@@ -129,8 +129,14 @@ class Strategy:
         """Seed the random draws that follow. `ctta.OnlineAdapter` calls it after every reset with a seed derived
         from the stream position, so that an episode's result depends neither on the order of episodes nor on the
         rank that runs it, and a restored anchor does not replay the same draws. Default: the global torch
-        generator (a strategy that draws from its own generator re-seeds that too)."""
-        torch.manual_seed(seed)
+        generator (a strategy that draws from its own generator re-seeds that too): the CPU's, and the model's CUDA
+        device's when it runs on one. (``torch.manual_seed`` would also queue a seed for every CUDA device, which on
+        a machine where CUDA is not initialised records a stack trace per call: 0.2-0.5 ms an episode.)"""
+        torch.default_generator.manual_seed(seed)
+        device = self.model.device if self.model is not None else None
+        if device is not None and device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
