@@ -8,6 +8,8 @@ re-exported here.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -64,10 +66,12 @@ def check_images(images: Tensor, *, what: str = "images") -> Tensor:
         raise ValueError(f"{what} have zero size {tuple(images.shape[2:])}: there is nothing to classify")
     if not images.is_floating_point():
         raise TypeError(f"{what} must be a float tensor in [0, 1]; got dtype {images.dtype}{_dtype_hint(images.dtype)}")
-    if not torch.isfinite(images).all():
+    # one reduction (and one device sync): min and max carry a NaN or an inf through, so finite bounds mean finite
+    # values everywhere; only then are the bad images counted
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         raise ValueError(f"{what} contain non-finite values (NaN or inf) in {bad} of {images.shape[0]} images")
-    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
     if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         raise ValueError(f"{what} must be in [0, 1]; values span [{lo:.4g}, {hi:.4g}]: {_range_hint(lo, hi)}")
     return images
