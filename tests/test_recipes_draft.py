@@ -15,7 +15,7 @@ from streams import imagenet as IN
 from streams import mtil
 from streams.images import ImageFiles
 from streams.manifest import load_meta
-from tests.test_recipes_mtil import CALTECH, EUROSAT
+from tests.test_recipes_mtil import CALTECH, EUROSAT, write_coop_split
 
 SIZE = 8  # model input; draft=2 may reduce a JPEG while its shorter side stays >= 16
 
@@ -156,11 +156,8 @@ def test_mtil_torchvision_readers_read_files_with_draft(tmp_path):
 
 def test_xtail_coop_splits_pass_draft(tmp_path):
     d = tmp_path / "eurosat"
-    names = ["Annual Crop Land", "Forest"]
-    split = {s: [[f"{n.split()[0]}/{s}_{j}.jpg", c, n] for c, n in enumerate(names) for j in range(2)]
-             for s in ("train", "val", "test")}
-    d.mkdir()
-    (d / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    split = write_coop_split(tmp_path, "eurosat", "2750", "split_zhou_EuroSAT.json", ["Annual Crop Land", "Forest"],
+                             images=False)
     big = set()
     for s, items in split.items():
         for k, (rel, _, _) in enumerate(items):

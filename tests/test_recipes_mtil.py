@@ -28,6 +28,23 @@ def _png(path, value):
     Image.new("RGB", (8, 8), (value, 0, 0)).save(path, format="PNG")  # lossless, whatever the extension
 
 
+def write_coop_split(root, dataset_dir, image_dir, split_file, names, per_split=2, images=True) -> dict:
+    """A CoOp split file (``[path, label, class name]`` per image, train / val / test) under ``root/dataset_dir``,
+    with ``per_split`` images a class per split at ``<first word of the name>/<split>_<j>.jpg`` under
+    ``image_dir`` (tiny PNGs whose red value is the label; ``images=False`` leaves them to the caller)."""
+    import json
+    d = root / dataset_dir
+    d.mkdir(parents=True, exist_ok=True)
+    split = {s: [[f"{n.split()[0]}/{s}_{j}.jpg", c, n] for c, n in enumerate(names) for j in range(per_split)]
+             for s in ("train", "val", "test")}
+    (d / split_file).write_text(json.dumps(split))
+    if images:
+        for items in split.values():
+            for rel, c, _ in items:
+                _png(d / image_dir / rel, c)
+    return split
+
+
 def write_eurosat(root, per_class=5):
     for c, name in enumerate(EUROSAT):
         for j in range(per_class):
@@ -162,23 +179,9 @@ def write_mnist(root, per_class=2):
 def test_xtail_prompts_are_codyras_by_default(tmp_path):
     """CoDyRA prompts template[0].format(name) of its dataset files: CoOp names as written (underscores kept),
     EuroSAT's with ' satellite location', MNIST's number named twice, DTD's bare '{} texture.'."""
-    import json
-    d = tmp_path / "eurosat"
-    names = ["Annual Crop Land", "Forest"]
-    split = {s: [[f"{n.split()[0]}/{s}_{j}.jpg", c, n] for c, n in enumerate(names) for j in range(2)]
-             for s in ("train", "val", "test")}
-    d.mkdir()
-    (d / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
-    t = tmp_path / "dtd"
-    t.mkdir()
-    tex = ["banded", "zig_zagged"]  # an underscore, as a CoOp split may carry
-    (t / "split_zhou_DescribableTextures.json").write_text(json.dumps(
-        {s: [[f"{n}/{s}_{j}.jpg", c, n] for c, n in enumerate(tex) for j in range(2)] for s in ("train", "val", "test")}))
-    for root, sp in ((d / "2750", split), (t / "images", json.loads((t / "split_zhou_DescribableTextures.json")
-                                                                     .read_text()))):
-        for items in sp.values():
-            for rel, c, _ in items:
-                _png(root / rel, c)
+    write_coop_split(tmp_path, "eurosat", "2750", "split_zhou_EuroSAT.json", ["Annual Crop Land", "Forest"])
+    # an underscore, as a CoOp split may carry
+    write_coop_split(tmp_path, "dtd", "images", "split_zhou_DescribableTextures.json", ["banded", "zig_zagged"])
     write_mnist(tmp_path)
     s = mtil.xtail_stream(tmp_path, order=["dtd", "eurosat", "mnist"], shots=1, image_size=8)
     dtd, eu, mn = s.tasks

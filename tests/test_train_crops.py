@@ -14,7 +14,7 @@ from ctta.views import crop_params
 from streams import mtil
 from streams.images import ImageFiles, TensorImages, TrainCrops
 from tests.conftest import make_tiny_clip
-from tests.test_recipes_mtil import _png, write_eurosat
+from tests.test_recipes_mtil import write_coop_split, write_eurosat
 
 
 def _ramp(h: int, w: int) -> torch.Tensor:
@@ -141,16 +141,7 @@ def test_mtil_and_xtail_train_on_crops_of_the_whole_image_and_evaluate_on_the_ev
 
 
 def test_xtail_coop_training_images_are_read_whole(tmp_path):
-    import json
-    d = tmp_path / "eurosat"
-    names = ["Annual Crop Land", "Forest"]
-    split = {s: [[f"{n.split()[0]}/{s}_{j}.jpg", c, n] for c, n in enumerate(names) for j in range(2)]
-             for s in ("train", "val", "test")}
-    d.mkdir()
-    (d / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
-    for s, items in split.items():
-        for rel, c, _ in items:
-            _png(d / "2750" / rel, c)
+    write_coop_split(tmp_path, "eurosat", "2750", "split_zhou_EuroSAT.json", ["Annual Crop Land", "Forest"])
     eu = mtil.xtail_stream(tmp_path, order=["eurosat"], shots=None, image_size=4).tasks[0]
     assert isinstance(eu.train, TrainCrops) and eu.train.base.whole and not eu.test.whole
     assert eu.train[0][0].shape == (3, 4, 4) and eu.test[0][0].shape == (3, 4, 4)
