@@ -70,7 +70,6 @@ class TDA(Strategy):
     the caches' state; a subclass changes `_sample` (`BoostAdapter`)."""
 
     learns = False
-    views_from_source = True  # its views are cropped from the image as given (`ctta.views`)
     holds_label_space = True  # the caches are keyed by class
     neg_policy: Policy = "entropy"  # the negative cache's admission rule (BoostAdapter's is "fifo")
 
@@ -102,6 +101,12 @@ class TDA(Strategy):
     def setup(self, model: Clip) -> None:
         super().setup(model)  # frozen CLIP: nothing but the caches adapts
         self.cache, self.space = None, None
+
+    @property
+    def views_from_source(self) -> bool:
+        """Its random views are cropped from the image as given (`ctta.views`), so it takes the whole image; one
+        view (``n_views=0``) is the eval view, which the caller's eval crop already is."""
+        return self.n_views > 0
 
     def reseed(self, seed: int) -> None:
         super().reseed(seed)
